@@ -1,0 +1,160 @@
+"""Layer inputs and output gradients of selected weights, captured without hooks.
+
+The mechanism is kfac-jax's, carried to PyTorch. Inside the function being
+transformed, a :class:`~torch.overrides.TorchFunctionMode` watches every
+``F.linear`` (and ``torch.addmm``, the form of GPT-2's ``Conv1D``). When the
+weight of the call *is* one of the selected tensors (by identity), it records
+the layer input and adds a zero "probe" to the output. The forward is run under
+:func:`torch.func.vjp` with respect to the probes, so pulling a cotangent of the
+logits back gives ``dL/dy`` at every selected layer. The recorded inputs leave
+the transformed function as its auxiliary output, never through global state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from flaplace.typing import Batch, ModelFn, Params
+
+
+class CaptureError(RuntimeError):
+    """A selected weight cannot be captured (never used, used twice, or used by an unknown op)."""
+
+
+def output_dim(weight: Tensor, transposed: bool) -> int:
+    """Output size ``o`` of a weight stored ``(o, i)``, or ``(i, o)`` when ``transposed``."""
+    if weight.ndim != 2:
+        raise ValueError(f"K-FAC needs 2-D weight matrices; got a tensor of shape {tuple(weight.shape)}")
+    return weight.shape[1] if transposed else weight.shape[0]
+
+
+class _ProbeMode(TorchFunctionMode):
+    """Adds ``probes[name]`` to the output of each selected layer and records its input.
+
+    ``records`` is a dict owned by the caller (created afresh for every call)
+    that receives the inputs, reshaped to the probe's leading ``(batch, tokens)``.
+    """
+
+    def __init__(
+        self,
+        names_by_id: dict[int, str],
+        probes: dict[str, Tensor],
+        transposed: Collection[str],
+        records: dict[str, Tensor],
+    ):
+        super().__init__()
+        self.names_by_id = names_by_id
+        self.probes = probes
+        self.transposed = transposed
+        self.records = records
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x = args[0] if args else kwargs["input"]
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            via_addmm = False
+        elif func is torch.addmm and len(args) >= 3:
+            x, weight = args[1], args[2]
+            via_addmm = True
+        else:
+            return func(*args, **kwargs)
+        name = self.names_by_id.get(id(weight))
+        if name is None:
+            return func(*args, **kwargs)
+        if via_addmm != (name in self.transposed):
+            form = "y = x W (addmm)" if via_addmm else "y = W x (F.linear)"
+            raise CaptureError(
+                f"weight {name!r} is used as {form}, which does not match its declared layout; "
+                "weights of Conv1D modules are transposed, all others are not"
+            )
+        if name in self.records:
+            raise CaptureError(
+                f"weight {name!r} is used more than once in one forward (tied or shared weights); "
+                "K-FAC for shared weights is not supported, select only one of the tied copies"
+            )
+        out = func(*args, **kwargs)
+        probe = self.probes[name]
+        lead = probe.shape[:-1]
+        if out.numel() != probe.numel():
+            raise CaptureError(
+                f"output of {name!r} has shape {tuple(out.shape)}, which does not split into "
+                f"(batch, tokens) = {tuple(lead)}; pass token_mask= matching the model's token layout"
+            )
+        self.records[name] = x.reshape(*lead, x.shape[-1])
+        return out + probe.reshape(out.shape).to(out.dtype)
+
+
+def capture(
+    model_fn: ModelFn,
+    params: Params,
+    batch: Batch,
+    token_shape: tuple[int, int],
+    *,
+    targets: Collection[str] | None = None,
+    transposed: Collection[str] = frozenset(),
+) -> tuple[
+    Float[Tensor, "batch classes"],
+    Callable[[Tensor], dict[str, Tensor]],
+    dict[str, Float[Tensor, "batch tokens _"]],
+]:
+    """Run ``model_fn`` once, capturing each target weight's layer input and output-gradient map.
+
+    Args:
+        model_fn: ``f(params, batch) -> logits``; it must pass the tensors of
+            ``params`` to the layers unchanged (as ``functional_call`` does).
+        params: the adapted weights.
+        batch: one batch.
+        token_shape: ``(batch, tokens)``, the leading shape of every target
+            layer's output (``token_mask(batch).shape`` for sequence models).
+        targets: names of the weights to capture (default: all of ``params``).
+        transposed: names of weights stored ``(in, out)`` and used through ``addmm``.
+
+    Returns:
+        ``(logits, output_grads, inputs)``: ``output_grads(cotangent)`` maps a
+        cotangent of the logits, shape ``(batch, classes)``, to
+        ``{name: dL/dy}`` of shape ``(batch, tokens, o)``; it may be called
+        repeatedly and ``torch.func.vmap``-ed over several cotangents.
+        ``inputs[name]`` has shape ``(batch, tokens, i)``.
+
+    Raises:
+        CaptureError: a target is never used, used twice, or used in the wrong layout.
+
+    Example:
+        >>> logits, output_grads, inputs = capture(f, params, batch, tuple(token_mask(batch).shape))
+        >>> grads = output_grads(torch.ones_like(logits))
+    """
+    names = list(params) if targets is None else list(targets)
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"target {missing[0]!r} is not in params")
+    transposed = frozenset(transposed)
+    names_by_id = {id(params[n]): n for n in names}
+    if len(names_by_id) != len(names):
+        raise CaptureError("two target names refer to the same tensor (tied weights)")
+    probes = {n: params[n].new_zeros((*token_shape, output_dim(params[n], n in transposed))) for n in names}
+
+    def forward(probes: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        records: dict[str, Tensor] = {}
+        with _ProbeMode(names_by_id, probes, transposed, records):
+            logits = model_fn(params, batch)
+        unused = [n for n in names if n not in records]
+        if unused:
+            raise CaptureError(
+                f"{len(unused)} selected weight(s) never reached F.linear/addmm in the forward, "
+                f"e.g. {unused[0]!r}; they are unused, or used by an operation flaplace cannot capture"
+            )
+        return logits, records
+
+    logits, pullback, inputs = torch.func.vjp(forward, probes, has_aux=True)
+
+    def output_grads(cotangent: Tensor) -> dict[str, Tensor]:
+        return pullback(cotangent)[0]
+
+    return logits, output_grads, inputs

@@ -1,0 +1,139 @@
+"""Cotangents of the logits whose pull-backs build the Fisher / GGN factors.
+
+For logits ``f`` of one example, the curvature of the negative log-likelihood
+in ``f`` is ``Lambda``. Each function here returns ``K`` cotangent vectors
+``v_k`` per example with ``sum_k v_k v_k^T`` equal to (or, for ``mc``, an
+unbiased estimate of) the matrix the Fisher type asks for:
+
+* ``exact``: ``Lambda`` itself, through the columns of a square root;
+* ``mc``: ``E_y[grad grad^T]`` with ``y`` sampled from the model, ``k`` samples, each scaled by ``1/sqrt(k)``;
+* ``empirical``: ``grad grad^T`` at the true targets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from flaplace.typing import FisherType, Likelihood
+
+LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
+FISHER_TYPES = ("mc", "exact", "empirical")
+
+
+def check_likelihood(likelihood: str, n_outputs: int) -> None:
+    """Raise a clear error when ``likelihood`` is unknown or does not fit ``n_outputs`` logits."""
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {LIKELIHOODS}")
+    if likelihood == "bernoulli" and n_outputs != 1:
+        raise ValueError(f"the bernoulli likelihood needs one logit per example, got {n_outputs}")
+    if likelihood == "categorical" and n_outputs < 2:
+        raise ValueError("the categorical likelihood needs at least two logits per example")
+
+
+def fisher_cotangents(
+    logits: Float[Tensor, "batch classes"],
+    likelihood: Likelihood,
+    fisher: FisherType,
+    *,
+    targets: Tensor | None = None,
+    n_samples: int = 1,
+    sigma: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Float[Tensor, "k batch classes"]:
+    """Cotangents ``v`` (``K`` per example) with ``sum_k v v^T`` the Fisher type's matrix in the logits.
+
+    Args:
+        logits: ``(batch, C)``; ``C = 1`` for ``bernoulli``.
+        likelihood: ``categorical``, ``bernoulli`` or ``gaussian`` (noise ``sigma``).
+        fisher: ``exact`` (``K = C``), ``mc`` (``K = n_samples``) or ``empirical`` (``K = 1``).
+        targets: class indices (categorical), 0/1 (bernoulli) or values
+            ``(batch, C)`` (gaussian); needed for ``empirical`` only.
+        n_samples: samples for ``mc``.
+        sigma: the Gaussian noise standard deviation.
+        generator: the random generator for ``mc`` (reproducible draws).
+
+    Example:
+        >>> v = fisher_cotangents(torch.randn(4, 3), "categorical", "exact")  # (3, 4, 3)
+    """
+    check_likelihood(likelihood, logits.shape[-1])
+    if fisher not in FISHER_TYPES:
+        raise ValueError(f"unknown Fisher type {fisher!r}; choose one of {FISHER_TYPES}")
+    logits = logits.detach()
+    if fisher == "exact":
+        return _exact(logits, likelihood, sigma)
+    if fisher == "mc":
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be at least 1, got {n_samples}")
+        return _sampled(logits, likelihood, n_samples, sigma, generator)
+    if targets is None:
+        raise ValueError("the empirical Fisher needs the batch's targets")
+    return _residual(logits, likelihood, targets.to(logits.device), sigma).unsqueeze(0)
+
+
+def _exact(logits: Tensor, likelihood: str, sigma: float) -> Tensor:
+    if likelihood == "categorical":
+        # Lambda = diag(p) - p p^T = L L^T with columns L[:, c] = sqrt(p_c) (e_c - p).
+        p = logits.softmax(-1)
+        eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+        columns = p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None])
+        return columns
+    if likelihood == "bernoulli":
+        p = logits.sigmoid()
+        return (p * (1 - p)).sqrt().unsqueeze(0)
+    eye = torch.eye(logits.shape[-1], dtype=logits.dtype, device=logits.device) / sigma
+    return eye[:, None, :].expand(-1, logits.shape[0], -1)
+
+
+def _sampled(logits: Tensor, likelihood: str, k: int, sigma: float, generator) -> Tensor:
+    scale = 1.0 / math.sqrt(k)
+    if likelihood == "categorical":
+        p = logits.softmax(-1)
+        draws = torch.multinomial(p, k, replacement=True, generator=generator).T  # (k, batch)
+        return (F.one_hot(draws, p.shape[-1]).to(p.dtype) - p) * scale
+    if likelihood == "bernoulli":
+        p = logits.sigmoid()
+        u = torch.rand((k, *p.shape), dtype=p.dtype, device=p.device, generator=generator)
+        return ((u < p).to(p.dtype) - p) * scale
+    eps = torch.randn((k, *logits.shape), dtype=logits.dtype, device=logits.device, generator=generator)
+    return eps * (scale / sigma)
+
+
+def _residual(logits: Tensor, likelihood: str, targets: Tensor, sigma: float) -> Tensor:
+    """Gradient of the log-likelihood in the logits at the true targets."""
+    if likelihood == "categorical":
+        if targets.shape != logits.shape[:1]:
+            raise ValueError(f"categorical targets must have shape {tuple(logits.shape[:1])}")
+        labels = targets.long()
+        if labels.min() < 0 or labels.max() >= logits.shape[-1]:
+            raise ValueError(f"a target is outside the classes 0..{logits.shape[-1] - 1}")
+        return F.one_hot(labels, logits.shape[-1]).to(logits.dtype) - logits.softmax(-1)
+    if likelihood == "bernoulli":
+        y = targets.reshape(logits.shape).to(logits.dtype)
+        return y - logits.sigmoid()
+    if targets.shape != logits.shape:
+        raise ValueError(f"gaussian targets must have the logits' shape {tuple(logits.shape)}")
+    return (targets.to(logits.dtype) - logits) / sigma**2
+
+
+def log_likelihood(
+    logits: Float[Tensor, "batch classes"], targets: Tensor, likelihood: Likelihood, sigma: float = 1.0
+) -> Float[Tensor, ""]:
+    """Summed log-likelihood of ``targets`` under ``logits``.
+
+    Example:
+        >>> log_likelihood(torch.zeros(2, 2), torch.tensor([0, 1]), "categorical")  # 2 log(1/2)
+    """
+    check_likelihood(likelihood, logits.shape[-1])
+    if likelihood == "categorical":
+        return -F.cross_entropy(logits, targets.long(), reduction="sum")
+    if likelihood == "bernoulli":
+        y = targets.reshape(logits.shape).to(logits.dtype)
+        return -F.binary_cross_entropy_with_logits(logits, y, reduction="sum")
+    residual = targets.to(logits.dtype) - logits
+    n = residual.numel()
+    return -0.5 * (residual**2).sum() / sigma**2 - n * (math.log(sigma) + 0.5 * math.log(2 * math.pi))

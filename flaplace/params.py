@@ -1,0 +1,216 @@
+"""Adapted weights as a pytree, and the model function built on ``functional_call``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from flaplace.typing import Batch, Params
+
+#: Batch keys that are targets or bookkeeping, never passed to the model.
+NON_INPUT_KEYS: frozenset[str] = frozenset({"labels", "label", "targets"})
+
+
+def select_params(
+    model: nn.Module,
+    include: str | Sequence[str] | Callable[[str, Tensor], bool] = "lora",
+    *,
+    exclude: str | Sequence[str] = (),
+) -> Params:
+    """Select the adapted weights of ``model`` as a dict pytree ``{name: tensor}``.
+
+    Args:
+        model: any module, e.g. a PEFT ``PeftModel``.
+        include: case-insensitive keyword(s) that a parameter's full name must
+            contain (any of them), or a predicate ``(name, tensor) -> bool``.
+            Every keyword must match at least one parameter.
+        exclude: case-insensitive keyword(s) that drop a parameter.
+
+    Returns:
+        The selected parameters, detached (sharing storage with the model),
+        in the model's own order.
+
+    Raises:
+        ValueError: nothing is selected, or a keyword matches no parameter.
+
+    Example:
+        >>> params = select_params(peft_model, "lora")  # lora_A and lora_B weights
+    """
+    named = dict(model.named_parameters())
+    if not named:
+        raise ValueError(f"{type(model).__name__} has no parameters to select from")
+    excl = [exclude.lower()] if isinstance(exclude, str) else [k.lower() for k in exclude]
+    if callable(include):
+        chosen = [n for n, p in named.items() if include(n, p)]
+    else:
+        keywords = [include] if isinstance(include, str) else list(include)
+        if not keywords:
+            raise ValueError("include needs at least one keyword")
+        for kw in keywords:
+            if not any(kw.lower() in n.lower() for n in named):
+                sample = ", ".join(list(named)[:5])
+                raise ValueError(
+                    f"keyword {kw!r} matches no parameter of {type(model).__name__} "
+                    f"(names look like: {sample}, ...)"
+                )
+        chosen = [n for n in named if any(kw.lower() in n.lower() for kw in keywords)]
+    chosen = [n for n in chosen if not any(k in n.lower() for k in excl)]
+    if not chosen:
+        raise ValueError(f"no parameter of {type(model).__name__} was selected")
+    return {n: named[n].detach() for n in chosen}
+
+
+def transposed_weights(model: nn.Module, names: Iterable[str]) -> frozenset[str]:
+    """Names among ``names`` that are stored ``(in, out)`` and used as ``y = x W``.
+
+    These are the weights of GPT-2-style ``Conv1D`` modules (any module class
+    named ``Conv1D`` whose weight has ``nf`` columns).
+    """
+    modules = dict(model.named_modules())
+    out = set()
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        module = modules.get(owner)
+        if module is not None and type(module).__name__ == "Conv1D" and leaf == "weight":
+            out.add(name)
+    return frozenset(out)
+
+
+def model_inputs(batch: Batch) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    """Split a batch into the model's positional and keyword arguments.
+
+    A mapping is passed as keyword arguments without its target keys
+    (:data:`NON_INPUT_KEYS`); a tuple ``(inputs, targets)`` passes ``inputs``.
+    """
+    if isinstance(batch, Mapping):
+        return (), {k: v for k, v in batch.items() if k not in NON_INPUT_KEYS}
+    if isinstance(batch, tuple | list) and batch:
+        return (batch[0],), {}
+    raise TypeError(
+        f"a batch is a mapping of tensors or a tuple (inputs, targets); got {type(batch).__name__}"
+    )
+
+
+def batch_targets(batch: Batch) -> Tensor:
+    """The targets of a batch: ``batch["labels"]`` for a mapping, ``batch[-1]`` for a tuple."""
+    if isinstance(batch, Mapping):
+        for key in ("labels", "label", "targets"):
+            if key in batch:
+                return batch[key]
+        raise KeyError("the batch has no 'labels' entry; the empirical Fisher needs targets")
+    if isinstance(batch, tuple | list) and len(batch) >= 2:
+        return batch[-1]
+    raise KeyError("the batch has no targets: pass (inputs, targets) or a mapping with 'labels'")
+
+
+def token_mask(batch: Batch) -> Tensor:
+    """The positions of a batch that hold real tokens, ``(batch, tokens)`` bool.
+
+    A mapping with ``attention_mask`` gives it; one with ``input_ids`` gives all
+    ones of its shape. A tuple ``(x, ...)`` has one position per example when
+    ``x`` is 2-D (``(batch, features)``) and ``x.shape[1]`` positions when it
+    is 3-D or more (``(batch, tokens, features)``).
+    """
+    if isinstance(batch, Mapping):
+        if "attention_mask" in batch:
+            return batch["attention_mask"].bool()
+        if "input_ids" in batch:
+            ids = batch["input_ids"]
+            return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+        raise KeyError("cannot find token positions: the batch has no attention_mask or input_ids")
+    x = batch[0]
+    tokens = x.shape[1] if x.ndim >= 3 else 1
+    return torch.ones((x.shape[0], tokens), dtype=torch.bool, device=x.device)
+
+
+def logits_of(output: object) -> Tensor:
+    """The logits tensor of a model output (a tensor, or an object with ``.logits``)."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    if logits is None:
+        raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+    return logits
+
+
+class LastTokenLogits:
+    """Output function: the logits of given answer tokens at the last real position.
+
+    Works with left and right padding: the last position is read from the
+    batch's ``attention_mask`` when it has one.
+
+    Example:
+        >>> output_fn = LastTokenLogits([tok(" A").input_ids[-1], tok(" B").input_ids[-1]])
+    """
+
+    def __init__(self, token_ids: Sequence[int]):
+        if len(token_ids) == 0:
+            raise ValueError("LastTokenLogits needs at least one answer token id")
+        self.token_ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+
+    def __call__(self, output: object, batch: Batch) -> Float[Tensor, "batch classes"]:
+        logits = logits_of(output)
+        if logits.ndim != 3:
+            raise ValueError(f"expected token logits (batch, tokens, vocab), got {tuple(logits.shape)}")
+        last = last_positions(batch, logits.shape[1], logits.device)
+        rows = logits[torch.arange(logits.shape[0], device=logits.device), last]
+        return rows[:, self.token_ids.to(logits.device)]
+
+
+def last_positions(batch: Batch, length: int, device: torch.device) -> Int[Tensor, " batch"]:
+    """Index of the last real token of each example (``length - 1`` without a mask)."""
+    if isinstance(batch, Mapping) and "attention_mask" in batch:
+        mask = batch["attention_mask"].to(device)
+        positions = torch.arange(mask.shape[1], device=device)
+        return (mask.bool() * positions).amax(dim=1)
+    n = len(batch["input_ids"]) if isinstance(batch, Mapping) else len(batch[0])
+    return torch.full((n,), length - 1, dtype=torch.long, device=device)
+
+
+def classifier_logits(output: object, batch: Batch) -> Float[Tensor, "batch classes"]:
+    """Output function for classification heads: the model's ``(batch, classes)`` logits."""
+    logits = logits_of(output)
+    if logits.ndim != 2:
+        raise ValueError(f"expected classifier logits (batch, classes), got {tuple(logits.shape)}")
+    return logits
+
+
+OutputFn = Callable[[object, Batch], Tensor]
+
+
+class ModelFunction:
+    """``f(params, batch) -> logits``: ``model`` evaluated with ``functional_call``.
+
+    Only the adapted weights are swapped in; every other weight and buffer is
+    the module's own. ``transposed`` lists the selected weights stored as
+    ``(in, out)`` (GPT-2 ``Conv1D``), found from the module structure.
+
+    Example:
+        >>> params = select_params(model, "lora")
+        >>> f = ModelFunction(model, params, classifier_logits)
+        >>> logits = f(params, {"input_ids": ids, "attention_mask": mask})
+    """
+
+    def __init__(
+        self, model: nn.Module, params: Params | Iterable[str], output_fn: OutputFn = classifier_logits
+    ):
+        names = list(params)
+        known = dict(model.named_parameters())
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"{len(unknown)} name(s) are not parameters of the model, e.g. {unknown[0]!r}")
+        self.model = model
+        self.names = tuple(names)
+        self.output_fn = output_fn
+        self.transposed = transposed_weights(model, names)
+
+    def __call__(self, params: Params, batch: Batch) -> Float[Tensor, "batch classes"]:
+        args, kwargs = model_inputs(batch)
+        output = functional_call(self.model, params, args, kwargs)
+        return self.output_fn(output, batch)
