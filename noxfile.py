@@ -6,8 +6,6 @@ CUDA build) and then installs everything else under a constraint file that keeps
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import nox
@@ -32,16 +30,16 @@ BENCH_DEPS = [
 ]
 
 
-def _constraints() -> str:
-    handle, path = tempfile.mkstemp(prefix="flaplace-constraints-", suffix=".txt")
-    with os.fdopen(handle, "w") as out:
-        out.write(TORCH_PIN + "\n")
-    return path
+def _constraints(session: nox.Session) -> str:
+    """A pip constraint file, in the session's own tmp folder, that holds torch at its pin."""
+    path = Path(session.create_tmp()) / "constraints.txt"
+    path.write_text(TORCH_PIN + "\n")
+    return str(path)
 
 
 def _install(session: nox.Session, *extras: str) -> str:
     """Install torch first, then flaplace (editable) with ``extras``; return the constraint file."""
-    constraints = _constraints()
+    constraints = _constraints(session)
     session.install(TORCH_PIN)
     target = f".[{','.join(extras)}]" if extras else "."
     session.install("-c", constraints, "-e", target)
