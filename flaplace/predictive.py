@@ -1,0 +1,598 @@
+"""The linearised (GLM) predictive: per-example Jacobians, ``J Sigma J^T`` and link functions.
+
+The network is linearised around the MAP ``theta*``: ``f(theta, x) ~ N(f_mu, f_var)`` with
+``f_mu = f(theta*, x)`` and ``f_var = J Sigma J^T``, ``Sigma`` the Laplace posterior covariance
+(DESIGN.md section 4). For one Kronecker block ``P = S (x) A + lambda I`` with Jacobian slices
+``G_c`` (shape ``o x i``) and ``R_c = Q_S^T G_c Q_A``::
+
+    (J Sigma J^T)[c, c'] = (1/lambda) <G_c, G_c'>
+                           + sum_ij R_c[i, j] R_c'[i, j] (1/(s_i a_j + lambda) - 1/lambda)
+
+summed over blocks. No matrix is inverted: the eigen-decomposition of the factors does the work,
+and everything that depends only on the posterior is computed once by
+:func:`predictive_precompute`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Literal, NamedTuple, TypeAlias
+
+import optree
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+from torch.func import jacrev, vmap
+
+from flaplace.typing import Batch, Likelihood, ModelFn, Params, Posterior
+
+JacobianMethod: TypeAlias = Literal["vmap", "loop"]
+Link: TypeAlias = Literal["probit", "mc", "bridge"]
+
+__all__ = [
+    "PredictiveBlock",
+    "PredictiveCache",
+    "gaussian_predictive",
+    "laplace_bridge_probs",
+    "linearised_predictive",
+    "mc_probs",
+    "per_example_jacobians",
+    "predictive_covariance",
+    "predictive_precompute",
+    "predictive_probs",
+    "probit_probs",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-example Jacobians
+# --------------------------------------------------------------------------------------------
+
+
+def per_example_jacobians(
+    model_fn: ModelFn,
+    params: Params,
+    batch: Batch,
+    *,
+    chunk_size: int | None = None,
+    method: JacobianMethod = "vmap",
+) -> dict[str, Tensor]:
+    """Jacobians of each example's ``C`` logits with respect to every parameter.
+
+    Each example is differentiated on its own (``jacrev`` of the single-example function,
+    ``vmap``-ed over the examples), so the cost grows linearly with the batch size; the batched
+    function is never differentiated as a whole.
+
+    Every tensor of ``batch`` with at least one dimension is split along its first dimension
+    (they must all have the batch size there); other leaves (0-d tensors, numbers, strings) are
+    shared by all examples. The model function sees each example as a batch of one.
+
+    Args:
+        model_fn: ``f(params, batch) -> logits (B, C)``, e.g. a
+            :class:`flaplace.params.ModelFunction`.
+        params: the point to differentiate at (a dict of tensors).
+        batch: a mapping of tensors or a tuple ``(inputs, targets)``.
+        chunk_size: examples per vectorised chunk (``vmap``'s ``chunk_size``); ``None`` does the
+            whole batch at once. Smaller chunks bound the memory of the Jacobian computation.
+        method: ``"vmap"`` (default) vectorises over the examples; ``"loop"`` differentiates one
+            example after another. Use ``"loop"`` for models whose forward pass branches on
+            tensor values, which ``vmap`` cannot trace (e.g. Hugging Face encoders such as BERT
+            given a 2-D ``attention_mask``; see docs/predictive.md).
+
+    Returns:
+        ``{name: J}`` with ``J`` of shape ``(B, C, *params[name].shape)`` in the parameter's dtype.
+
+    Raises:
+        ValueError: empty ``params``, a batch without tensors or with tensors of different
+            leading sizes, an unknown ``method``, a bad ``chunk_size``, or a model function that
+            does not return ``(1, C)`` logits for one example.
+        RuntimeError: ``vmap`` could not trace the model (the message suggests fixes).
+
+    Example:
+        >>> f = ModelFunction(model, select_params(model, "lora"), LastTokenLogits([id_a, id_b]))
+        >>> jac = per_example_jacobians(f, params, {"input_ids": ids, "attention_mask": mask})
+        >>> jac["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"].shape
+        torch.Size([8, 2, 2, 32])
+    """
+    jacobians, _ = _jacobians_and_logits(model_fn, params, batch, chunk_size=chunk_size, method=method)
+    return jacobians
+
+
+class _SplitBatch(NamedTuple):
+    """A batch flattened into leaves: the per-example tensors and how to rebuild one example."""
+
+    leaves: list[object]
+    spec: optree.PyTreeSpec
+    batched: list[int]  # positions of the leaves that are split along dim 0
+    size: int
+
+
+def _split_batch(batch: Batch) -> _SplitBatch:
+    if isinstance(batch, Mapping) and not isinstance(batch, dict):
+        batch = dict(batch)  # e.g. a tokenizer's BatchEncoding
+    leaves, spec = optree.tree_flatten(batch, none_is_leaf=True)
+    batched = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.ndim > 0]
+    if not batched:
+        raise ValueError("the batch holds no tensor with a batch dimension")
+    sizes = {leaves[i].shape[0] for i in batched}  # type: ignore[union-attr]
+    if len(sizes) != 1:
+        raise ValueError(f"every batch tensor needs the same leading (batch) size, got sizes {sorted(sizes)}")
+    size = sizes.pop()
+    if size == 0:
+        raise ValueError("the batch is empty")
+    return _SplitBatch(leaves, spec, batched, size)
+
+
+def _example(split: _SplitBatch, example_leaves: tuple[Tensor, ...]) -> Batch:
+    """Rebuild a batch of one from per-example tensors (each without its batch dimension)."""
+    leaves = list(split.leaves)
+    for position, leaf in zip(split.batched, example_leaves, strict=True):
+        leaves[position] = leaf.unsqueeze(0)
+    return optree.tree_unflatten(split.spec, leaves)
+
+
+def _jacobians_and_logits(
+    model_fn: ModelFn,
+    params: Params,
+    batch: Batch,
+    *,
+    chunk_size: int | None,
+    method: str,  # validated here: the public functions pass whatever they were given
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-example Jacobians and the logits ``(B, C)`` that come with them for free."""
+    if not params:
+        raise ValueError("params is empty: there is nothing to differentiate")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+    if method not in ("vmap", "loop"):
+        raise ValueError(f"method must be 'vmap' or 'loop', got {method!r}")
+    split = _split_batch(batch)
+
+    def logits_of_one(p: Params, example_leaves: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        logits = model_fn(p, _example(split, example_leaves))
+        if logits.ndim != 2 or logits.shape[0] != 1:
+            raise ValueError(
+                f"the model function must return logits (batch, classes); for one example it "
+                f"returned shape {tuple(logits.shape)}"
+            )
+        return logits[0], logits[0].detach()
+
+    def jacobian_of_one(*example_leaves: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        return jacrev(logits_of_one, has_aux=True)(params, example_leaves)
+
+    batched_leaves = [split.leaves[i] for i in split.batched]
+    if method == "loop":
+        per_example = [jacobian_of_one(*(leaf[b] for leaf in batched_leaves)) for b in range(split.size)]
+        jacobians = {name: torch.stack([jac[name] for jac, _ in per_example]) for name in params}
+        return jacobians, torch.stack([logits for _, logits in per_example])
+    try:
+        return vmap(jacobian_of_one, chunk_size=chunk_size)(*batched_leaves)
+    except RuntimeError as error:
+        if "vmap" not in str(error):
+            raise
+        raise RuntimeError(
+            "vmap could not trace the model function for one example, usually because the "
+            "forward pass branches on tensor values (e.g. Hugging Face attention-mask shortcuts). "
+            "Build the model with attn_implementation='eager', pass a 4-D additive "
+            "attention_mask, or use method='loop'. See docs/predictive.md. Original error: "
+            f"{error}"
+        ) from error
+
+
+# --------------------------------------------------------------------------------------------
+# J Sigma J^T from eigen-form Kronecker factors
+# --------------------------------------------------------------------------------------------
+
+
+class PredictiveBlock(NamedTuple):
+    """What the predictive covariance needs from one Kronecker block, computed once.
+
+    ``weights[i, j] = 1/(s_i a_j + lambda) - 1/lambda`` for thin bases, ``1/(s_i a_j + lambda)``
+    when both bases are square (complete; the ``1/lambda`` term then cancels exactly).
+    """
+
+    S_vectors: Float[Tensor, "o ks"]
+    A_vectors: Float[Tensor, "i ka"]
+    weights: Float[Tensor, "ks ka"]
+    inverse_prior: Float[Tensor, ""]
+    transposed: Bool[Tensor, ""]
+
+
+class PredictiveCache(NamedTuple):
+    """The posterior in the form the predictive uses: the MAP and one block per parameter."""
+
+    mean: Params
+    blocks: dict[str, PredictiveBlock]
+
+
+def _is_complete(S_vectors: Tensor, A_vectors: Tensor) -> bool:
+    """Both eigenbases square: the thin-basis correction ``(1/lambda) <G, G'>`` is not needed."""
+    return S_vectors.shape[0] == S_vectors.shape[1] and A_vectors.shape[0] == A_vectors.shape[1]
+
+
+def predictive_precompute(posterior: Posterior) -> PredictiveCache:
+    """Precompute, once per posterior, everything the predictive covariance needs.
+
+    The per-block grid of inverse eigenvalues ``1/(s_i a_j + lambda) - 1/lambda`` (or
+    ``1/(s_i a_j + lambda)`` for complete bases) is formed here and reused for every batch.
+    Eigenvalues below zero (round-off of a PSD factor) are clamped to zero. Differentiable in
+    the prior precision.
+
+    Args:
+        posterior: ``Posterior(mean, factors, prior_precision)`` with the same keys in all three.
+
+    Returns:
+        A :class:`PredictiveCache` pytree, accepted wherever a posterior is.
+
+    Raises:
+        ValueError: missing or extra names, a factor whose sides do not match its parameter,
+            or a prior precision that is not a positive finite scalar.
+
+    Example:
+        >>> cache = predictive_precompute(posterior)
+        >>> for batch in loader:
+        ...     f_mu, f_var = linearised_predictive(f, cache, batch)
+    """
+    mean, factors, prior = posterior
+    if set(factors) != set(mean) or set(prior) != set(mean):
+        raise ValueError(
+            "posterior.mean, .factors and .prior_precision need the same names; "
+            f"only in mean: {sorted(set(mean) - set(factors))[:3]}, "
+            f"only in factors: {sorted(set(factors) - set(mean))[:3]}, "
+            f"differing in prior_precision: {sorted(set(prior) ^ set(mean))[:3]}"
+        )
+    blocks = {}
+    for name, factor in factors.items():
+        lam = prior[name]
+        if lam.numel() != 1:
+            raise ValueError(f"prior_precision[{name!r}] must be a scalar, got shape {tuple(lam.shape)}")
+        lam = lam.reshape(())
+        if not torch.compiler.is_compiling() and not (torch.isfinite(lam) and lam > 0):
+            raise ValueError(f"prior_precision[{name!r}] must be positive and finite, got {lam.item()}")
+        S, A = factor.S, factor.A
+        param = mean[name]
+        if param.ndim != 2:
+            raise ValueError(
+                f"{name!r}: a Kronecker block needs a matrix parameter, got shape {tuple(param.shape)}"
+            )
+        sides = {tuple(param.shape), tuple(param.shape[::-1])}
+        if (S.vectors.shape[0], A.vectors.shape[0]) not in sides:
+            raise ValueError(
+                f"{name!r}: factor sides S {S.vectors.shape[0]}, A {A.vectors.shape[0]} do not fit "
+                f"the parameter of shape {tuple(param.shape)}"
+            )
+        if S.values.shape != S.vectors.shape[1:] or A.values.shape != A.vectors.shape[1:]:
+            raise ValueError(f"{name!r}: eigenvalues and eigenvectors of a factor disagree in number")
+        s = S.values.clamp_min(0)
+        a = A.values.clamp_min(0)
+        sa = s[:, None] * a[None, :]
+        # Thin: 1/(sa + lam) - 1/lam, written without cancellation.
+        weights = 1 / (sa + lam) if _is_complete(S.vectors, A.vectors) else -sa / (lam * (sa + lam))
+        transposed = factor.transposed.reshape(()).bool()
+        blocks[name] = PredictiveBlock(S.vectors, A.vectors, weights, 1 / lam, transposed)
+    return PredictiveCache(mean, blocks)
+
+
+def _as_cache(posterior: Posterior | PredictiveCache) -> PredictiveCache:
+    if isinstance(posterior, PredictiveCache):
+        return posterior
+    if isinstance(posterior, Posterior):
+        return predictive_precompute(posterior)
+    raise TypeError(f"expected a Posterior or a PredictiveCache, got {type(posterior).__name__}")
+
+
+def _oriented(name: str, block: PredictiveBlock, jac: Tensor) -> Tensor:
+    """Jacobian slices as ``(B, C, o, i)``, transposing those of ``(i, o)``-stored weights."""
+    o, i = block.S_vectors.shape[0], block.A_vectors.shape[0]
+    if jac.ndim != 4:
+        raise ValueError(
+            f"{name!r}: expected a Jacobian (batch, classes, *weight shape), got {tuple(jac.shape)}"
+        )
+    if o == i:  # the shape cannot tell; select by the flag without a Python branch
+        return torch.where(block.transposed, jac.mT, jac)
+    stored_transposed = jac.shape[2:] == (i, o)
+    if not stored_transposed and jac.shape[2:] != (o, i):
+        raise ValueError(
+            f"{name!r}: Jacobian slices {tuple(jac.shape[2:])} do not fit factors of sides ({o}, {i})"
+        )
+    if not torch.compiler.is_compiling() and bool(block.transposed) != stored_transposed:
+        raise ValueError(f"{name!r}: the factor's transposed flag disagrees with the Jacobian shape")
+    return jac.mT if stored_transposed else jac
+
+
+def predictive_covariance(
+    posterior: Posterior | PredictiveCache,
+    jacobians: dict[str, Tensor],
+) -> Float[Tensor, "batch classes classes"]:
+    """``J Sigma J^T`` per example, by the DESIGN.md block formula (no matrix inverse).
+
+    For each block, ``R_c = Q_S^T G_c Q_A`` and the covariance gets
+    ``sum_ij R_c[i,j] R_c'[i,j] w[i,j]`` plus, for thin bases, ``(1/lambda) <G_c, G_c'>``.
+
+    Args:
+        posterior: a :class:`~flaplace.typing.Posterior` or, to reuse the per-posterior work
+            across batches, the :class:`PredictiveCache` from :func:`predictive_precompute`.
+        jacobians: ``{name: (B, C, *weight shape)}`` from :func:`per_example_jacobians`, with
+            exactly the posterior's names. Weights stored ``(i, o)`` (``transposed`` factors)
+            keep their stored orientation here.
+
+    Returns:
+        ``f_var`` of shape ``(B, C, C)``, symmetric positive semi-definite.
+
+    Raises:
+        ValueError: names that differ from the posterior's, shapes that do not fit the factors,
+            or non-finite Jacobians.
+
+    Example:
+        >>> jac = per_example_jacobians(f, posterior.mean, batch)
+        >>> f_var = predictive_covariance(posterior, jac)  # (B, C, C)
+    """
+    cache = _as_cache(posterior)
+    if set(jacobians) != set(cache.blocks):
+        raise ValueError(
+            "the Jacobians and the posterior need the same names; "
+            f"missing: {sorted(set(cache.blocks) - set(jacobians))[:3]}, "
+            f"unknown: {sorted(set(jacobians) - set(cache.blocks))[:3]}"
+        )
+    shapes = {tuple(jac.shape[:2]) for jac in jacobians.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"the Jacobians disagree on (batch, classes): {sorted(shapes)}")
+    if not torch.compiler.is_compiling():
+        bad = [name for name, jac in jacobians.items() if not torch.isfinite(jac).all()]
+        if bad:
+            raise ValueError(f"non-finite Jacobian entries for {bad[:3]}")
+    (n, c), covariance = shapes.pop(), 0
+    for name, block in cache.blocks.items():
+        grads = _oriented(name, block, jacobians[name])
+        rotated = block.S_vectors.mT @ grads @ block.A_vectors  # (B, C, ks, ka)
+        flat = rotated.reshape(n, c, -1)
+        covariance = covariance + (flat * block.weights.reshape(-1)) @ flat.mT
+        if not _is_complete(block.S_vectors, block.A_vectors):
+            flat_grads = grads.reshape(n, c, -1)
+            covariance = covariance + block.inverse_prior * (flat_grads @ flat_grads.mT)
+    return covariance
+
+
+def linearised_predictive(
+    model_fn: ModelFn,
+    posterior: Posterior | PredictiveCache,
+    batch: Batch,
+    *,
+    chunk_size: int | None = None,
+    method: JacobianMethod = "vmap",
+) -> tuple[Float[Tensor, "batch classes"], Float[Tensor, "batch classes classes"]]:
+    """The linearised predictive ``N(f_mu, f_var)`` of the logits for one batch.
+
+    ``f_mu = model_fn(posterior.mean, batch)`` (the logits come out of the Jacobian computation,
+    evaluated one example at a time) and ``f_var = J Sigma J^T``.
+
+    Args:
+        model_fn: ``f(params, batch) -> logits (B, C)``.
+        posterior: a Posterior or its :class:`PredictiveCache` (precompute once, reuse).
+        batch: the inputs.
+        chunk_size: examples per vectorised Jacobian chunk (see :func:`per_example_jacobians`).
+        method: ``"vmap"`` or ``"loop"`` (see :func:`per_example_jacobians`).
+
+    Returns:
+        ``(f_mu (B, C), f_var (B, C, C))``.
+
+    Example:
+        >>> cache = predictive_precompute(posterior)
+        >>> f_mu, f_var = linearised_predictive(f, cache, batch, chunk_size=16)
+        >>> probs = predictive_probs(f_mu, f_var, link="probit")
+    """
+    cache = _as_cache(posterior)
+    jacobians, f_mu = _jacobians_and_logits(model_fn, cache.mean, batch, chunk_size=chunk_size, method=method)
+    return f_mu, predictive_covariance(cache, jacobians)
+
+
+# --------------------------------------------------------------------------------------------
+# From (f_mu, f_var) to predictions
+# --------------------------------------------------------------------------------------------
+
+
+def _check_moments(f_mu: Tensor, f_var: Tensor, likelihood: Likelihood) -> None:
+    if f_mu.ndim != 2 or f_var.shape != (*f_mu.shape, f_mu.shape[-1]):
+        raise ValueError(
+            f"expected f_mu (B, C) and f_var (B, C, C), got {tuple(f_mu.shape)} and {tuple(f_var.shape)}"
+        )
+    if likelihood not in ("categorical", "bernoulli", "gaussian"):
+        raise ValueError(f"likelihood must be 'categorical', 'bernoulli' or 'gaussian', got {likelihood!r}")
+    if likelihood == "bernoulli" and f_mu.shape[-1] != 1:
+        raise ValueError(f"the bernoulli likelihood takes one logit per example, got {f_mu.shape[-1]}")
+    if not torch.compiler.is_compiling() and not (torch.isfinite(f_mu).all() and torch.isfinite(f_var).all()):
+        raise ValueError("f_mu or f_var has non-finite entries")
+
+
+def _two_outcomes(p: Tensor) -> Tensor:
+    """Probabilities ``(B,)`` of the positive outcome as ``(B, 2)``: ``[1 - p, p]``."""
+    return torch.stack([1 - p, p], dim=-1)
+
+
+def mc_probs(
+    f_mu: Float[Tensor, "batch classes"],
+    f_var: Float[Tensor, "batch classes classes"],
+    n_samples: int = 1000,
+    generator: torch.Generator | None = None,
+    likelihood: Likelihood = "categorical",
+) -> Float[Tensor, "batch outcomes"]:
+    """Monte Carlo predictive probabilities: sample logits, squash each sample, then average.
+
+    Logit samples are ``f_mu + L eps`` with ``L = V sqrt(max(w, 0))`` from the eigen-decomposition
+    ``f_var = V diag(w) V^T`` (robust to singular or slightly indefinite ``f_var``, no jitter).
+    Probabilities are averaged, not logits.
+
+    Args:
+        f_mu: mean logits ``(B, C)``.
+        f_var: logit covariance ``(B, C, C)``.
+        n_samples: number of logit samples per example (memory ``n_samples * B * C``).
+        generator: a ``torch.Generator`` for reproducible samples.
+        likelihood: ``"categorical"`` (softmax over ``C``) or ``"bernoulli"`` (``C == 1``,
+            sigmoid; returns ``[1 - p, p]``).
+
+    Returns:
+        Probabilities ``(B, C)``, or ``(B, 2)`` for the bernoulli likelihood.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> probs = mc_probs(f_mu, f_var, n_samples=10_000, generator=g)
+    """
+    _check_moments(f_mu, f_var, likelihood)
+    if likelihood == "gaussian":
+        raise ValueError("for the gaussian likelihood use gaussian_predictive(f_mu, f_var, sigma)")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be positive, got {n_samples}")
+    eigenvalues, eigenvectors = torch.linalg.eigh(f_var)
+    scale = eigenvectors * eigenvalues.clamp_min(0).sqrt().unsqueeze(-2)  # (B, C, C)
+    noise = torch.randn((n_samples, *f_mu.shape), generator=generator, dtype=f_mu.dtype, device=f_mu.device)
+    logits = f_mu + torch.einsum("bcd,sbd->sbc", scale, noise)
+    if likelihood == "bernoulli":
+        return _two_outcomes(torch.sigmoid(logits[..., 0]).mean(0))
+    return torch.softmax(logits, dim=-1).mean(0)
+
+
+def probit_probs(
+    f_mu: Float[Tensor, "batch classes"],
+    f_var: Float[Tensor, "batch classes classes"],
+    likelihood: Likelihood = "categorical",
+) -> Float[Tensor, "batch outcomes"]:
+    """Probit (MacKay) approximation: ``softmax(kappa * f_mu)``, ``kappa = (1 + pi/8 diag f_var)^(-1/2)``.
+
+    Exact in form for one logit with a probit link; the sigmoid approximation used for the
+    bernoulli likelihood is ``sigmoid(kappa * f_mu)``.
+
+    Args:
+        f_mu: mean logits ``(B, C)``.
+        f_var: logit covariance ``(B, C, C)`` (only its diagonal is used).
+        likelihood: ``"categorical"`` or ``"bernoulli"`` (``C == 1``; returns ``[1 - p, p]``).
+
+    Returns:
+        Probabilities ``(B, C)``, or ``(B, 2)`` for the bernoulli likelihood.
+
+    Example:
+        >>> probs = probit_probs(f_mu, f_var)
+    """
+    _check_moments(f_mu, f_var, likelihood)
+    if likelihood == "gaussian":
+        raise ValueError("for the gaussian likelihood use gaussian_predictive(f_mu, f_var, sigma)")
+    kappa = torch.rsqrt(1 + math.pi / 8 * f_var.diagonal(dim1=-2, dim2=-1))
+    if likelihood == "bernoulli":
+        return _two_outcomes(torch.sigmoid(kappa[:, 0] * f_mu[:, 0]))
+    return torch.softmax(kappa * f_mu, dim=-1)
+
+
+def laplace_bridge_probs(
+    f_mu: Float[Tensor, "batch classes"],
+    f_var: Float[Tensor, "batch classes classes"],
+    likelihood: Likelihood = "categorical",
+) -> Float[Tensor, "batch outcomes"]:
+    """The Laplace bridge (Hobbhahn et al., 2022): the mean of the Dirichlet matched to ``N(f_mu, f_var)``.
+
+    The Gaussian is first conditioned on ``sum_k f_k = 0`` (softmax ignores a shared shift):
+    with ``u = f_var 1`` and ``t = 1^T f_var 1``, ``mu = f_mu - u (1^T f_mu) / t`` and
+    ``Sigma = f_var - u u^T / t`` (skipped when ``t = 0``). Then, with ``K`` classes::
+
+        alpha_k = (1 - 2/K + exp(mu_k) / K^2 * sum_l exp(-mu_l)) / Sigma_kk
+
+    and the probabilities are ``alpha / sum(alpha)``. For the bernoulli likelihood the logit
+    ``f ~ N(m, v)`` is written as the two logits ``(-f/2, f/2)`` (softmax of which is
+    ``[1 - sigmoid f, sigmoid f]``), which already sum to zero.
+
+    Args:
+        f_mu: mean logits ``(B, C)``.
+        f_var: logit covariance ``(B, C, C)``; its diagonal (after conditioning) must be positive.
+        likelihood: ``"categorical"`` or ``"bernoulli"`` (``C == 1``; returns ``[1 - p, p]``).
+
+    Returns:
+        Probabilities ``(B, C)``, or ``(B, 2)`` for the bernoulli likelihood.
+
+    Example:
+        >>> probs = laplace_bridge_probs(f_mu, f_var)
+    """
+    _check_moments(f_mu, f_var, likelihood)
+    if likelihood == "gaussian":
+        raise ValueError("for the gaussian likelihood use gaussian_predictive(f_mu, f_var, sigma)")
+    if likelihood == "bernoulli":
+        half = torch.tensor([-0.5, 0.5], dtype=f_mu.dtype, device=f_mu.device)
+        f_mu = f_mu * half  # (B, 2)
+        f_var = f_var * torch.outer(half, half)  # (B, 2, 2)
+    k = f_mu.shape[-1]
+    row_sums = f_var.sum(-1)  # (B, K): f_var 1
+    total = row_sums.sum(-1, keepdim=True)  # (B, 1): 1^T f_var 1
+    has_total = total > 0
+    safe_total = torch.where(has_total, total, torch.ones_like(total))
+    shift = torch.where(has_total, row_sums * f_mu.sum(-1, keepdim=True) / safe_total, 0)
+    mu = f_mu - shift
+    correction = torch.where(has_total, row_sums.square() / safe_total, 0)  # diag of u u^T / t
+    variance = f_var.diagonal(dim1=-2, dim2=-1) - correction
+    alpha = (1 - 2 / k + mu.exp() / k**2 * (-mu).exp().sum(-1, keepdim=True)) / variance
+    return alpha / alpha.sum(-1, keepdim=True)
+
+
+def gaussian_predictive(
+    f_mu: Float[Tensor, "batch outputs"],
+    f_var: Float[Tensor, "batch outputs outputs"],
+    sigma: float | Tensor,
+) -> tuple[Float[Tensor, "batch outputs"], Float[Tensor, "batch outputs outputs"]]:
+    """Predictive of a Gaussian likelihood: mean ``f_mu``, covariance ``f_var + sigma^2 I``.
+
+    Args:
+        f_mu: mean outputs ``(B, C)``.
+        f_var: output covariance ``(B, C, C)``.
+        sigma: observation noise standard deviation: a number, a 0-d tensor or one per output
+            ``(C,)``.
+
+    Returns:
+        ``(mean (B, C), covariance (B, C, C))``.
+
+    Example:
+        >>> mean, cov = gaussian_predictive(f_mu, f_var, sigma=0.1)
+    """
+    _check_moments(f_mu, f_var, "gaussian")
+    noise = torch.as_tensor(sigma, dtype=f_mu.dtype, device=f_mu.device).square()
+    if noise.ndim > 1 or (noise.ndim == 1 and noise.shape[0] != f_mu.shape[-1]):
+        raise ValueError(f"sigma must be a scalar or one value per output, got shape {tuple(noise.shape)}")
+    if not torch.compiler.is_compiling() and not (torch.isfinite(noise).all() and (noise > 0).all()):
+        raise ValueError("sigma must be positive and finite")
+    eye = torch.eye(f_mu.shape[-1], dtype=f_mu.dtype, device=f_mu.device)
+    return f_mu, f_var + eye * noise
+
+
+def predictive_probs(
+    f_mu: Float[Tensor, "batch classes"],
+    f_var: Float[Tensor, "batch classes classes"],
+    link: Link = "probit",
+    likelihood: Likelihood = "categorical",
+    *,
+    n_samples: int = 1000,
+    generator: torch.Generator | None = None,
+) -> Float[Tensor, "batch outcomes"]:
+    """Class probabilities from the logit predictive by a link approximation.
+
+    Args:
+        f_mu: mean logits ``(B, C)``.
+        f_var: logit covariance ``(B, C, C)``.
+        link: ``"probit"`` (:func:`probit_probs`), ``"mc"`` (:func:`mc_probs`) or ``"bridge"``
+            (:func:`laplace_bridge_probs`).
+        likelihood: ``"categorical"`` or ``"bernoulli"`` (one logit; returns ``(B, 2)``
+            probabilities ``[1 - p, p]``). For ``"gaussian"`` use :func:`gaussian_predictive`.
+        n_samples: samples for ``link="mc"``.
+        generator: random generator for ``link="mc"``.
+
+    Returns:
+        Probabilities ``(B, C)``, or ``(B, 2)`` for the bernoulli likelihood.
+
+    Example:
+        >>> f_mu, f_var = linearised_predictive(f, posterior, batch)
+        >>> probs = predictive_probs(f_mu, f_var, link="mc", n_samples=2000)
+    """
+    if likelihood == "gaussian":
+        raise ValueError("the gaussian likelihood has no class probabilities; use gaussian_predictive")
+    if link == "probit":
+        return probit_probs(f_mu, f_var, likelihood)
+    if link == "mc":
+        return mc_probs(f_mu, f_var, n_samples=n_samples, generator=generator, likelihood=likelihood)
+    if link == "bridge":
+        return laplace_bridge_probs(f_mu, f_var, likelihood)
+    raise ValueError(f"link must be 'probit', 'mc' or 'bridge', got {link!r}")
