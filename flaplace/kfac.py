@@ -232,7 +232,7 @@ def _rows(
     inputs: Float[Tensor, "batch tokens i"],
     mask: Float[Tensor, "batch tokens"],
     sharing: str,
-) -> tuple[Float[Tensor, "rows o"], Float[Tensor, "rows i"]]:
+) -> tuple[Float[Tensor, "s_rows o"], Float[Tensor, "a_rows i"]]:
     """Rows whose outer products sum to this batch's (unnormalised) ``S`` and ``A``."""
     if sharing == "expand":
         g = grads * mask[None, :, :, None]

@@ -46,3 +46,25 @@ def seed() -> int:
     """The seed used by :func:`rng` (for code that takes an integer seed)."""
     torch.manual_seed(DEFAULT_SEED)
     return DEFAULT_SEED
+
+
+def run_without_typechecks(source: str, timeout: float = 600) -> str:
+    """Run ``source`` in a fresh Python without the type-checking hook; return its stdout.
+
+    The jaxtyping wrappers the hook adds cannot be traced by dynamo without graph
+    breaks, so compilation checks (``torch._dynamo.explain``) run here, on the
+    library exactly as users import it.
+    """
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    tests = pathlib.Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]))
+    done = subprocess.run(
+        [sys.executable, "-c", source], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"subprocess failed:\n{done.stderr[-4000:]}")
+    return done.stdout

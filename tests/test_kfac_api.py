@@ -1,0 +1,135 @@
+"""K-FAC API: distributed sums, compilation, clear errors, and no hooks in the library."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import run_without_typechecks
+from dist_worker import OPTIONS, _dense, _mlp_problem, _worker
+from tiny_models import tiny_lora_model
+
+from flaplace.capture import CaptureError
+from flaplace.kfac import build, fit, kfac_factors
+from flaplace.params import ModelFunction, select_params
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_two_processes_give_the_single_process_factors(tmp_path):
+    out = tmp_path / "factors.pt"
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    together = torch.load(out, weights_only=False)
+    params, model_fn, data = _mlp_problem()
+    alone = fit(model_fn, params, data, **OPTIONS)
+    for name in params:
+        for side in ("S", "A"):
+            a, b = getattr(alone[name], side), getattr(together[name], side)
+            assert torch.allclose(_dense(b), _dense(a), rtol=1e-8, atol=1e-12), (name, side)
+
+
+COMPILE_CHECK = """
+import json, torch
+from tiny_models import ANSWERS, padded_batch, tiny_lora_model
+from flaplace.kfac import build
+from flaplace.params import LastTokenLogits, ModelFunction, select_params
+model = tiny_lora_model("llama", dtype=torch.float32)
+params = select_params(model, "lora")
+init, update = build(ModelFunction(model, params, LastTokenLogits(ANSWERS)), fisher="exact",
+                     sharing="reduce", lr_threshold=None)
+batch = padded_batch("llama")
+explanation = torch._dynamo.explain(update)(init(params), params, batch)
+compiled = torch.compile(update, backend="aot_eager")(init(params), params, batch)
+eager = update(init(params), params, batch)
+err = max(float((compiled.S[n] - eager.S[n]).norm() / eager.S[n].norm()) for n in params)
+print(json.dumps({"breaks": explanation.graph_break_count, "graphs": explanation.graph_count, "err": err}))
+"""
+
+
+def test_update_compiles_without_graph_breaks():
+    result = json.loads(run_without_typechecks(COMPILE_CHECK).strip().splitlines()[-1])
+    assert result["breaks"] == 0
+    assert result["graphs"] == 1
+    assert result["err"] < 1e-4
+
+
+def test_no_hooks_in_the_library():
+    pattern = re.compile(r"register_(forward_pre|forward|full_backward|backward)_hook|\.register_hook\(")
+    offenders = [p for p in (ROOT / "flaplace").rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []
+
+
+def test_tied_weight_used_twice_is_an_error():
+    layer = torch.nn.Linear(4, 4, bias=False).double()
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            return self.layer(self.layer(x))
+
+    model = Twice()
+    params = select_params(model, "weight")
+    init, update = build(ModelFunction(model, params, lambda o, b: o), lr_threshold=None)
+    with pytest.raises(CaptureError, match="more than once"):
+        update(init(params), params, (torch.randn(2, 4, dtype=torch.float64),))
+
+
+def test_unused_weight_is_an_error():
+    model = torch.nn.ModuleDict({"used": torch.nn.Linear(3, 2), "idle": torch.nn.Linear(3, 2)})
+    params = select_params(model, "weight")
+
+    def model_fn(p, batch):
+        return torch.func.functional_call(model["used"], {"weight": p["used.weight"]}, batch[:1])
+
+    init, update = build(model_fn, lr_threshold=None)
+    with pytest.raises(CaptureError, match="never reached"):
+        update(init(params), params, (torch.randn(2, 3),))
+
+
+def test_selection_errors():
+    model = tiny_lora_model("llama")
+    with pytest.raises(ValueError, match="matches no parameter"):
+        select_params(model, "no_such_module")
+    with pytest.raises(ValueError, match="no parameter"):
+        select_params(model, lambda name, p: False)
+    with pytest.raises(ValueError, match="not parameters"):
+        ModelFunction(model, ["made.up.name"])
+
+
+def test_bad_options_and_empty_data():
+    params, model_fn, data = _mlp_problem()
+    with pytest.raises((ValueError, TypeError), match="(?i)fisher"):
+        build(model_fn, fisher="hessian")
+    with pytest.raises((ValueError, TypeError), match="sharing"):
+        build(model_fn, sharing="average")
+    with pytest.raises(ValueError, match="empty"):
+        fit(model_fn, params, [], progress=False)
+    init, _ = build(model_fn)
+    with pytest.raises(ValueError, match="no data"):
+        kfac_factors(init(params))
+    with pytest.raises(ValueError, match="empirical Fisher needs"):
+        fit(model_fn, params, data, fisher="empirical", progress=False)
+
+
+def test_label_outside_classes_is_an_error():
+    params, model_fn, data = _mlp_problem()
+    x = data[0][0]
+    with pytest.raises(ValueError, match="outside the classes"):
+        fit(model_fn, params, [(x, torch.full((len(x),), 7))], fisher="empirical", progress=False)
+
+
+def test_mc_is_reproducible_with_a_generator():
+    params, model_fn, data = _mlp_problem()
+    runs = [
+        fit(model_fn, params, data, fisher="mc", generator=torch.Generator().manual_seed(5), progress=False)
+        for _ in range(2)
+    ]
+    for name in params:
+        assert torch.equal(runs[0][name].S.values, runs[1][name].S.values)

@@ -1,0 +1,145 @@
+"""Tiny, randomly initialised Hugging Face models with PEFT LoRA, for tests (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import peft
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
+)
+
+VOCAB = 48
+ANSWERS = (3, 5, 7)
+
+_ARCH = {
+    "llama": (
+        lambda: LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                vocab_size=VOCAB,
+            )
+        ),
+        ["q_proj", "v_proj"],
+    ),
+    "mistral": (
+        lambda: MistralForCausalLM(
+            MistralConfig(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                vocab_size=VOCAB,
+                sliding_window=None,
+            )
+        ),
+        ["q_proj", "v_proj"],
+    ),
+    "phi": (
+        lambda: PhiForCausalLM(
+            PhiConfig(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                vocab_size=VOCAB,
+            )
+        ),
+        ["q_proj", "v_proj"],
+    ),
+    "gpt2": (
+        lambda: GPT2LMHeadModel(
+            GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
+        ),
+        ["c_attn"],
+    ),
+    "bert": (
+        lambda: BertForSequenceClassification(
+            BertConfig(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                vocab_size=VOCAB,
+                num_labels=3,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            )
+        ),
+        ["query", "value"],
+    ),
+}
+
+ARCHITECTURES = tuple(_ARCH)
+
+
+def tiny_lora_model(arch: str, *, dtype: torch.dtype = torch.float64, seed: int = 0, rank: int = 2):
+    """A tiny random model of ``arch`` with LoRA adapters whose weights are random (not PEFT's zero B)."""
+    torch.manual_seed(seed)
+    build, targets = _ARCH[arch]
+    model = build()
+    model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
+    model = model.to(dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora" in name:
+                p.copy_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def padded_batch(arch: str, n: int = 3, length: int = 6, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Token ids with padding: left padding for causal LMs, right padding for BERT; labels included."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    for row in range(1, n):
+        pad = min(row, length - 1)
+        if arch == "bert":
+            mask[row, length - pad :] = 0
+        else:
+            mask[row, :pad] = 0
+    ids = ids * mask
+    labels = torch.randint(0, len(ANSWERS), (n,), generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _rms_norm_in_input_dtype(self, hidden_states):
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+@contextlib.contextmanager
+def float64_rms_norm():
+    """Run Llama/Mistral RMSNorm in the input dtype.
+
+    Hugging Face computes RMSNorm in float32 even for float64 inputs; that
+    rounding makes back-propagation non-linear at the 1e-7 level, which would
+    hide a 1e-10 comparison. The maths is unchanged.
+    """
+    from transformers.models.llama import modeling_llama
+    from transformers.models.mistral import modeling_mistral
+
+    classes = [modeling_llama.LlamaRMSNorm, modeling_mistral.MistralRMSNorm]
+    saved = [c.forward for c in classes]
+    for c in classes:
+        c.forward = _rms_norm_in_input_dtype
+    try:
+        yield
+    finally:
+        for c, f in zip(classes, saved, strict=True):
+            c.forward = f
