@@ -25,9 +25,11 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from torch.func import jacrev, vmap
 
+from flaplace.capture import capture
+from flaplace.params import token_mask
 from flaplace.typing import Batch, Likelihood, ModelFn, Params, Posterior
 
-JacobianMethod: TypeAlias = Literal["vmap", "loop"]
+JacobianMethod: TypeAlias = Literal["vmap", "loop", "capture"]
 Link: TypeAlias = Literal["probit", "mc", "bridge"]
 
 __all__ = [
@@ -78,7 +80,12 @@ def per_example_jacobians(
         method: ``"vmap"`` (default) vectorises over the examples; ``"loop"`` differentiates one
             example after another. Use ``"loop"`` for models whose forward pass branches on
             tensor values, which ``vmap`` cannot trace (e.g. Hugging Face encoders such as BERT
-            given a 2-D ``attention_mask``; see docs/predictive.md).
+            given a 2-D ``attention_mask``; see docs/predictive.md). ``"capture"`` uses the
+            K-FAC capture mechanism (:func:`flaplace.capture.capture`): one forward pass of the
+            whole batch and ``C`` pull-backs give every example's ``G_c = sum_t g_t a_t^T``;
+            no ``vmap`` over the model, so any attention implementation works. It needs every
+            parameter to be a weight matrix used through ``F.linear``/``addmm``, and examples
+            that do not interact in the forward pass (true of transformers).
 
     Returns:
         ``{name: J}`` with ``J`` of shape ``(B, C, *params[name].shape)`` in the parameter's dtype.
@@ -145,9 +152,17 @@ def _jacobians_and_logits(
         raise ValueError("params is empty: there is nothing to differentiate")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
-    if method not in ("vmap", "loop"):
-        raise ValueError(f"method must be 'vmap' or 'loop', got {method!r}")
+    if method not in ("vmap", "loop", "capture"):
+        raise ValueError(f"method must be 'vmap', 'loop' or 'capture', got {method!r}")
     split = _split_batch(batch)
+    if method == "capture":
+        chunk = split.size if chunk_size is None else chunk_size
+        parts = [
+            _captured_jacobians(model_fn, params, _rows(split, start, start + chunk))
+            for start in range(0, split.size, chunk)
+        ]
+        jacobians = {name: torch.cat([jac[name] for jac, _ in parts]) for name in params}
+        return jacobians, torch.cat([logits for _, logits in parts])
 
     def logits_of_one(p: Params, example_leaves: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         logits = model_fn(p, _example(split, example_leaves))
@@ -178,6 +193,34 @@ def _jacobians_and_logits(
             "attention_mask, or use method='loop'. See docs/predictive.md. Original error: "
             f"{error}"
         ) from error
+
+
+def _rows(split: _SplitBatch, start: int, stop: int) -> Batch:
+    """The examples ``start:stop`` of a split batch, as a batch."""
+    leaves = list(split.leaves)
+    for position in split.batched:
+        leaves[position] = leaves[position][start:stop]  # type: ignore[index]
+    return optree.tree_unflatten(split.spec, leaves)
+
+
+def _captured_jacobians(model_fn: ModelFn, params: Params, batch: Batch) -> tuple[dict[str, Tensor], Tensor]:
+    """``J[b, c] = sum_t g[c, b, t] a[b, t]^T`` from one captured forward and ``C`` pull-backs."""
+    transposed = getattr(model_fn, "transposed", frozenset())
+    logits, output_grads, inputs = capture(
+        model_fn, params, batch, tuple(token_mask(batch).shape), transposed=transposed
+    )
+    classes = logits.shape[-1]
+    units = torch.eye(classes, dtype=logits.dtype, device=logits.device)[:, None, :].expand(
+        -1, logits.shape[0], -1
+    )
+    grads = (
+        vmap(output_grads)(units) if classes > 1 else {n: g[None] for n, g in output_grads(units[0]).items()}
+    )
+    jacobians = {}
+    for name in params:
+        jac = torch.einsum("cbto,bti->bcoi", grads[name], inputs[name])
+        jacobians[name] = jac.transpose(-1, -2) if name in transposed else jac
+    return jacobians, logits.detach()
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,7 +415,7 @@ def linearised_predictive(
         posterior: a Posterior or its :class:`PredictiveCache` (precompute once, reuse).
         batch: the inputs.
         chunk_size: examples per vectorised Jacobian chunk (see :func:`per_example_jacobians`).
-        method: ``"vmap"`` or ``"loop"`` (see :func:`per_example_jacobians`).
+        method: ``"vmap"``, ``"loop"`` or ``"capture"`` (see :func:`per_example_jacobians`).
 
     Returns:
         ``(f_mu (B, C), f_var (B, C, C))``.

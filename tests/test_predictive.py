@@ -205,6 +205,38 @@ def test_jacobians_of_lora_bert_classifier() -> None:
     assert_jacobians_close(per_example_jacobians(f, params, batch_4d, chunk_size=2), reference, HF_TOL)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_captured_jacobians_match_jacrev_with_default_attention(arch: str) -> None:
+    """method="capture": one batched forward, no vmap over the model, so sdpa and 2-D masks work."""
+    from tiny_models import ANSWERS, tiny_lora_model
+    from tiny_models import padded_batch as tiny_padded_batch
+
+    model = tiny_lora_model(arch)
+    params = select_params(model, "lora")
+    f = ModelFunction(model, params, classifier_logits if arch == "bert" else LastTokenLogits(ANSWERS))
+    batch = tiny_padded_batch(arch, n=4)
+    reference = jacrev(f)(params, batch)
+    assert all(r.abs().max() > 1e-6 for r in reference.values())
+    captured = per_example_jacobians(f, params, batch, method="capture")
+    assert_jacobians_close(captured, reference, 1e-6)
+    assert_jacobians_close(
+        per_example_jacobians(f, params, batch, method="capture", chunk_size=3), captured, 1e-12
+    )
+
+
+def test_captured_jacobians_of_a_transposed_conv1d_weight() -> None:
+    from tiny_models import ANSWERS, tiny_lora_model
+    from tiny_models import padded_batch as tiny_padded_batch
+
+    model = tiny_lora_model("gpt2")
+    params = select_params(model, "h.1.attn.c_attn.base_layer.weight")
+    f = ModelFunction(model, params, LastTokenLogits(ANSWERS))
+    batch = tiny_padded_batch("gpt2", n=3)
+    assert_jacobians_close(
+        per_example_jacobians(f, params, batch, method="capture"), jacrev(f)(params, batch), 1e-6
+    )
+
+
 def test_jacobian_errors_are_clear() -> None:
     params = mlp_params()
     x = torch.randn(4, 4, dtype=F64)
