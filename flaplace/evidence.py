@@ -54,7 +54,7 @@ def log_marginal_likelihood(posterior: Posterior, log_likelihood: Tensor | float
         total = log_likelihood.to(dtype=reference.dtype, device=reference.device).reshape(())
     else:
         total = torch.tensor(float(log_likelihood), dtype=reference.dtype, device=reference.device)
-    if not bool(torch.isfinite(total.detach())):
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(total.detach())):
         raise ValueError(f"log_likelihood must be finite, got {float(total.detach())}")
     for name, mean in posterior.mean.items():
         lam = posterior.prior_precision[name]
