@@ -1,14 +1,20 @@
 """Streaming top-k eigenpairs of a sum of outer products, never forming the ``d x d`` matrix.
 
-A factor ``F = sum_rows r r^T`` is kept as ``U diag(lam) U^T`` with ``U`` of
-shape ``d x m``. A new block of rows ``X`` (``n x d``) is merged by an
-incremental eigendecomposition: with ``M = [U diag(sqrt(lam)) | X^T]``
-(``d x (m + n)``), ``M M^T = F + X^T X``, whose nonzero eigenpairs follow from
-the small Gram matrix ``M^T M`` (``(m+n) x (m+n)``): if ``M^T M = V diag(mu) V^T``
-then ``M M^T = (M V mu^{-1/2}) diag(mu) (M V mu^{-1/2})^T``. Keeping the top
-``m`` is the only approximation; it is exact while the rank stays below ``m``,
-and with an oversampled ``m`` the error on the kept top eigenpairs is of the
-order of the discarded tail.
+A factor ``F = sum_rows r r^T`` is kept as ``U diag(lam) U^T`` with ``U`` of shape ``d x m``.
+A new block of rows ``X`` (``n x d``) is merged by a Rayleigh-Ritz step on a small subspace:
+
+1. the part of ``X`` that ``U`` does not explain, ``R = X - X U U^T``, has its dominant
+   directions found by a range finder, ``Z = R^T R W`` (plus power steps), with ``W`` a fixed
+   pseudo-random ``d x p`` test matrix;
+2. ``B`` is an orthonormal basis of ``[U, Z]`` (``d x (m + p)``);
+3. ``F + X^T X`` is compressed to ``T = (B^T U) diag(lam) (B^T U)^T + (X B)^T (X B)``
+   (``(m+p) x (m+p)``), whose top ``m`` eigenpairs ``(V, mu)`` give ``U' = B V``, ``lam' = mu``.
+
+The old subspace is kept exactly, so the merge is exact whenever the residual ``R`` has rank at
+most ``p`` (in particular while fewer than ``m`` rows have been seen); otherwise the new
+directions are approximated by the range finder and the tail beyond ``m`` is dropped, an error
+of the order of the discarded eigenvalues. The cost is ``O(n d (m + p))`` per merge: matrix
+products only, plus a QR of ``d x (m + p)`` and an eigendecomposition of ``(m+p) x (m+p)``.
 """
 
 from __future__ import annotations
@@ -34,54 +40,63 @@ def empty_sketch(dim: int, rank: int, *, dtype: torch.dtype, device: torch.devic
     )
 
 
-def merge_rows(sketch: Eigen, rows: Float[Tensor, "n d"], *, chunk: int = 128) -> Eigen:
+def merge_rows(sketch: Eigen, rows: Float[Tensor, "n d"], *, power_steps: int = 1) -> Eigen:
     """Add ``rows^T rows`` to the sketch and keep its top ``m`` eigenpairs.
 
-    Rows are merged ``chunk`` at a time so that the Gram matrices stay small.
+    Args:
+        sketch: the current sketch (``vectors`` ``d x m``).
+        rows: the new rows ``X``.
+        power_steps: extra power iterations of the range finder (more accuracy on slowly
+            decaying spectra).
 
     Example:
-        >>> sketch = merge_rows(empty_sketch(512, 10, dtype=torch.float64), torch.randn(64, 512, dtype=torch.float64))
+        >>> sketch = empty_sketch(512, 10, dtype=torch.float64)
+        >>> sketch = merge_rows(sketch, torch.randn(64, 512, dtype=torch.float64))
     """
-    if rows.ndim != 2 or rows.shape[1] != sketch.vectors.shape[0]:
-        raise ValueError(f"rows must be (n, {sketch.vectors.shape[0]}), got {tuple(rows.shape)}")
-    rows = rows.to(sketch.vectors.dtype)
-    for start in range(0, rows.shape[0], chunk):
-        sketch = _merge(sketch, rows[start : start + chunk])
-    return sketch
+    vectors, values = sketch
+    if rows.ndim != 2 or rows.shape[1] != vectors.shape[0]:
+        raise ValueError(f"rows must be (n, {vectors.shape[0]}), got {tuple(rows.shape)}")
+    rows = rows.to(vectors.dtype)
+    d, m = vectors.shape
+    p = max(1, min(m, rows.shape[0], d - m)) if d > m else 0
+    if p == 0:  # the sketch spans everything: plain Rayleigh-Ritz in the full basis
+        basis = torch.linalg.qr(vectors).Q
+    else:
+        residual = rows - (rows @ vectors) @ vectors.T
+        new = residual.T @ (residual @ _test_matrix(d, p, rows))
+        for _ in range(power_steps):
+            new = residual.T @ (residual @ torch.linalg.qr(new).Q)
+        basis = torch.linalg.qr(torch.cat([vectors, new], dim=1)).Q
+    old = basis.T @ vectors
+    projected = rows @ basis
+    small = (old * values.clamp_min(0)) @ old.T + projected.T @ projected
+    mu, v = torch.linalg.eigh(small)
+    mu, v = mu.flip(0)[:m].clamp_min(0), v.flip(1)[:, :m]
+    return Eigen(basis @ v, mu)
 
 
 def merge_sketches(sketches: list[Eigen], rank: int) -> Eigen:
     """The top-``rank`` eigenpairs of the sum of several sketches (e.g. from several ranks).
 
+    Exact: the sum of sketches has rank at most the total number of their columns.
+
     Example:
         >>> total = merge_sketches([s1, s2], rank=20)
     """
     roots = torch.cat([s.vectors * s.values.clamp_min(0).sqrt() for s in sketches], dim=1)
-    return _top_eigenpairs(roots, min(rank, roots.shape[0]))
+    basis = torch.linalg.qr(roots).Q
+    projected = basis.T @ roots
+    mu, v = torch.linalg.eigh(projected @ projected.T)
+    rank = min(rank, roots.shape[0])
+    mu, v = mu.flip(0)[:rank].clamp_min(0), v.flip(1)[:, :rank]
+    return Eigen(basis @ v, mu)
 
 
-def _merge(sketch: Eigen, rows: Tensor) -> Eigen:
-    m = sketch.values.shape[0]
-    roots = torch.cat([sketch.vectors * sketch.values.clamp_min(0).sqrt(), rows.T], dim=1)
-    return _top_eigenpairs(roots, m)
-
-
-def _top_eigenpairs(roots: Float[Tensor, "d r"], rank: int) -> Eigen:
-    """Top ``rank`` eigenpairs of ``roots @ roots.T`` through the Gram matrix of ``roots``."""
-    mu, v = torch.linalg.eigh(roots.T @ roots)
-    mu, v = mu.flip(0)[:rank], v.flip(1)[:, :rank]
-    if mu.shape[0] < rank:  # fewer columns than the rank: pad with zero directions
-        pad = rank - mu.shape[0]
-        mu = torch.cat([mu, mu.new_zeros(pad)])
-        v = torch.cat([v, v.new_zeros(v.shape[0], pad)], dim=1)
-    # Directions with (numerically) zero eigenvalue carry no information; zero them.
-    tol = (
-        mu[:1].clamp_min(0) * (roots.shape[1] * torch.finfo(roots.dtype).eps) + torch.finfo(roots.dtype).tiny
-    )
-    keep = mu > tol
-    mu = torch.where(keep, mu, torch.zeros_like(mu))
-    scale = torch.where(keep, mu.clamp_min(torch.finfo(roots.dtype).tiny).rsqrt(), torch.zeros_like(mu))
-    return Eigen((roots @ v) * scale, mu)
+def _test_matrix(d: int, p: int, like: Tensor) -> Tensor:
+    """A fixed pseudo-random ``d x p`` matrix (a sine hash: no generator, so it compiles)."""
+    i = torch.arange(1, d + 1, dtype=like.dtype, device=like.device)[:, None]
+    j = torch.arange(1, p + 1, dtype=like.dtype, device=like.device)[None, :]
+    return torch.frac(torch.sin(i * 12.9898 + j * 78.233) * 43758.5453) - 0.5
 
 
 def dense_eigen(matrix: Float[Tensor, "d d"], rank: int | None = None) -> Eigen:

@@ -26,7 +26,7 @@ def _linear_problem(d: int, n_out: int = 3):
 
 def test_merge_rows_is_exact_below_the_rank():
     rows = torch.randn(6, 40, dtype=torch.float64)
-    sketch = merge_rows(empty_sketch(40, 8, dtype=torch.float64), rows, chunk=4)
+    sketch = merge_rows(empty_sketch(40, 8, dtype=torch.float64), rows)
     dense = sketch.vectors @ torch.diag(sketch.values) @ sketch.vectors.T
     assert torch.allclose(dense, rows.T @ rows, atol=1e-12)
 
