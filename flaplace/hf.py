@@ -1,0 +1,388 @@
+"""Hugging Face models for the workflow: loading, LoRA with PEFT, tokenisation into batches.
+
+Two kinds of model are supported:
+
+* ``causal``: a causal language model scores the task's answers as the logits of
+  their (single) tokens at the last position of the prompt. Prompts are padded on
+  the LEFT (and truncated from the left, so the end of the prompt, ``Answer:``,
+  survives), and :class:`flaplace.params.LastTokenLogits` reads the answer-token
+  logits. Each answer, with a leading space, must be one token of the vocabulary.
+* ``seq_cls``: a sequence-classification model (e.g. BERT) gets the raw text (and
+  ``text_pair``) and its classification head gives ``(batch, classes)`` logits.
+  The head is new for a checkpoint that has none, so it is trained with the
+  adapters and covered by the Laplace posterior.
+
+Example:
+    >>> loaded = load_model("path/to/model", n_classes=2)
+    >>> model = attach_lora(loaded, rank=8, alpha=16, targets=["query", "value"])
+    >>> ids = answer_token_ids(loaded.tokenizer, ("A", "B"))  # causal models only
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+
+import torch
+from torch import Tensor, nn
+
+from flaplace.params import LastTokenLogits, ModelFunction, classifier_logits
+from flaplace.tasks import Example, Task
+
+ModelKind: TypeAlias = Literal["causal", "seq_cls"]
+MODEL_KINDS: tuple[str, ...] = ("auto", "causal", "seq_cls")
+
+#: Attribute names under which Hugging Face sequence-classification models keep their head.
+HEAD_NAMES: tuple[str, ...] = ("classifier", "score")
+
+#: Prompt suffix for a classification task (raw text) scored by a causal LM.
+CAUSAL_CLASSIFICATION_SUFFIX = "Answer:"
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and how it turns examples into logits.
+
+    ``kind`` is ``"causal"`` or ``"seq_cls"``; ``head`` the attribute name of the
+    classification head (``seq_cls`` only, else ``None``).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    kind: ModelKind
+    head: str | None = None
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - the hf extra is missing
+        raise ImportError(
+            "loading Hugging Face models needs `transformers` and `peft`: pip install 'flaplace[hf]'"
+        ) from None
+    return transformers
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report (e.g. 'newly initialized classifier'): we log our own."""
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def infer_kind(config: Any) -> ModelKind:
+    """``causal`` when the config's architectures name a causal LM head, else ``seq_cls``.
+
+    Example:
+        >>> infer_kind(AutoConfig.from_pretrained("gpt2"))
+        'causal'
+    """
+    architectures = getattr(config, "architectures", None) or []
+    if any("CausalLM" in a or "LMHeadModel" in a for a in architectures):
+        return "causal"
+    return "seq_cls"
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"float32"``/``"float64"``/``"bfloat16"``/``"float16"`` as a torch dtype.
+
+    Example:
+        >>> parse_dtype("float64")
+        torch.float64
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    dtypes = {
+        "float32": torch.float32,
+        "float64": torch.float64,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(dtypes)}")
+    return dtypes[name]
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str],
+    *,
+    n_classes: int,
+    kind: str = "auto",
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Load a model and its tokenizer by hub id or local folder.
+
+    Args:
+        name_or_path: a Hugging Face hub id or a folder written by ``save_pretrained``.
+        n_classes: classes of the task (the size of a sequence-classification head).
+        kind: ``"auto"`` (from the config's architectures), ``"causal"`` or ``"seq_cls"``.
+        dtype: parameter dtype.
+        device: where the model lives.
+        attn_implementation: passed to ``from_pretrained`` when given (e.g. ``"eager"``).
+
+    Returns:
+        A :class:`LoadedModel` in eval mode. For causal models the tokenizer pads and
+        truncates on the left and has a pad token (its EOS token when it had none).
+
+    Raises:
+        ValueError: an unknown ``kind``; OSError from transformers when the model is not found.
+
+    Example:
+        >>> loaded = load_model("sentence-transformers/all-MiniLM-L6-v2", n_classes=2)
+        >>> loaded.kind, loaded.head
+        ('seq_cls', 'classifier')
+    """
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; choose one of {MODEL_KINDS}")
+    transformers = _transformers()
+    source = str(name_or_path)
+    config = transformers.AutoConfig.from_pretrained(source)
+    resolved: ModelKind = infer_kind(config) if kind == "auto" else kind  # type: ignore[assignment]
+    options: dict[str, Any] = {"dtype": parse_dtype(dtype)}
+    if attn_implementation is not None:
+        options["attn_implementation"] = attn_implementation
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    with _quiet_transformers():
+        if resolved == "causal":
+            model = transformers.AutoModelForCausalLM.from_pretrained(source, **options)
+        else:
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=n_classes, ignore_mismatched_sizes=True, **options
+            )
+    head = None
+    if resolved == "causal":
+        tokenizer.padding_side = "left"
+        tokenizer.truncation_side = "left"
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ValueError(f"the tokenizer of {source} has neither a pad nor an EOS token to pad with")
+            tokenizer.pad_token = tokenizer.eos_token
+    else:
+        head = next((h for h in HEAD_NAMES if isinstance(getattr(model, h, None), nn.Module)), None)
+        if head is None:
+            raise ValueError(
+                f"cannot find the classification head of {type(model).__name__} (looked for {HEAD_NAMES})"
+            )
+        if tokenizer.pad_token is None:
+            raise ValueError(f"the tokenizer of {source} has no pad token")
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model.to(device).eval(), tokenizer, resolved, head)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct leaf names of the linear layers of ``model`` (``nn.Linear`` and GPT-2 ``Conv1D``).
+
+    Example:
+        >>> linear_module_names(bert)
+        ['query', 'key', 'value', 'dense', 'classifier']
+    """
+    names: list[str] = []
+    for full, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            leaf = full.rpartition(".")[2]
+            if leaf and leaf not in names:
+                names.append(leaf)
+    return names
+
+
+def attach_lora(
+    loaded: LoadedModel,
+    *,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str],
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Wrap ``loaded.model`` with PEFT LoRA adapters on the linear layers named ``targets``.
+
+    For ``seq_cls`` models the classification head is trained too
+    (PEFT ``modules_to_save``). Targets are checked first: every name must be the
+    leaf name of at least one linear layer.
+
+    Raises:
+        ValueError: a bad rank/alpha, or a target that names no linear layer (the
+            message lists the linear layers the model has).
+
+    Example:
+        >>> peft_model = attach_lora(loaded, rank=8, alpha=16, targets=["query", "value"])
+    """
+    import peft
+
+    if rank < 1 or alpha <= 0:
+        raise ValueError(f"LoRA rank must be at least 1 and alpha positive, got rank={rank}, alpha={alpha}")
+    targets = list(targets)
+    if not targets:
+        raise ValueError("no LoRA target modules given")
+    available = linear_module_names(loaded.model)
+    if loaded.head is not None:
+        available = [n for n in available if n != loaded.head]
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise ValueError(
+            f"LoRA target module(s) {missing} match no linear layer of {type(loaded.model).__name__}; "
+            f"its linear layers are named: {', '.join(available)}"
+        )
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        modules_to_save=[loaded.head] if loaded.head else None,
+        fan_in_fan_out=any(
+            _is_conv1d(m) for n, m in loaded.model.named_modules() if n.rpartition(".")[2] in targets
+        ),
+    )
+    return peft.get_peft_model(loaded.model, config)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def laplace_param_names(model: nn.Module) -> list[str]:
+    """Names of the weights the Laplace posterior covers: LoRA matrices and a trained head's weight.
+
+    Only matrices (2-D) are blocks; a trained head's bias is fitted at the MAP but not
+    part of the posterior.
+
+    Example:
+        >>> laplace_param_names(peft_model)[:2]
+        ['base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight', ...]
+    """
+    return [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.ndim == 2 and ("lora_" in n or "modules_to_save" in n)
+    ]
+
+
+def trainable_param_names(model: nn.Module) -> list[str]:
+    """Names of every trainable parameter (LoRA matrices, a trained head's weight and bias).
+
+    Example:
+        >>> trainable_param_names(peft_model)[-1]
+        'base_model.model.classifier.modules_to_save.default.bias'
+    """
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def answer_token_ids(tokenizer: Any, choices: Sequence[str]) -> list[int]:
+    """The single token id of each answer, written with a leading space (``" A"``).
+
+    Raises:
+        ValueError: an answer that is not exactly one token, naming it and its tokens,
+            or two answers with the same token.
+
+    Example:
+        >>> answer_token_ids(gpt2_tokenizer, ("A", "B", "C", "D"))
+        [317, 347, 327, 360]
+    """
+    ids = []
+    for choice in choices:
+        tokens = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+        if len(tokens) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(tokens)
+            raise ValueError(
+                f"answer {choice!r} (with a leading space, {' ' + choice!r}) is {len(tokens)} tokens "
+                f"{pieces} for this tokenizer; causal-LM answers must be single tokens"
+            )
+        if tokenizer.unk_token_id is not None and tokens[0] == tokenizer.unk_token_id:
+            raise ValueError(
+                f"answer {choice!r} is not in the vocabulary (it tokenises to the unknown token)"
+            )
+        ids.append(int(tokens[0]))
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"answers {tuple(choices)} do not map to distinct tokens: {ids}")
+    return ids
+
+
+def causal_prompt(example: Example, task: Task) -> str:
+    """The prompt a causal LM sees: the task's prompt, or raw text plus ``Answer:`` for classification.
+
+    Example:
+        >>> causal_prompt(Example("a fine film", ("negative", "positive"), 1), sst2_task)
+        'a fine film Answer:'
+    """
+    if task.kind != "classification":
+        return example.text
+    text = example.text if example.text_pair is None else f"{example.text} {example.text_pair}"
+    return f"{text} {CAUSAL_CLASSIFICATION_SUFFIX}"
+
+
+def output_function(loaded: LoadedModel, task: Task):
+    """The output function of the model function: answer-token logits or the classifier's logits.
+
+    Example:
+        >>> f = ModelFunction(peft_model, params, output_function(loaded, task))
+    """
+    if loaded.kind == "causal":
+        return LastTokenLogits(answer_token_ids(loaded.tokenizer, task.choices))
+    return classifier_logits
+
+
+def model_function(model: nn.Module, names: Sequence[str], loaded: LoadedModel, task: Task) -> ModelFunction:
+    """``f(params, batch) -> logits (batch, n_classes)`` for ``model`` with weights ``names`` swapped in.
+
+    Example:
+        >>> f = model_function(peft_model, laplace_param_names(peft_model), loaded, task)
+    """
+    return ModelFunction(model, list(names), output_function(loaded, task))
+
+
+def encode(
+    examples: Sequence[Example],
+    loaded: LoadedModel,
+    task: Task,
+    *,
+    max_length: int,
+    device: str | torch.device = "cpu",
+) -> dict[str, Tensor]:
+    """Tokenise examples into a padded batch with ``labels``.
+
+    Causal models get :func:`causal_prompt` padded on the left; sequence-classification
+    models get ``text`` (and ``text_pair``) padded on the right. Sequences longer than
+    ``max_length`` are truncated (from the left for causal models).
+
+    Example:
+        >>> batch = encode(task.split("train")[:8], loaded, task, max_length=128)
+        >>> sorted(batch)
+        ['attention_mask', 'input_ids', 'labels', 'token_type_ids']
+    """
+    if not examples:
+        raise ValueError("encode() got no examples")
+    tok = loaded.tokenizer
+    common = {"padding": True, "truncation": True, "max_length": max_length, "return_tensors": "pt"}
+    if loaded.kind == "causal":
+        encoded = tok([causal_prompt(ex, task) for ex in examples], **common)
+    else:
+        texts = [ex.text for ex in examples]
+        pairs = [ex.text_pair for ex in examples]
+        if any(p is not None for p in pairs):
+            if any(p is None for p in pairs):
+                raise ValueError("a batch mixes examples with and without text_pair")
+            encoded = tok(texts, pairs, **common)
+        else:
+            encoded = tok(texts, **common)
+    batch = {
+        k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+    }
+    labels = [ex.label for ex in examples]
+    bad = [y for y in labels if not 0 <= y < task.n_classes]
+    if bad:
+        raise ValueError(
+            f"label {bad[0]} is outside the classes 0..{task.n_classes - 1} of task {task.name!r}"
+        )
+    batch["labels"] = torch.tensor(labels, dtype=torch.long, device=device)
+    return batch
