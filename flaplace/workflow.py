@@ -70,7 +70,7 @@ from flaplace.predictive import (
     predictive_probs,
 )
 from flaplace.tasks import Example, Task, batches, load_task
-from flaplace.typing import Params, Posterior
+from flaplace.typing import ModelFn, Params, Posterior
 
 STAGES: tuple[str, ...] = ("map", "kfac", "prior", "predictive")
 FINAL_OUTPUTS: tuple[str, ...] = ("results.json", "reliability.png", "posterior.safetensors")
@@ -382,7 +382,7 @@ def versions() -> dict[str, str]:
 
 
 def train_map(
-    model_fn: flaplace.ModelFunction,
+    model_fn: ModelFn,
     params: Params,
     laplace_names: Sequence[str],
     data: Iterator[dict[str, Tensor]],
