@@ -120,7 +120,7 @@ def test_head_jacobians_match_jacrev_per_example(models, data):
     model = hf.attach_lora(loaded, rank=2, alpha=4.0, targets=TARGETS["bert"])
     torch.manual_seed(0)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn_like(p) * 0.3)
     names = hf.laplace_param_names(model)
