@@ -22,7 +22,7 @@ from pathlib import Path
 COMMON = [
     "--lora-rank", "8", "--lora-alpha", "16", "--lora-targets", "query,value",
     "--lr", "5e-3", "--batch-size", "16", "--max-length", "128",
-    "--fisher", "mc", "--sharing", "expand", "--n-kfac", "10", "--lr-threshold", "100",
+    "--fisher", "exact", "--sharing", "expand", "--lr-threshold", "none",
     "--prior-tuning", "evidence", "--link", "probit", "--seed", "0", "--quiet",
 ]  # fmt: skip
 
