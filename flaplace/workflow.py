@@ -571,6 +571,10 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
     with torch.no_grad():
         for name, value in trained.items():
             named[name].copy_(value)
+    # From here on weights are only read (the functional stages pass detached copies). A model
+    # weight that still required grad (e.g. a head bias) would make every K-FAC statistic part
+    # of an autograd graph that grows with each batch.
+    model.requires_grad_(False)
     map_params = {n: named[n].detach() for n in laplace_names}
     laplace_fn = hf.model_function(model, laplace_names, loaded, task)
     timings["map"] = time.perf_counter() - tick
