@@ -152,9 +152,14 @@ def capture(
             )
         return logits, records
 
-    logits, pullback, inputs = torch.func.vjp(forward, probes, has_aux=True)
+    # Under an outer no_grad, torch.func.vjp still differentiates with respect to the probes
+    # (function transforms ignore it), but autograd records nothing for model weights that
+    # happen to require grad: no graph, no memory for gradients nobody asked for.
+    with torch.no_grad():
+        logits, pullback, inputs = torch.func.vjp(forward, probes, has_aux=True)
 
     def output_grads(cotangent: Tensor) -> dict[str, Tensor]:
-        return pullback(cotangent)[0]
+        with torch.no_grad():
+            return pullback(cotangent)[0]
 
     return logits, output_grads, inputs
