@@ -565,7 +565,9 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         model.eval()
         with atomic_path(map_file) as tmp:
             save_file({n: t.contiguous() for n, t in trained.items()}, str(tmp))
-        write_json(checkpoints / "map.json", {"key": key, "losses": losses})
+        write_json(
+            checkpoints / "map.json", {"key": key, "losses": losses, "seconds": time.perf_counter() - tick}
+        )
         stages["map"] = "computed"
     model.eval()
     with torch.no_grad():
@@ -595,7 +597,10 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         )
         with atomic_path(kfac_file) as tmp:
             save_posterior(tmp, make_posterior(factors, map_params, 1.0))
-        write_json(checkpoints / "kfac.json", {"key": key, "log_likelihood": log_likelihood})
+        write_json(
+            checkpoints / "kfac.json",
+            {"key": key, "log_likelihood": log_likelihood, "seconds": time.perf_counter() - tick},
+        )
         stages["kfac"] = "computed"
     posterior = make_posterior(factors, map_params, config.prior_precision)
     timings["kfac"] = time.perf_counter() - tick
@@ -629,7 +634,12 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         tuned_precision = float(next(iter(tuned.prior_precision.values())))
         write_json(
             checkpoints / "prior.json",
-            {"key": key, "prior_precision": tuned_precision, "tuning": tuning_record},
+            {
+                "key": key,
+                "prior_precision": tuned_precision,
+                "tuning": tuning_record,
+                "seconds": time.perf_counter() - tick,
+            },
         )
         stages["prior"] = "computed"
     posterior = make_posterior(factors, map_params, tuned_precision)
@@ -655,7 +665,7 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         f_var = _covariances(posterior, jacobians)
         with atomic_path(predictive_file) as tmp:
             save_file({"f_mu": f_mu.contiguous(), "f_var": f_var.contiguous(), "labels": labels}, str(tmp))
-        write_json(checkpoints / "predictive.json", {"key": key})
+        write_json(checkpoints / "predictive.json", {"key": key, "seconds": time.perf_counter() - tick})
         stages["predictive"] = "computed"
     timings["predictive"] = time.perf_counter() - tick
 
@@ -701,10 +711,21 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         "final_train_nll": sum(losses[-20:]) / max(1, len(losses[-20:])),
         "stages": stages,
         "timings_s": timings,
+        "stage_seconds_when_computed": {
+            stage: _stage_seconds(checkpoints / f"{stage}.json") for stage in STAGES
+        },
         "versions": versions(),
     }
     write_json(out / "results.json", results)
     return results
+
+
+def _stage_seconds(marker: Path) -> float | None:
+    """How long a stage took when its checkpoint was computed (possibly by an earlier run)."""
+    try:
+        return float(json.loads(marker.read_text(encoding="utf-8"))["seconds"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _seed_everything(seed: int) -> None:

@@ -177,6 +177,9 @@ def test_resume_skips_finished_stages_and_recomputes_changed_ones(models, data, 
     assert again["stages"] == dict.fromkeys(workflow.STAGES, "loaded")
     assert again["metrics"] == first["metrics"]
     assert again["prior_precision"] == first["prior_precision"]
+    seconds = first["stage_seconds_when_computed"]
+    assert all(seconds[stage] > 0 for stage in workflow.STAGES)
+    assert again["stage_seconds_when_computed"] == seconds  # how long the reused stages once took
     # a new link only changes how the stored predictive is turned into probabilities
     mc = run(config(models, data, "llama", "arc_easy", tmp_path, link="mc"), progress=False)
     assert mc["stages"] == dict.fromkeys(workflow.STAGES, "loaded")
