@@ -138,7 +138,7 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         import tomllib
     except ImportError:  # Python 3.10
         try:
-            import tomli as tomllib  # type: ignore[no-redef]
+            import tomli as tomllib
         except ImportError:
             raise ImportError(
                 "reading --config on Python 3.10 needs the tomli package: pip install tomli"

@@ -236,7 +236,7 @@ def attach_lora(
         )
     config = peft.LoraConfig(
         r=rank,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT scales by alpha / r; a float works
         lora_dropout=dropout,
         target_modules=targets,
         modules_to_save=[loaded.head] if loaded.head else None,

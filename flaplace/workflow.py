@@ -48,7 +48,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, cast
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,7 @@ from flaplace.capture import capture
 from flaplace.evidence import log_marginal_likelihood, tune_prior_evidence, tune_prior_grid
 from flaplace.kfac import fit as fit_kfac
 from flaplace.metrics import classification_metrics
+from flaplace.params import token_mask
 from flaplace.posterior import load_posterior, make_posterior, save_posterior
 from flaplace.predictive import (
     per_example_jacobians,
@@ -78,7 +79,7 @@ PRIOR_TUNINGS: tuple[str, ...] = ("evidence", "grid")
 LINKS: tuple[str, ...] = ("probit", "mc", "bridge")
 
 #: How per-example Jacobians of token-level weights are computed (see flaplace.predictive).
-JACOBIAN_METHOD = "capture"
+JACOBIAN_METHOD: Final = "capture"
 
 
 @dataclasses.dataclass
@@ -338,7 +339,11 @@ def _covariances(posterior: Posterior, jacobians: Sequence[dict[str, Tensor]]) -
 def _probs(f_mu: Tensor, f_var: Tensor, config: RunConfig) -> Tensor:
     generator = torch.Generator(device=f_mu.device).manual_seed(config.seed)
     probs = predictive_probs(
-        f_mu.double(), f_var.double(), link=config.link, n_samples=config.n_samples, generator=generator
+        f_mu.double(),
+        f_var.double(),
+        link=cast(Any, config.link),
+        n_samples=config.n_samples,
+        generator=generator,
     )
     return probs.detach()
 
@@ -445,26 +450,29 @@ def fit_factors(
     Example:
         >>> factors, ll = fit_factors(model_fn, map_params, train_batches, [], config)
     """
-    options = {
-        "fisher": config.fisher,
-        "sharing": config.sharing,
-        "n_kfac": config.n_kfac,
-        "lr_threshold": config.lr_threshold,
-        "progress": progress,
-        "return_state": True,
-    }
     token_level = {n: p for n, p in params.items() if n not in per_example_names}
     heads = {n: p for n, p in params.items() if n in per_example_names}
     factors: flaplace.Factors = {}
     log_likelihood = None
-    for group, extra in ((token_level, {}), (heads, {"token_mask_fn": _per_example_token_mask})):
+    for group, mask_fn in ((token_level, token_mask), (heads, _per_example_token_mask)):
         if not group:
             continue
-        generator = torch.Generator(device=config.device).manual_seed(config.seed)
-        found, state = fit_kfac(model_fn, group, encoded, generator=generator, **options, **extra)
-        factors.update(found)
+        found, state = fit_kfac(
+            model_fn,
+            group,
+            encoded,
+            progress=progress,
+            return_state=True,
+            fisher=config.fisher,
+            sharing=config.sharing,
+            n_kfac=config.n_kfac,
+            lr_threshold=config.lr_threshold,
+            token_mask_fn=mask_fn,
+            generator=torch.Generator(device=config.device).manual_seed(config.seed),
+        )
+        factors.update(cast(flaplace.Factors, found))
         if log_likelihood is None:
-            log_likelihood = float(state.log_likelihood)
+            log_likelihood = float(cast(flaplace.KFACState, state).log_likelihood)
     assert log_likelihood is not None
     return {n: factors[n] for n in params}, log_likelihood
 
