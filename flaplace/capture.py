@@ -81,13 +81,17 @@ class _ProbeMode(TorchFunctionMode):
             )
         out = func(*args, **kwargs)
         probe = self.probes[name]
-        lead = probe.shape[:-1]
-        if out.numel() != probe.numel():
+        batch, tokens, width = probe.shape
+        if out.numel() == batch * width and tokens > 1:
+            # One row per example (a head on pooled features): the probe's first position.
+            probe = probe[:, :1]
+        elif out.numel() != probe.numel():
             raise CaptureError(
-                f"output of {name!r} has shape {tuple(out.shape)}, which does not split into "
-                f"(batch, tokens) = {tuple(lead)}; pass token_mask= matching the model's token layout"
+                f"output of {name!r} has shape {tuple(out.shape)}, which splits neither into "
+                f"(batch, tokens) = {(batch, tokens)} nor into one row per example; "
+                "pass a token mask matching the model's token layout"
             )
-        self.records[name] = x.reshape(*lead, x.shape[-1])
+        self.records[name] = x.reshape(batch, probe.shape[1], x.shape[-1])
         return out + probe.reshape(out.shape).to(out.dtype)
 
 
@@ -102,7 +106,7 @@ def capture(
 ) -> tuple[
     Float[Tensor, "batch classes"],
     Callable[[Tensor], dict[str, Tensor]],
-    dict[str, Float[Tensor, "batch tokens _"]],
+    dict[str, Float[Tensor, "batch _ _"]],
 ]:
     """Run ``model_fn`` once, capturing each target weight's layer input and output-gradient map.
 
@@ -121,7 +125,9 @@ def capture(
         cotangent of the logits, shape ``(batch, classes)``, to
         ``{name: dL/dy}`` of shape ``(batch, tokens, o)``; it may be called
         repeatedly and ``torch.func.vmap``-ed over several cotangents.
-        ``inputs[name]`` has shape ``(batch, tokens, i)``.
+        ``inputs[name]`` has shape ``(batch, tokens, i)``, or ``(batch, 1, i)`` for a layer
+        that sees one row per example (e.g. a classification head on pooled features); its
+        output gradients then sit at position 0 and are zero elsewhere.
 
     Raises:
         CaptureError: a target is never used, used twice, or used in the wrong layout.

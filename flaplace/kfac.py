@@ -58,8 +58,9 @@ class KFACState(NamedTuple):
 
     ``S[name]`` and ``A[name]`` are unnormalised sums, either dense ``(d, d)``
     matrices or low-rank sketches (:class:`~flaplace.typing.Eigen` with
-    ``m`` columns). ``n_examples`` counts examples; ``a_count`` counts the
-    rows averaged into ``A`` (real tokens for ``expand``, examples otherwise).
+    ``m`` columns). ``n_examples`` counts examples; ``a_count[name]`` counts the rows
+    averaged into ``A`` (real tokens for ``expand``, examples otherwise, and examples
+    for a layer that sees one row per example, such as a pooled classifier head).
     ``log_likelihood`` sums the log-likelihood of the targets when the
     batches carry them. ``rank[name]`` (per side) is the number of eigenpairs
     a low-rank factor keeps (0 for a dense factor); ``transposed[name]`` marks
@@ -69,7 +70,7 @@ class KFACState(NamedTuple):
     S: dict[str, Tensor | Eigen]
     A: dict[str, Tensor | Eigen]
     n_examples: Tensor
-    a_count: Tensor
+    a_count: dict[str, Tensor]
     log_likelihood: Tensor
     rank_S: dict[str, Tensor]
     rank_A: dict[str, Tensor]
@@ -172,7 +173,7 @@ def build(
             S=S,
             A=A,
             n_examples=zero.clone(),
-            a_count=zero.clone(),
+            a_count={n: zero.clone() for n in names},
             log_likelihood=zero.clone(),
             rank_S=rank_S,
             rank_A=rank_A,
@@ -199,12 +200,17 @@ def build(
         else:
             grads = torch.func.vmap(output_grads)(cotangents)
         acc = state.n_examples.dtype
-        weights = mask.to(acc)
-        S, A = dict(state.S), dict(state.A)
+        token_weights = mask.to(acc)
+        example_weights = token_weights.new_ones(mask.shape[0], 1)
+        S, A, count = dict(state.S), dict(state.A), dict(state.a_count)
         for name in names:
-            s_rows, a_rows = _rows(grads[name].to(acc), inputs[name].to(acc), weights, sharing)
+            x = inputs[name].to(acc)
+            per_example = x.shape[1] == 1 and mask.shape[1] > 1  # e.g. a pooled classifier head
+            weights = example_weights if per_example else token_weights
+            s_rows, a_rows = _rows(grads[name][:, :, : x.shape[1]].to(acc), x, weights, sharing)
             S[name] = _accumulate(state.S[name], s_rows)
             A[name] = _accumulate(state.A[name], a_rows)
+            count[name] = count[name] + (weights.sum() if sharing == "expand" else mask.shape[0])
         ll = state.log_likelihood
         if labels is not None:
             ll = ll + log_likelihood(logits.detach().to(acc), labels, likelihood, sigma)
@@ -212,7 +218,7 @@ def build(
             S=S,
             A=A,
             n_examples=state.n_examples + mask.shape[0],
-            a_count=state.a_count + (weights.sum() if sharing == "expand" else mask.shape[0]),
+            a_count=count,
             log_likelihood=ll,
         )
 
@@ -276,7 +282,7 @@ def kfac_factors(state: KFACState) -> Factors:
     for name in state.S:
         out[name] = KronFactor(
             S=_eigen(state.S[name], int(state.rank_S[name]), 1.0),
-            A=_eigen(state.A[name], int(state.rank_A[name]), state.a_count),
+            A=_eigen(state.A[name], int(state.rank_A[name]), state.a_count[name]),
             transposed=state.transposed[name],
         )
     return out
@@ -321,7 +327,7 @@ def reduce_across_ranks(state: KFACState, group: dist.ProcessGroup | None = None
         S={n: combined(f) for n, f in state.S.items()},
         A={n: combined(f) for n, f in state.A.items()},
         n_examples=summed(state.n_examples),
-        a_count=summed(state.a_count),
+        a_count={n: summed(c) for n, c in state.a_count.items()},
         log_likelihood=summed(state.log_likelihood),
     )
 

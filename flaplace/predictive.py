@@ -218,7 +218,8 @@ def _captured_jacobians(model_fn: ModelFn, params: Params, batch: Batch) -> tupl
     )
     jacobians = {}
     for name in params:
-        jac = torch.einsum("cbto,bti->bcoi", grads[name], inputs[name])
+        x = inputs[name]  # (B, 1, i) for a layer with one row per example, e.g. a pooled head
+        jac = torch.einsum("cbto,bti->bcoi", grads[name][:, :, : x.shape[1]], x)
         jacobians[name] = jac.transpose(-1, -2) if name in transposed else jac
     return jacobians, logits.detach()
 

@@ -159,3 +159,38 @@ def test_empirical_matches_per_example_gradients():
         S = g.T @ g
         A = a.T @ a / len(a)
         assert torch.allclose(dense_block(factors[name]), torch.kron(S, A), rtol=1e-10, atol=1e-12)
+
+
+def test_pooled_classifier_head_has_one_row_per_example():
+    """BERT's classifier sees the pooled output, (batch, hidden): K-FAC treats it per example.
+
+    Reference: for the head, g = columns of Lambda^{1/2} of the logits themselves, so
+    S = sum_n Lambda_n and A = mean_n pooled_n pooled_n^T; the LoRA factors must not change.
+    """
+    from tiny_models import padded_batch
+
+    model = tiny_lora_model("bert")
+    head = "base_model.model.classifier.weight"
+    lora = select_params(model, "lora")
+    params = {**lora, head: dict(model.named_parameters())[head].detach()}
+    batches = [padded_batch("bert", n=3, seed=1), padded_batch("bert", n=2, length=5, seed=2)]
+    factors = fit(
+        ModelFunction(model, params), params, batches, fisher="exact", lr_threshold=None, progress=False
+    )
+    only_lora = fit(
+        ModelFunction(model, lora), lora, batches, fisher="exact", lr_threshold=None, progress=False
+    )
+
+    S = torch.zeros(3, 3, dtype=torch.float64)
+    pooled = []
+    with torch.no_grad():
+        for batch in batches:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            p = model(**inputs).logits.softmax(-1)
+            S += (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).sum(0)
+            pooled.append(model.base_model.model.bert(**inputs).pooler_output)
+    pooled = torch.cat(pooled)
+    A = pooled.T @ pooled / len(pooled)
+    assert _rel(dense_block(factors[head]), torch.kron(S, A)) < 1e-10
+    for name in lora:
+        assert _rel(dense_block(factors[name]), dense_block(only_lora[name])) < 1e-12

@@ -593,3 +593,17 @@ def test_covariance_and_predictive_step_compile_without_graph_breaks() -> None:
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), step(x), rtol=1e-10, atol=1e-12)
     torch._dynamo.reset()
+
+
+def test_captured_jacobians_of_a_pooled_classifier_head() -> None:
+    from tiny_models import padded_batch as tiny_padded_batch
+    from tiny_models import tiny_lora_model
+
+    model = tiny_lora_model("bert")
+    head = "base_model.model.classifier.weight"
+    params = {**select_params(model, "lora"), head: dict(model.named_parameters())[head].detach()}
+    f = ModelFunction(model, params, classifier_logits)
+    batch = tiny_padded_batch("bert", n=3)
+    assert_jacobians_close(
+        per_example_jacobians(f, params, batch, method="capture"), jacrev(f)(params, batch), 1e-6
+    )
