@@ -11,7 +11,7 @@ from flaplace.params import LastTokenLogits, ModelFunction, select_params
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())
 
 
 def _ggn_blocks(model_fn, params, batch, likelihood="categorical", sigma=1.0, transposed=()):

@@ -93,7 +93,8 @@ def tiny_lora_model(arch: str, *, dtype: torch.dtype = torch.float64, seed: int 
     torch.manual_seed(seed)
     build, targets = _ARCH[arch]
     model = build()
-    model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, fan_in_fan_out=arch == "gpt2")
+    model = peft.get_peft_model(model, config)
     model = model.to(dtype).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
