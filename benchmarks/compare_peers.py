@@ -695,6 +695,20 @@ def _time_stage(
     return rows
 
 
+def _merge_cost(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """Replace the records of ``old`` that ``new`` re-measured (same config and stage)."""
+    if not old:
+        return new
+    redone = {(r["config"], r["stage"]) for r in new["records"]}
+    kept = [r for r in old["records"] if (r["config"], r["stage"]) not in redone]
+    merged = dict(old)
+    merged["records"] = kept + new["records"]
+    merged.setdefault("remeasured", []).append(
+        {"configs_and_rounds": new["settings"]["repeats"], "stage": "kfac_fit", "wall_s": new["wall_s"]}
+    )
+    return merged
+
+
 def _map_large_allocations(threshold: int = 2**20) -> bool:
     """Make glibc serve allocations of ``threshold`` bytes or more by fresh ``mmap`` (returned on free).
 
@@ -716,9 +730,16 @@ def _map_large_allocations(threshold: int = 2**20) -> bool:
         return False
 
 
-def cost(quick: bool = False, seed: int = SEED) -> dict[str, Any]:
-    """Time and peak memory of each stage for each library on Llama-architecture configs."""
-    configs = {128: 1} if quick else COST_CONFIGS  # bayesian-lora needs sides >= lr_threshold
+def cost(
+    quick: bool = False, seed: int = SEED, configs: dict[int, int] | None = None, fit_only: bool = False
+) -> dict[str, Any]:
+    """Time and peak memory of each stage for each library on Llama-architecture configs.
+
+    ``configs`` maps hidden sizes to timed rounds (default :data:`COST_CONFIGS`); ``fit_only``
+    times the K-FAC fitting stage alone (to re-measure it with more rounds).
+    """
+    if configs is None:
+        configs = {128: 1} if quick else COST_CONFIGS  # bayesian-lora needs sides >= lr_threshold
     COMPILE_BACKEND[0] = "aot_eager" if quick else "inductor"
     length = 16 if quick else COST_LENGTH
     _map_large_allocations()
@@ -729,7 +750,7 @@ def cost(quick: bool = False, seed: int = SEED) -> dict[str, Any]:
             print(f"  cost budget spent: skipping hidden={hidden}")
             break
         warmup = 1 if hidden <= 256 else 0
-        records += _cost_config(hidden, repeats, warmup, length, seed)
+        records += _cost_config(hidden, repeats, warmup, length, seed, fit_only)
     settings = {
         "architecture": "LlamaForCausalLM, 2 layers, intermediate = 2 * hidden, heads = hidden / 64, vocab 512",
         "lora": f"PEFT LoRA r={LORA_RANK}, alpha={2 * LORA_RANK} on q_proj and v_proj",
@@ -760,7 +781,9 @@ def cost(quick: bool = False, seed: int = SEED) -> dict[str, Any]:
     return {"settings": settings, "records": records, "wall_s": time.perf_counter() - start}
 
 
-def _cost_config(hidden: int, repeats: int, warmup: int, length: int, seed: int) -> list[dict[str, Any]]:
+def _cost_config(
+    hidden: int, repeats: int, warmup: int, length: int, seed: int, fit_only: bool = False
+) -> list[dict[str, Any]]:
     import bayesian_lora
     import laplace.curvature as curvature
     from laplace import KronLaplace
@@ -841,6 +864,8 @@ def _cost_config(hidden: int, repeats: int, warmup: int, length: int, seed: int)
         if row["library"] == "flaplace" and row["compiled"]:
             row["first_call_s"] = first_call.get(row["backend"])
     rows += fit_rows
+    if fit_only:
+        return rows
 
     # ---- evidence, prior tuning, predictive ----------------------------------------------------
     la = fits[("laplace-torch", "CurvlinopsGGN(exact)", False)].result
@@ -990,10 +1015,10 @@ def _bayesian_lora_predictive(model, output_fn, batch, factors, s2, n_classes, r
 #: Per data set: training and test subset sizes and MAP steps (sized for ~30 minutes in all on
 #: 2 CPU cores). The test subset is a seeded random subset of the task's test split.
 QUALITY_TASKS: dict[str, dict[str, int]] = {
-    "sst2": {"train": 400, "test": 300, "steps": 150},
-    "rte": {"train": 400, "test": 277, "steps": 150},
-    "boolq": {"train": 400, "test": 300, "steps": 150},
-    "arc_easy": {"train": 400, "test": 300, "steps": 150},
+    "sst2": {"train": 200, "test": 200, "steps": 100},
+    "rte": {"train": 200, "test": 200, "steps": 100},
+    "boolq": {"train": 200, "test": 200, "steps": 100},
+    "arc_easy": {"train": 200, "test": 200, "steps": 100},
 }
 QUALITY = {
     "lora_rank": 8,
@@ -1030,11 +1055,23 @@ class _Batches:
         return len(self.batches)
 
 
-def quality(data: Path, quick: bool = False, seed: int = SEED) -> dict[str, Any]:
-    """MAP, bayesian-lora, laplace-torch and flaplace variants on four real data sets with MiniLM."""
+def quality(
+    data: Path,
+    quick: bool = False,
+    seed: int = SEED,
+    names: Sequence[str] | None = None,
+    previous: dict[str, Any] | None = None,
+    on_task: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """MAP, bayesian-lora, laplace-torch and flaplace variants on four real data sets with MiniLM.
+
+    ``names`` runs a subset of :data:`QUALITY_TASKS` (the other tasks of ``previous`` are kept);
+    ``on_task`` receives the results so far after each task (so a long run saves as it goes).
+    """
     tasks = {
         name: ({"train": 48, "test": 32, "steps": 6} if quick else sizes)
         for name, sizes in QUALITY_TASKS.items()
+        if names is None or name in names
     }
     out: dict[str, Any] = {
         "settings": {
@@ -1061,7 +1098,7 @@ def quality(data: Path, quick: bool = False, seed: int = SEED) -> dict[str, Any]
             "highest log evidence (no test data used)",
             "noise": "paired bootstrap (2,000 resamples of the test examples, seed 0) of the metric differences",
         },
-        "tasks": {},
+        "tasks": {k: v for k, v in (previous or {}).get("tasks", {}).items() if k not in tasks},
     }
     for name, sizes in tasks.items():
         start = time.perf_counter()
@@ -1069,6 +1106,8 @@ def quality(data: Path, quick: bool = False, seed: int = SEED) -> dict[str, Any]
         out["tasks"][name] = _quality_task(name, data / name, sizes, seed, quick)
         out["tasks"][name]["wall_s"] = time.perf_counter() - start
         print(f"  {name} done in {time.perf_counter() - start:.0f}s", flush=True)
+        if on_task is not None:
+            on_task(out)
     return out
 
 
@@ -1338,7 +1377,140 @@ def _reliability_png(name: str, probs: dict[str, Tensor], labels: Tensor, n_test
 
 
 def make_plots(results: dict[str, Any]) -> None:
-    pass
+    """Redraw docs/img/peers_time.png (time against hidden size, one panel per stage)."""
+    records = [r for r in results.get("cost", {}).get("records", []) if r.get("median_s") is not None]
+    if not records:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = ("kfac_fit", "evidence", "prior_tuning", "predictive")
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 4.2))
+    colours = {"flaplace": "tab:blue", "laplace-torch": "tab:orange", "bayesian-lora": "tab:green"}
+    styles = ["-", "--", ":", "-."]
+    for ax, stage in zip(axes, stages, strict=True):
+        lines: dict[str, list[tuple[int, float]]] = {}
+        for r in records:
+            if r["stage"] != stage:
+                continue
+            key = f"{r['library']} {r['backend']}{' (compiled)' if r['compiled'] else ''}"
+            lines.setdefault(key, []).append((int(r["config"].removeprefix("hidden")), r["median_s"]))
+        per_library: dict[str, int] = {}
+        for key, points in sorted(lines.items()):
+            library = key.split(" ")[0]
+            style = styles[per_library.get(library, 0) % len(styles)]
+            per_library[library] = per_library.get(library, 0) + 1
+            points.sort()
+            ax.plot(*zip(*points, strict=True), style, marker="o", color=colours[library], label=key, ms=4)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks([256, 1024, 2048], ["256", "1024", "2048"])
+        ax.set_xlabel("hidden size")
+        ax.set_ylabel("median time (s)")
+        ax.set_title(stage)
+        ax.legend(fontsize=6)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    fig.savefig(IMAGES / "peers_time.png", dpi=80)
+    plt.close(fig)
+
+
+def _fmt(value: Any, spec: str = ".3g") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def markdown_tables(results: dict[str, Any]) -> str:
+    """The tables of docs/peers.md, from the results JSON."""
+    out: list[str] = []
+    if "agreement" in results:
+        a = results["agreement"]
+        out += [
+            "### Agreement (largest relative difference)",
+            "",
+            "| quantity | max relative difference |",
+            "|---|---|",
+        ]
+        out += [f"| {k} | {_fmt(v, '.1e')} |" for k, v in a["max_rel"].items()]
+        t = a["prior_tuning"]
+        out += [
+            "",
+            "| evidence-tuned prior precision | value | d log Z / d log lambda |",
+            "|---|---|---|",
+            f"| flaplace ({t['flaplace_steps']} steps, to tolerance) | {t['flaplace']:.6g} | "
+            f"{t['dlogZ_dloglambda_flaplace']:.1e} |",
+            f"| laplace-torch, 100 Adam steps (its default) | {t['laplace_torch_100_steps']:.6g} | "
+            f"{t['dlogZ_dloglambda_laplace_torch_100_steps']:.1e} |",
+            f"| laplace-torch, 2000 Adam steps | {t['laplace_torch_2000_steps']:.6g} | "
+            f"{t['dlogZ_dloglambda_laplace_torch_2000_steps']:.1e} |",
+            "",
+        ]
+    if "cost" in results:
+        out += ["### Cost (median seconds / peak MiB)", ""]
+        records = results["cost"]["records"]
+        configs = sorted({r["config"] for r in records}, key=lambda c: int(c.removeprefix("hidden")))
+        out += ["| stage | library | backend / variant | compiled | " + " | ".join(configs) + " |"]
+        out += ["|---|---|---|---|" + "---|" * len(configs)]
+        keys = []
+        for r in records:
+            key = (r["stage"], r["library"], r["backend"], r["compiled"])
+            if key not in keys:
+                keys.append(key)
+        order = {"kfac_fit": 0, "evidence": 1, "prior_tuning": 2, "predictive": 3}
+        keys.sort(key=lambda k: order[k[0]])
+        for key in keys:
+            cells = []
+            for config in configs:
+                match = [
+                    r
+                    for r in records
+                    if (r["stage"], r["library"], r["backend"], r["compiled"]) == key
+                    and r["config"] == config
+                ]
+                if not match:
+                    cells.append("")
+                elif match[0].get("error"):
+                    cells.append("fails")
+                else:
+                    cells.append(f"{match[0]['median_s']:.3g} s / {match[0]['peak_mb']:.0f}")
+            out.append(
+                f"| {key[0]} | {key[1]} | {key[2]} | {'yes' if key[3] else ''} | " + " | ".join(cells) + " |"
+            )
+        out.append("")
+    if "quality" in results:
+        for name, task in results["quality"]["tasks"].items():
+            n = task["n_examples"]
+            out += [f"#### {name} ({n['train']} train / {n['test']} test, {task['n_classes']} classes)", ""]
+            out += ["| method | accuracy | NLL | ECE | Brier | prior |", "|---|---|---|---|---|---|"]
+            for method, row in task["methods"].items():
+                if "error" in row:
+                    out.append(f"| {method} | fails: {row['error'][:80]} | | | | |")
+                    continue
+                m = row["metrics"]
+                prior = row.get("prior_precision", row.get("prior_variance"))
+                prior_text = (
+                    ""
+                    if prior is None
+                    else (f"s2={prior:.3g}" if "prior_variance" in row else f"λ={prior:.3g}")
+                )
+                mark = " (best)" if method == task["flaplace_best"] else ""
+                mark += " (evidence-selected)" if method == task["flaplace_evidence_selected"] else ""
+                out.append(
+                    f"| {method}{mark} | {m['accuracy']:.3f} | {m['nll']:.4f} | {m['ece']:.4f} | "
+                    f"{m['brier']:.4f} | {prior_text} |"
+                )
+            out.append("")
+            for label, comparison in task["bootstrap"].items():
+                parts = [
+                    f"{metric} {c['diff']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
+                    for metric, c in comparison.items()
+                    if metric in ("nll", "ece")
+                ]
+                out.append(f"- {label}: " + "; ".join(parts))
+            out.append("")
+    return "\n".join(out)
 
 
 # =============================================================================================
@@ -1372,6 +1544,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--plots", action="store_true", help="only redraw docs/img figures from --out")
     parser.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=list(QUALITY_TASKS),
+        help="with --part quality: run only these data sets",
+    )
+    parser.add_argument("--tables", action="store_true", help="only print docs/peers.md's tables from --out")
+    parser.add_argument(
+        "--refit",
+        type=lambda text: tuple(int(v) for v in text.split(":")),
+        action="append",
+        metavar="HIDDEN:ROUNDS",
+        help="with --part cost: re-time only the K-FAC fitting stage of config HIDDEN with ROUNDS rounds "
+        "and replace those records (repeatable)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -1385,6 +1572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plots:
         make_plots(results)
         return 0
+    if args.tables:
+        print(markdown_tables(results))
+        return 0
     parts = ("agreement", "cost", "quality") if args.part == "all" else (args.part,)
     results["environment"] = environment()
     for part in parts:
@@ -1393,14 +1583,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         if part == "agreement":
             value: Any = agreement(quick=args.quick, seed=args.seed)
             print(json.dumps(value["max_rel"], indent=1))
+        elif part == "cost" and args.refit:
+            value = _merge_cost(
+                results.get("cost"), cost(seed=args.seed, configs=dict(args.refit), fit_only=True)
+            )
         elif part == "cost":
             value = cost(quick=args.quick, seed=args.seed)
         else:
-            value = quality(args.data, quick=args.quick, seed=args.seed)
+
+            def save(partial: dict[str, Any]) -> None:
+                results["quality"] = partial
+                _write_results(args.out, results)
+
+            value = quality(
+                args.data,
+                quick=args.quick,
+                seed=args.seed,
+                names=args.tasks,
+                previous=results.get("quality") if args.tasks else None,
+                on_task=save,
+            )
         results[part] = value
-        results.setdefault("commands", {})[part] = (
-            "python benchmarks/compare_peers.py --part " + part + (" --quick" if args.quick else "")
-        )
+        command = "python benchmarks/compare_peers.py --part " + part + (" --quick" if args.quick else "")
+        if part == "quality" and args.tasks:
+            command += " --tasks " + " ".join(args.tasks)
+            results.setdefault("commands", {}).setdefault("quality_tasks", []).append(command)
+        elif part == "cost" and args.refit:
+            command += "".join(f" --refit {h}:{n}" for h, n in args.refit)
+            results.setdefault("commands", {}).setdefault("cost_refit", []).append(command)
+        else:
+            results.setdefault("commands", {})[part] = command
         results.setdefault("wall_s", {})[part] = time.perf_counter() - start
         results.setdefault("quick", {})[part] = args.quick
         _write_results(args.out, results)
