@@ -89,7 +89,8 @@ def bench(session: nox.Session) -> None:
     constraints = _install(session, "bench", "hf")
     session.install("-c", constraints, *BENCH_DEPS)
     session.install("--no-deps", *NO_DEPS_BENCH)
-    scripts = sorted((ROOT / "benchmarks").glob("*.py"))
+    # Files starting with "_" are shared helpers (benchmarks/_common.py), not benchmarks.
+    scripts = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_"))
     if not scripts:
         session.skip("no benchmarks/*.py scripts yet")
     for script in scripts:
