@@ -195,21 +195,26 @@ def build(
         cotangents = fisher_cotangents(
             logits, likelihood, fisher, targets=labels, n_samples=n_samples, sigma=sigma, generator=generator
         )
-        if cotangents.shape[0] == 1:
-            grads = {n: g.unsqueeze(0) for n, g in output_grads(cotangents[0]).items()}
-        else:
-            grads = torch.func.vmap(output_grads)(cotangents)
         acc = state.n_examples.dtype
         token_weights = mask.to(acc)
         example_weights = token_weights.new_ones(mask.shape[0], 1)
+
+        def weights_of(name: str) -> Tensor:  # one row per example for e.g. a pooled classifier head
+            return example_weights if inputs[name].shape[1] == 1 < mask.shape[1] else token_weights
+
+        # One pull-back per cotangent, in a loop: unlike vmap, it keeps one backward's
+        # intermediates alive at a time and needs no batching rule for every op on the path.
+        s_rows: dict[str, list[Tensor]] = {name: [] for name in names}
+        for cotangent in cotangents:
+            grads = output_grads(cotangent)
+            for name in names:
+                g = grads[name][:, : inputs[name].shape[1]].to(acc)
+                s_rows[name].append(_gradient_rows(g, weights_of(name), sharing))
         S, A, count = dict(state.S), dict(state.A), dict(state.a_count)
         for name in names:
-            x = inputs[name].to(acc)
-            per_example = x.shape[1] == 1 and mask.shape[1] > 1  # e.g. a pooled classifier head
-            weights = example_weights if per_example else token_weights
-            s_rows, a_rows = _rows(grads[name][:, :, : x.shape[1]].to(acc), x, weights, sharing)
-            S[name] = _accumulate(state.S[name], s_rows)
-            A[name] = _accumulate(state.A[name], a_rows)
+            weights = weights_of(name)
+            S[name] = _accumulate(state.S[name], torch.cat(s_rows[name]))
+            A[name] = _accumulate(state.A[name], _input_rows(inputs[name].to(acc), weights, sharing))
             count[name] = count[name] + (weights.sum() if sharing == "expand" else mask.shape[0])
         ll = state.log_likelihood
         if labels is not None:
@@ -233,25 +238,26 @@ def _has_targets(batch: Batch, targets_fn: Callable[[Batch], Tensor]) -> bool:
     return True
 
 
-def _rows(
-    grads: Float[Tensor, "k batch tokens o"],
-    inputs: Float[Tensor, "batch tokens i"],
-    mask: Float[Tensor, "batch tokens"],
-    sharing: str,
-) -> tuple[Float[Tensor, "s_rows o"], Float[Tensor, "a_rows i"]]:
-    """Rows whose outer products sum to this batch's (unnormalised) ``S`` and ``A``."""
+def _gradient_rows(
+    grads: Float[Tensor, "batch tokens o"], mask: Float[Tensor, "batch tokens"], sharing: str
+) -> Float[Tensor, "rows o"]:
+    """Rows whose outer products sum to one cotangent's (unnormalised) contribution to ``S``."""
     if sharing == "expand":
-        g = grads * mask[None, :, :, None]
-        a = inputs * mask[:, :, None]
-        return g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
+        return (grads * mask[:, :, None]).reshape(-1, grads.shape[-1])
     if sharing == "reduce":
-        g = (grads * mask[None, :, :, None]).sum(2)
-        count = mask.sum(1, keepdim=True).clamp_min(1)
-        a = (inputs * mask[:, :, None]).sum(1) / count
-        return g.reshape(-1, g.shape[-1]), a
-    last = _last_index(mask)
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    return grads[:, rows, last].reshape(-1, grads.shape[-1]), inputs[rows, last]
+        return (grads * mask[:, :, None]).sum(1)
+    return grads[torch.arange(mask.shape[0], device=mask.device), _last_index(mask)]
+
+
+def _input_rows(
+    inputs: Float[Tensor, "batch tokens i"], mask: Float[Tensor, "batch tokens"], sharing: str
+) -> Float[Tensor, "rows i"]:
+    """Rows whose outer products sum to the batch's (unnormalised) ``A``."""
+    if sharing == "expand":
+        return (inputs * mask[:, :, None]).reshape(-1, inputs.shape[-1])
+    if sharing == "reduce":
+        return (inputs * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+    return inputs[torch.arange(mask.shape[0], device=mask.device), _last_index(mask)]
 
 
 def _last_index(mask: Float[Tensor, "batch tokens"]) -> Tensor:
