@@ -131,7 +131,8 @@ def tune_prior_evidence(
 
     Example:
         >>> tuned, history = tune_prior_evidence(posterior, ll, per_block=["lora_A", "lora_B"])
-        >>> history[-1]["log_evidence"]
+        >>> last = history[-1]
+        >>> last["log_evidence"], last["prior_precision"]
     """
     if steps < 0:
         raise ValueError(f"steps must be non-negative, got {steps}")

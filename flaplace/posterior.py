@@ -128,7 +128,8 @@ def prior_precision_per_block(
         prior_precision: a float or one-element tensor (every block), or a mapping
             from exact parameter names or case-insensitive group keywords to values
             (see :func:`assign_blocks`).
-        dtype, device: of the returned tensors.
+        dtype: the dtype of the returned tensors.
+        device: the device of the returned tensors.
 
     Example:
         >>> prior_precision_per_block(names, {"lora_A": 1.0, "lora_B": 10.0}, dtype=torch.float64, device="cpu")
