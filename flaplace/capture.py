@@ -162,7 +162,7 @@ def capture(
     # (function transforms ignore it), but autograd records nothing for model weights that
     # happen to require grad: no graph, no memory for gradients nobody asked for.
     with torch.no_grad():
-        logits, pullback, inputs = torch.func.vjp(forward, probes, has_aux=True)
+        logits, pullback, inputs = torch.func.vjp(forward, probes, has_aux=True)  # type: ignore[misc]
 
     def output_grads(cotangent: Tensor) -> dict[str, Tensor]:
         with torch.no_grad():

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal, NamedTuple, TypeAlias
+from typing import Any, Literal, NamedTuple, TypeAlias
 
 import optree
 import torch
@@ -109,7 +109,7 @@ def per_example_jacobians(
 class _SplitBatch(NamedTuple):
     """A batch flattened into leaves: the per-example tensors and how to rebuild one example."""
 
-    leaves: list[object]
+    leaves: list[Any]
     spec: optree.PyTreeSpec
     batched: list[int]  # positions of the leaves that are split along dim 0
     size: int
@@ -118,11 +118,12 @@ class _SplitBatch(NamedTuple):
 def _split_batch(batch: Batch) -> _SplitBatch:
     if isinstance(batch, Mapping) and not isinstance(batch, dict):
         batch = dict(batch)  # e.g. a tokenizer's BatchEncoding
-    leaves, spec = optree.tree_flatten(batch, none_is_leaf=True)
+    leaves: list[Any]
+    leaves, spec = optree.tree_flatten(batch, none_is_leaf=True)  # type: ignore[arg-type]
     batched = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.ndim > 0]
     if not batched:
         raise ValueError("the batch holds no tensor with a batch dimension")
-    sizes = {leaves[i].shape[0] for i in batched}  # type: ignore[union-attr]
+    sizes = {leaves[i].shape[0] for i in batched}
     if len(sizes) != 1:
         raise ValueError(f"every batch tensor needs the same leading (batch) size, got sizes {sorted(sizes)}")
     size = sizes.pop()
@@ -136,7 +137,7 @@ def _example(split: _SplitBatch, example_leaves: tuple[Tensor, ...]) -> Batch:
     leaves = list(split.leaves)
     for position, leaf in zip(split.batched, example_leaves, strict=True):
         leaves[position] = leaf.unsqueeze(0)
-    return optree.tree_unflatten(split.spec, leaves)
+    return optree.tree_unflatten(split.spec, leaves)  # type: ignore[return-value]
 
 
 def _jacobians_and_logits(
@@ -199,15 +200,16 @@ def _rows(split: _SplitBatch, start: int, stop: int) -> Batch:
     """The examples ``start:stop`` of a split batch, as a batch."""
     leaves = list(split.leaves)
     for position in split.batched:
-        leaves[position] = leaves[position][start:stop]  # type: ignore[index]
-    return optree.tree_unflatten(split.spec, leaves)
+        leaves[position] = leaves[position][start:stop]
+    return optree.tree_unflatten(split.spec, leaves)  # type: ignore[return-value]
 
 
 def _captured_jacobians(model_fn: ModelFn, params: Params, batch: Batch) -> tuple[dict[str, Tensor], Tensor]:
     """``J[b, c] = sum_t g[c, b, t] a[b, t]^T`` from one captured forward and ``C`` pull-backs."""
-    transposed = getattr(model_fn, "transposed", frozenset())
+    transposed: frozenset[str] = getattr(model_fn, "transposed", frozenset())
+    mask = token_mask(batch)
     logits, output_grads, inputs = capture(
-        model_fn, params, batch, tuple(token_mask(batch).shape), transposed=transposed
+        model_fn, params, batch, (mask.shape[0], mask.shape[1]), transposed=transposed
     )
     classes = logits.shape[-1]
     units = torch.eye(classes, dtype=logits.dtype, device=logits.device)[:, None, :].expand(
@@ -386,7 +388,8 @@ def predictive_covariance(
         bad = [name for name, jac in jacobians.items() if not torch.isfinite(jac).all()]
         if bad:
             raise ValueError(f"non-finite Jacobian entries for {bad[:3]}")
-    (n, c), covariance = shapes.pop(), 0
+    (n, c) = shapes.pop()
+    covariance: Tensor | int = 0
     for name, block in cache.blocks.items():
         grads = _oriented(name, block, jacobians[name])
         rotated = block.S_vectors.mT @ grads @ block.A_vectors  # (B, C, ks, ka)
@@ -395,6 +398,7 @@ def predictive_covariance(
         if not _is_complete(block.S_vectors, block.A_vectors):
             flat_grads = grads.reshape(n, c, -1)
             covariance = covariance + block.inverse_prior * (flat_grads @ flat_grads.mT)
+    assert isinstance(covariance, Tensor)  # at least one block: checked above
     return covariance
 
 
