@@ -865,6 +865,8 @@ def _cost_config(
             row["first_call_s"] = first_call.get(row["backend"])
     rows += fit_rows
     if fit_only:
+        for row in rows:
+            row.update({"loadavg_before": load_before, "loadavg_after": os.getloadavg()})
         return rows
 
     # ---- evidence, prior tuning, predictive ----------------------------------------------------
