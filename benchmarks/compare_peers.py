@@ -36,9 +36,7 @@ import importlib.metadata
 import json
 import os
 import platform
-import statistics
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -71,58 +69,6 @@ warnings.filterwarnings(
 # =============================================================================================
 # Measuring
 # =============================================================================================
-
-
-def _rss_mb() -> float:
-    """Resident memory of this process in MiB (Linux ``/proc``; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            pages = int(handle.read().split()[1])
-    except OSError:
-        return 0.0
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-@contextlib.contextmanager
-def peak_memory() -> Iterator[dict[str, float]]:
-    """Peak resident memory above the level at entry, in MiB, sampled every 2 ms by a thread.
-
-    CPU tensors do not go through a tracked allocator, so the process's resident set is the
-    measure; allocations shorter than the sampling interval can be missed.
-    """
-    gc.collect()
-    base = _rss_mb()
-    result = {"peak_mb": 0.0}
-    stop = threading.Event()
-
-    def sample() -> None:
-        peak = base
-        while not stop.is_set():
-            peak = max(peak, _rss_mb())
-            stop.wait(0.002)
-        result["peak_mb"] = max(peak, _rss_mb()) - base
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield result
-    finally:
-        stop.set()
-        thread.join()
-
-
-def measure(fn: Callable[[], Any], repeats: int, warmup: int = 0) -> dict[str, Any]:
-    """Median wall time over ``repeats`` calls (after ``warmup`` untimed ones) and peak memory."""
-    for _ in range(warmup):
-        fn()
-    times, peaks = [], []
-    for _ in range(repeats):
-        with peak_memory() as memory:
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        peaks.append(memory["peak_mb"])
-    return {"median_s": statistics.median(times), "times_s": times, "peak_mb": max(peaks)}
 
 
 def environment() -> dict[str, Any]:
