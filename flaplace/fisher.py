@@ -5,7 +5,8 @@ in ``f`` is ``Lambda``. Each function here returns ``K`` cotangent vectors
 ``v_k`` per example with ``sum_k v_k v_k^T`` equal to (or, for ``mc``, an
 unbiased estimate of) the matrix the Fisher type asks for:
 
-* ``exact``: ``Lambda`` itself, through the columns of a square root;
+* ``exact``: ``Lambda`` itself, through the columns of a square root (``C - 1`` of them
+  for the categorical likelihood, whose ``Lambda`` has rank ``C - 1``);
 * ``mc``: ``E_y[grad grad^T]`` with ``y`` sampled from the model, ``k`` samples, each scaled by ``1/sqrt(k)``;
 * ``empirical``: ``grad grad^T`` at the true targets.
 """
@@ -50,7 +51,7 @@ def fisher_cotangents(
     Args:
         logits: ``(batch, C)``; ``C = 1`` for ``bernoulli``.
         likelihood: ``categorical``, ``bernoulli`` or ``gaussian`` (noise ``sigma``).
-        fisher: ``exact`` (``K = C``), ``mc`` (``K = n_samples``) or ``empirical`` (``K = 1``).
+        fisher: ``exact`` (``K = C - 1`` categorical, ``K = C`` otherwise), ``mc`` (``K = n_samples``) or ``empirical`` (``K = 1``).
         targets: class indices (categorical), 0/1 (bernoulli) or values
             ``(batch, C)`` (gaussian); needed for ``empirical`` only.
         n_samples: samples for ``mc``.
@@ -58,7 +59,7 @@ def fisher_cotangents(
         generator: the random generator for ``mc`` (reproducible draws).
 
     Example:
-        >>> v = fisher_cotangents(torch.randn(4, 3), "categorical", "exact")  # (3, 4, 3)
+        >>> v = fisher_cotangents(torch.randn(4, 3), "categorical", "exact")  # (2, 4, 3)
     """
     check_likelihood(likelihood, logits.shape[-1])
     if fisher not in FISHER_TYPES:
@@ -77,16 +78,35 @@ def fisher_cotangents(
 
 def _exact(logits: Tensor, likelihood: str, sigma: float) -> Tensor:
     if likelihood == "categorical":
-        # Lambda = diag(p) - p p^T = L L^T with columns L[:, c] = sqrt(p_c) (e_c - p).
-        p = logits.softmax(-1)
-        eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
-        columns = p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None])
-        return columns
+        return _categorical_root(logits.softmax(-1))
     if likelihood == "bernoulli":
         p = logits.sigmoid()
         return (p * (1 - p)).sqrt().unsqueeze(0)
     eye = torch.eye(logits.shape[-1], dtype=logits.dtype, device=logits.device) / sigma
     return eye[:, None, :].expand(-1, logits.shape[0], -1)
+
+
+def _categorical_root(p: Float[Tensor, "batch classes"]) -> Float[Tensor, "classes_minus_one batch classes"]:
+    """``C - 1`` columns ``b_j`` per example with ``sum_j b_j b_j^T = diag(p) - p p^T``.
+
+    ``Lambda = D (I - u u^T) D`` with ``D = diag(sqrt p)`` and the unit vector
+    ``u = sqrt p``: it has rank ``C - 1`` (``Lambda 1 = 0``), so ``C - 1`` pull-backs
+    suffice where the symmetric square root needs ``C``. The Householder reflection
+    ``H = I - v v^T / (1 + u_k)``, ``v = u + e_k``, ``k = argmax p`` maps ``u`` to
+    ``-e_k``; its other ``C - 1`` columns are an orthonormal basis of ``u``'s complement,
+    so ``I - u u^T = sum_{j != k} h_j h_j^T`` and ``b_j = D h_j``. Choosing the largest
+    ``u_k`` keeps ``1 + u_k >= 1 + 1/sqrt(C)`` away from zero.
+    """
+    batch, classes = p.shape
+    u = p.sqrt()
+    k = p.argmax(-1, keepdim=True)  # (batch, 1)
+    v = u + F.one_hot(k[:, 0], classes).to(u.dtype)
+    eye = torch.eye(classes, dtype=u.dtype, device=u.device)
+    reflection = eye - v[:, :, None] * v[:, None, :] / (1 + u.gather(1, k))[:, :, None]  # (batch, C, C)
+    others = torch.arange(classes - 1, device=p.device).expand(batch, -1)
+    others = others + (others >= k).long()  # the columns j != k, in order
+    columns = reflection.gather(2, others[:, None, :].expand(-1, classes, -1))  # (batch, C, C - 1)
+    return (u[:, :, None] * columns).permute(2, 0, 1)
 
 
 def _sampled(logits: Tensor, likelihood: str, k: int, sigma: float, generator) -> Tensor:
