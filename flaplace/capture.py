@@ -91,7 +91,10 @@ class _ProbeMode(TorchFunctionMode):
                 f"(batch, tokens) = {(batch, tokens)} nor into one row per example; "
                 "pass a token mask matching the model's token layout"
             )
-        self.records[name] = x.reshape(batch, probe.shape[1], x.shape[-1])
+        shape = (batch, probe.shape[1], x.shape[-1])
+        # The input itself when it has the probe's layout: layers fed the same tensor (q_proj and
+        # v_proj of one attention block) then record the same object, and K-FAC shares their A.
+        self.records[name] = x if x.shape == shape else x.reshape(shape)
         return out + probe.reshape(out.shape).to(out.dtype)
 
 
@@ -127,7 +130,8 @@ def capture(
         repeatedly and ``torch.func.vmap``-ed over several cotangents.
         ``inputs[name]`` has shape ``(batch, tokens, i)``, or ``(batch, 1, i)`` for a layer
         that sees one row per example (e.g. a classification head on pooled features); its
-        output gradients then sit at position 0 and are zero elsewhere.
+        output gradients then sit at position 0 and are zero elsewhere. Layers fed the same
+        tensor get the same input object (``inputs[a] is inputs[b]``).
 
     Raises:
         CaptureError: a target is never used, used twice, or used in the wrong layout.
@@ -144,7 +148,10 @@ def capture(
     names_by_id = {id(params[n]): n for n in names}
     if len(names_by_id) != len(names):
         raise CaptureError("two target names refer to the same tensor (tied weights)")
-    probes = {n: params[n].new_zeros((*token_shape, output_dim(params[n], n in transposed))) for n in names}
+    # A zero of the output's shape, expanded from one element: no memory, no fill.
+    probes = {
+        n: params[n].new_zeros(()).expand(*token_shape, output_dim(params[n], n in transposed)) for n in names
+    }
 
     def forward(probes: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         records: dict[str, Tensor] = {}

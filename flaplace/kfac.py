@@ -155,11 +155,18 @@ def build(
         first = params[names[0]]
         acc = dtype or (torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype)
 
+        # One empty factor object per side length: factors start shared, and `update` keeps two
+        # A factors shared (one product, one decomposition) while their layers see the same input.
+        empties: dict[int, Tensor | Eigen] = {}
+
         def empty(dim: int) -> tuple[Tensor | Eigen, Tensor]:
             if lr_threshold is not None and dim >= lr_threshold:
-                sketch = empty_sketch(dim, n_kfac + extra, dtype=acc, device=first.device)
-                return sketch, torch.tensor(min(n_kfac, dim))
-            return torch.zeros((dim, dim), dtype=acc, device=first.device), torch.tensor(0)
+                if dim not in empties:
+                    empties[dim] = empty_sketch(dim, n_kfac + extra, dtype=acc, device=first.device)
+                return empties[dim], torch.tensor(min(n_kfac, dim))
+            if dim not in empties:
+                empties[dim] = torch.zeros((dim, dim), dtype=acc, device=first.device)
+            return empties[dim], torch.tensor(0)
 
         S, A, rank_S, rank_A = {}, {}, {}, {}
         for name in names:
@@ -204,17 +211,32 @@ def build(
 
         # One pull-back per cotangent, in a loop: unlike vmap, it keeps one backward's
         # intermediates alive at a time and needs no batching rule for every op on the path.
-        s_rows: dict[str, list[Tensor]] = {name: [] for name in names}
+        # Dense S factors take each cotangent's rows at once; a low-rank sketch merges them all
+        # in one step (one range finder and one small eigendecomposition per batch).
+        S, A, count = dict(state.S), dict(state.A), dict(state.a_count)
+        sketch_rows: dict[str, list[Tensor]] = {n: [] for n in names if isinstance(S[n], Eigen)}
         for cotangent in cotangents:
             grads = output_grads(cotangent)
             for name in names:
                 g = grads[name][:, : inputs[name].shape[1]].to(acc)
-                s_rows[name].append(_gradient_rows(g, weights_of(name), sharing))
-        S, A, count = dict(state.S), dict(state.A), dict(state.a_count)
+                rows = _gradient_rows(g, weights_of(name), sharing)
+                if name in sketch_rows:
+                    sketch_rows[name].append(rows)
+                else:
+                    S[name] = _accumulate(S[name], rows)
+            del grads
+        for name, rows_list in sketch_rows.items():
+            S[name] = _accumulate(S[name], rows_list[0] if len(rows_list) == 1 else torch.cat(rows_list))
+        done: list[tuple[Tensor, Tensor | Eigen, Tensor | Eigen]] = []  # (input, old A, new A)
         for name in names:
             weights = weights_of(name)
-            S[name] = _accumulate(state.S[name], torch.cat(s_rows[name]))
-            A[name] = _accumulate(state.A[name], _input_rows(inputs[name].to(acc), weights, sharing))
+            # Same input object and same running A (e.g. q_proj and v_proj): same new A, computed once.
+            shared = [new for x, old, new in done if x is inputs[name] and old is state.A[name]]
+            if shared:
+                A[name] = shared[0]
+            else:
+                A[name] = _accumulate(state.A[name], _input_rows(inputs[name].to(acc), weights, sharing))
+                done.append((inputs[name], state.A[name], A[name]))
             count[name] = count[name] + (weights.sum() if sharing == "expand" else mask.shape[0])
         ll = state.log_likelihood
         if labels is not None:
@@ -268,7 +290,7 @@ def _last_index(mask: Float[Tensor, "batch tokens"]) -> Tensor:
 def _accumulate(factor: Tensor | Eigen, rows: Tensor) -> Tensor | Eigen:
     if isinstance(factor, Eigen):
         return merge_rows(factor, rows)
-    return factor + rows.T @ rows
+    return torch.addmm(factor, rows.T, rows)
 
 
 def kfac_factors(state: KFACState) -> Factors:
@@ -285,16 +307,26 @@ def kfac_factors(state: KFACState) -> Factors:
     if float(state.n_examples) == 0:
         raise ValueError("the K-FAC state has seen no data: call update on at least one batch")
     out: Factors = {}
+    decomposed: list[tuple[Tensor | Eigen, int, float, Eigen]] = []  # factors shared by several names
+
+    def eigen(factor: Tensor | Eigen, rank: int, count: float) -> Eigen:
+        for seen, r, c, result in decomposed:
+            if seen is factor and r == rank and c == count:
+                return result
+        result = _eigen(factor, rank, count)
+        decomposed.append((factor, rank, count, result))
+        return result
+
     for name in state.S:
         out[name] = KronFactor(
-            S=_eigen(state.S[name], int(state.rank_S[name]), 1.0),
-            A=_eigen(state.A[name], int(state.rank_A[name]), state.a_count[name]),
+            S=eigen(state.S[name], int(state.rank_S[name]), 1.0),
+            A=eigen(state.A[name], int(state.rank_A[name]), float(state.a_count[name])),
             transposed=state.transposed[name],
         )
     return out
 
 
-def _eigen(factor: Tensor | Eigen, rank: int, count: Tensor | float) -> Eigen:
+def _eigen(factor: Tensor | Eigen, rank: int, count: float) -> Eigen:
     if isinstance(factor, Eigen):
         return Eigen(factor.vectors[:, :rank], factor.values[:rank] / count)
     return dense_eigen(factor / count)
@@ -329,9 +361,16 @@ def reduce_across_ranks(state: KFACState, group: dist.ProcessGroup | None = None
             [Eigen(v, w) for v, w in zip(vectors, values, strict=True)], factor.values.shape[0]
         )
 
+    reduced: dict[int, tuple[Tensor | Eigen, Tensor | Eigen]] = {}  # by id: shared factors stay shared
+
+    def once(factor: Tensor | Eigen) -> Tensor | Eigen:
+        if id(factor) not in reduced:
+            reduced[id(factor)] = (factor, combined(factor))
+        return reduced[id(factor)][1]
+
     return state._replace(
-        S={n: combined(f) for n, f in state.S.items()},
-        A={n: combined(f) for n, f in state.A.items()},
+        S={n: once(f) for n, f in state.S.items()},
+        A={n: once(f) for n, f in state.A.items()},
         n_examples=summed(state.n_examples),
         a_count={n: summed(c) for n, c in state.a_count.items()},
         log_likelihood=summed(state.log_likelihood),

@@ -159,7 +159,8 @@ class LastTokenLogits:
         if logits.ndim != 3:
             raise ValueError(f"expected token logits (batch, tokens, vocab), got {tuple(logits.shape)}")
         last = last_positions(batch, logits.shape[1], logits.device)
-        rows = logits[torch.arange(logits.shape[0], device=logits.device), last]
+        # gather, not advanced indexing: its backward is a scatter into one zero buffer.
+        rows = logits.gather(1, last[:, None, None].expand(-1, 1, logits.shape[2]))[:, 0]
         return rows[:, self.token_ids.to(logits.device)]
 
 
@@ -209,8 +210,23 @@ class ModelFunction:
         self.names = tuple(names)
         self.output_fn = output_fn
         self.transposed = transposed_weights(model, names)
+        # Other names of the same tensors (tied weights), found once here: functional_call then
+        # needs no per-call search of the whole module tree (tie_weights=False below).
+        by_tensor: dict[int, list[str]] = {}
+        for name, tensor in model.named_parameters(remove_duplicate=False):
+            by_tensor.setdefault(id(tensor), []).append(name)
+        self.aliases = {
+            n: tuple(a for a in by_tensor[id(known[n])] if a != n)
+            for n in names
+            if len(by_tensor[id(known[n])]) > 1
+        }
 
     def __call__(self, params: Params, batch: Batch) -> Float[Tensor, "batch classes"]:
         args, kwargs = model_inputs(batch)
-        output = functional_call(self.model, params, args, kwargs)
+        if self.aliases:
+            params = dict(params)
+            for name, others in self.aliases.items():
+                if name in params:
+                    params.update(dict.fromkeys(others, params[name]))
+        output = functional_call(self.model, params, args, kwargs, tie_weights=False)
         return self.output_fn(output, batch)

@@ -6,6 +6,7 @@ import json
 import pathlib
 import re
 
+import optree
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -45,7 +46,8 @@ batch = padded_batch("llama")
 explanation = torch._dynamo.explain(update)(init(params), params, batch)
 compiled = torch.compile(update, backend="aot_eager")(init(params), params, batch)
 eager = update(init(params), params, batch)
-err = max(float((compiled.S[n] - eager.S[n]).norm() / eager.S[n].norm()) for n in params)
+err = max(float((getattr(compiled, side)[n] - getattr(eager, side)[n]).norm()
+                / getattr(eager, side)[n].norm()) for n in params for side in ("S", "A"))
 print(json.dumps({"breaks": explanation.graph_break_count, "graphs": explanation.graph_count, "err": err}))
 """
 
@@ -55,6 +57,39 @@ def test_update_compiles_without_graph_breaks():
     assert result["breaks"] == 0
     assert result["graphs"] == 1
     assert result["err"] < 1e-4
+
+
+@pytest.mark.parametrize("lr_threshold", [None, 8])
+def test_layers_fed_the_same_input_share_one_input_factor(lr_threshold):
+    """q_proj and v_proj see the same hidden states: one A object, equal to the unshared result."""
+    from tiny_models import ANSWERS, padded_batch
+
+    from flaplace.params import LastTokenLogits
+
+    model = tiny_lora_model("llama")
+    params = select_params(model, "lora")
+    init, update = build(
+        ModelFunction(model, params, LastTokenLogits(ANSWERS)),
+        fisher="exact",
+        lr_threshold=lr_threshold,
+        n_kfac=4,
+    )
+    batch = padded_batch("llama")
+    state = update(update(init(params), params, batch), params, batch)
+    q, v = (next(n for n in params if f"layers.1.self_attn.{p}.lora_A" in n) for p in ("q_proj", "v_proj"))
+    assert state.A[q] is state.A[v]
+    assert state.A[q] is not state.A[next(n for n in params if "layers.0.self_attn.q_proj.lora_A" in n)]
+    # Unshared running factors (e.g. a state built elsewhere) are updated one by one, to the same values.
+    unshared = update(init(params), params, batch)
+    unshared = unshared._replace(A={n: optree.tree_map(torch.clone, a) for n, a in unshared.A.items()})
+    unshared = update(unshared, params, batch)
+    assert unshared.A[q] is not unshared.A[v]
+    for name in params:
+        pairs = zip(optree.tree_leaves(state.A[name]), optree.tree_leaves(unshared.A[name]), strict=True)
+        for got, want in pairs:
+            assert torch.allclose(got, want, rtol=1e-12, atol=0), name
+    factors = kfac_factors(state)
+    assert factors[q].A is factors[v].A
 
 
 def test_no_hooks_in_the_library():
@@ -79,6 +114,22 @@ def test_tied_weight_used_twice_is_an_error():
     init, update = build(ModelFunction(model, params, lambda o, b: o), lr_threshold=None)
     with pytest.raises(CaptureError, match="more than once"):
         update(init(params), params, (torch.randn(2, 4, dtype=torch.float64),))
+
+
+def test_tied_names_are_swapped_together_and_refused_by_kfac():
+    """Two module names for one tensor: functional_call swaps both; K-FAC sees it used twice."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False)).double()
+    model[1].weight = model[0].weight
+    params = {"0.weight": torch.randn(4, 4, dtype=torch.float64)}
+    model_fn = ModelFunction(model, params, lambda o, b: o)
+    assert model_fn.aliases == {"0.weight": ("1.weight",)}
+    x = torch.randn(3, 4, dtype=torch.float64)
+    w = params["0.weight"]
+    assert torch.allclose(model_fn(params, (x,)), x @ w.T @ w.T)
+    init, update = build(model_fn, lr_threshold=None)
+    with pytest.raises(CaptureError, match="more than once"):
+        update(init(params), params, (x,))
 
 
 def test_unused_weight_is_an_error():
