@@ -1086,7 +1086,6 @@ def _quality_task(name: str, folder: Path, sizes: dict[str, int], seed: int, qui
     laplace_names = hf.laplace_param_names(model)
     trainable = hf.trainable_param_names(model)
     model_fn = hf.model_function(model, trainable, loaded, task)
-    _, head_names = workflow._split_names(model_fn, laplace_names)
     named = dict(model.named_parameters())
     config = workflow.RunConfig(
         model=model_path,
@@ -1130,7 +1129,7 @@ def _quality_task(name: str, folder: Path, sizes: dict[str, int], seed: int, qui
 
     tick = time.perf_counter()
     holder = flaplace.Posterior(map_params, {}, {})
-    f_mu, jacobians = workflow._moments(laplace_fn, holder, test_batches, head_names, False, "")
+    f_mu, jacobians = workflow._moments(laplace_fn, holder, test_batches, False, "")
     timings["flaplace_jacobians"] = time.perf_counter() - tick
     probs: dict[str, Tensor] = {"MAP": torch.softmax(f_mu.double(), -1)}
     methods: dict[str, dict[str, Any]] = {"MAP": {"metrics": _metrics(probs["MAP"], labels)}}
@@ -1147,7 +1146,7 @@ def _quality_task(name: str, folder: Path, sizes: dict[str, int], seed: int, qui
             lr_threshold=None if rank == "full" else QUALITY["lr_threshold"],
         )
         factors, log_likelihood = workflow.fit_factors(
-            laplace_fn, map_params, train_batches, head_names, variant, progress=False
+            laplace_fn, map_params, train_batches, variant, progress=False
         )
         posterior = flaplace.make_posterior(factors, map_params, QUALITY["prior_precision"])
         with warnings.catch_warnings():
@@ -1187,7 +1186,7 @@ def _quality_task(name: str, folder: Path, sizes: dict[str, int], seed: int, qui
             for b in train_batches
         )
         probs["bayesian-lora"], extra = _bayesian_lora_quality(
-            model, single, test_batches, head_names, task.n_classes, torch.tensor(log_likelihood)
+            model, single, test_batches, task.n_classes, torch.tensor(log_likelihood)
         )
         methods["bayesian-lora"] = {
             "metrics": _metrics(probs["bayesian-lora"], labels),
@@ -1244,7 +1243,7 @@ def _laplace_torch_quality(model, train_batches, test_batches, n_train) -> tuple
     return torch.cat(probs), extra
 
 
-def _bayesian_lora_quality(model, single_batches, test_batches, head_names, n_classes, log_likelihood):
+def _bayesian_lora_quality(model, single_batches, test_batches, n_classes, log_likelihood):
     """bayesian-lora's pipeline as its README and example run it (see QUALITY settings)."""
     import bayesian_lora
 

@@ -58,14 +58,12 @@ from tqdm.auto import tqdm
 
 import flaplace
 from flaplace import hf
-from flaplace.capture import capture
 from flaplace.evidence import log_marginal_likelihood, tune_prior_evidence, tune_prior_grid
 from flaplace.kfac import fit as fit_kfac
 from flaplace.metrics import classification_metrics
-from flaplace.params import token_mask
 from flaplace.posterior import load_posterior, make_posterior, save_posterior
 from flaplace.predictive import (
-    per_example_jacobians,
+    _jacobians_and_logits,
     predictive_covariance,
     predictive_precompute,
     predictive_probs,
@@ -266,67 +264,24 @@ def _training_batches(
         epoch += 1
 
 
-def _split_names(model_fn: flaplace.ModelFunction, names: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Weights used at every token (adapters) and weights used once per example (a classification head)."""
-    per_example = [n for n in names if "modules_to_save" in n]
-    return [n for n in names if n not in per_example], per_example
-
-
-def _per_example_token_mask(batch: dict[str, Tensor]) -> Tensor:
-    ids = batch["input_ids"]
-    return torch.ones((ids.shape[0], 1), dtype=torch.bool, device=ids.device)
-
-
-def example_jacobians(
-    model_fn: flaplace.ModelFunction,
-    params: Params,
-    batch: dict[str, Tensor],
-    per_example_names: Sequence[str] = (),
-) -> dict[str, Tensor]:
-    """Per-example Jacobians ``(B, C, *shape)`` of the logits for every weight in ``params``.
-
-    Token-level weights (LoRA) go through :func:`flaplace.per_example_jacobians`
-    (``method="capture"``); weights used once per example (a classification head,
-    whose layer output is ``(batch, classes)`` rather than per token) through the same
-    capture mechanism with one position per example.
-
-    Example:
-        >>> jac = example_jacobians(model_fn, posterior.mean, batch, ["...classifier.modules_to_save.default.weight"])
-    """
-    token_level = {n: p for n, p in params.items() if n not in per_example_names}
-    out: dict[str, Tensor] = {}
-    if token_level:
-        out.update(per_example_jacobians(model_fn, token_level, batch, method=JACOBIAN_METHOD))
-    heads = {n: p for n, p in params.items() if n in per_example_names}
-    if heads:
-        n_examples = batch["input_ids"].shape[0]
-        transposed = frozenset(model_fn.transposed) & set(heads)
-        logits, output_grads, inputs = capture(model_fn, heads, batch, (n_examples, 1), transposed=transposed)
-        classes = logits.shape[-1]
-        units = torch.eye(classes, dtype=logits.dtype, device=logits.device)[:, None, :].expand(
-            -1, n_examples, -1
-        )
-        grads = torch.func.vmap(output_grads)(units)
-        for name in heads:
-            jac = torch.einsum("cbto,bti->bcoi", grads[name], inputs[name])
-            out[name] = jac.transpose(-1, -2) if name in transposed else jac
-    return {n: out[n] for n in params}
-
-
 def _moments(
     model_fn: flaplace.ModelFunction,
     posterior: Posterior,
     encoded: Sequence[dict[str, Tensor]],
-    per_example_names: Sequence[str],
     progress: bool,
     desc: str,
 ) -> tuple[Tensor, list[dict[str, Tensor]]]:
-    """MAP logits of every batch and the per-batch Jacobians (kept for re-use with other priors)."""
+    """MAP logits of every batch and the per-batch Jacobians (kept for re-use with other priors).
+
+    The capture method covers the adapters (used at every token) and a classification head
+    (used once per example, on pooled features) in the same forward pass.
+    """
     logits, jacobians = [], []
     for batch in tqdm(encoded, desc=desc, disable=not progress, unit="batch"):
-        with torch.no_grad():
-            logits.append(model_fn(posterior.mean, batch).detach())
-        jac = example_jacobians(model_fn, posterior.mean, batch, per_example_names)
+        jac, f_mu = _jacobians_and_logits(
+            model_fn, posterior.mean, batch, chunk_size=None, method=JACOBIAN_METHOD
+        )
+        logits.append(f_mu.detach())
         jacobians.append({n: j.detach() for n, j in jac.items()})
     return torch.cat(logits), jacobians
 
@@ -438,43 +393,30 @@ def fit_factors(
     model_fn: flaplace.ModelFunction,
     params: Params,
     encoded: Sequence[dict[str, Tensor]],
-    per_example_names: Sequence[str],
     config: RunConfig,
     progress: bool = True,
 ) -> tuple[flaplace.Factors, float]:
     """K-FAC factors of the posterior's weights and the summed training log-likelihood.
 
-    Weights used once per example (a head) are fitted in their own pass with one
-    position per example.
+    One pass over the data: adapters used at every token and a classification head used
+    once per example (on pooled features) are captured in the same forward.
 
     Example:
-        >>> factors, ll = fit_factors(model_fn, map_params, train_batches, [], config)
+        >>> factors, ll = fit_factors(model_fn, map_params, train_batches, config)
     """
-    token_level = {n: p for n, p in params.items() if n not in per_example_names}
-    heads = {n: p for n, p in params.items() if n in per_example_names}
-    factors: flaplace.Factors = {}
-    log_likelihood = None
-    for group, mask_fn in ((token_level, token_mask), (heads, _per_example_token_mask)):
-        if not group:
-            continue
-        found, state = fit_kfac(
-            model_fn,
-            group,
-            encoded,
-            progress=progress,
-            return_state=True,
-            fisher=config.fisher,
-            sharing=config.sharing,
-            n_kfac=config.n_kfac,
-            lr_threshold=config.lr_threshold,
-            token_mask_fn=mask_fn,
-            generator=torch.Generator(device=config.device).manual_seed(config.seed),
-        )
-        factors.update(cast(flaplace.Factors, found))
-        if log_likelihood is None:
-            log_likelihood = float(cast(flaplace.KFACState, state).log_likelihood)
-    assert log_likelihood is not None
-    return {n: factors[n] for n in params}, log_likelihood
+    factors, state = fit_kfac(
+        model_fn,
+        params,
+        encoded,
+        progress=progress,
+        return_state=True,
+        fisher=config.fisher,
+        sharing=config.sharing,
+        n_kfac=config.n_kfac,
+        lr_threshold=config.lr_threshold,
+        generator=torch.Generator(device=config.device).manual_seed(config.seed),
+    )
+    return cast(flaplace.Factors, factors), float(cast(flaplace.KFACState, state).log_likelihood)
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -535,7 +477,6 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
     laplace_names = hf.laplace_param_names(model)
     trainable = hf.trainable_param_names(model)
     model_fn = hf.model_function(model, trainable, loaded, task)
-    token_names, head_names = _split_names(model_fn, laplace_names)
     named = dict(model.named_parameters())
     train = task.split("train")
     timings["load"] = time.perf_counter() - tick
@@ -600,9 +541,7 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         stages["kfac"] = "loaded"
     else:
         train_batches = _encoded(train, loaded, task, config, config.eval_batch_size)
-        factors, log_likelihood = fit_factors(
-            laplace_fn, map_params, train_batches, head_names, config, progress
-        )
+        factors, log_likelihood = fit_factors(laplace_fn, map_params, train_batches, config, progress)
         with atomic_path(kfac_file) as tmp:
             save_posterior(tmp, make_posterior(factors, map_params, 1.0))
         write_json(
@@ -629,9 +568,7 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
             validation = task.split("validation")
             labels = torch.tensor([ex.label for ex in validation])
             val_batches = _encoded(validation, loaded, task, config, config.eval_batch_size)
-            f_mu, jacobians = _moments(
-                laplace_fn, posterior, val_batches, head_names, progress, "validation Jacobians"
-            )
+            f_mu, jacobians = _moments(laplace_fn, posterior, val_batches, progress, "validation Jacobians")
 
             def validation_nll(candidate: Posterior) -> float:
                 probs = _probs(f_mu, _covariances(candidate, jacobians), config)
@@ -667,9 +604,7 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
     else:
         labels = torch.tensor([ex.label for ex in test])
         test_batches = _encoded(test, loaded, task, config, config.eval_batch_size)
-        f_mu, jacobians = _moments(
-            laplace_fn, posterior, test_batches, head_names, progress, "test predictive"
-        )
+        f_mu, jacobians = _moments(laplace_fn, posterior, test_batches, progress, "test predictive")
         f_var = _covariances(posterior, jacobians)
         with atomic_path(predictive_file) as tmp:
             save_file({"f_mu": f_mu.contiguous(), "f_var": f_var.contiguous(), "labels": labels}, str(tmp))
