@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -158,10 +159,22 @@ class LastTokenLogits:
         logits = logits_of(output)
         if logits.ndim != 3:
             raise ValueError(f"expected token logits (batch, tokens, vocab), got {tuple(logits.shape)}")
-        last = last_positions(batch, logits.shape[1], logits.device)
-        # gather, not advanced indexing: its backward is a scatter into one zero buffer.
-        rows = logits.gather(1, last[:, None, None].expand(-1, 1, logits.shape[2]))[:, 0]
+        if logits.shape[1] == 1:  # one position per example: the model kept only the last one
+            rows = logits[:, 0]
+        else:
+            last = last_positions(batch, logits.shape[1], logits.device)
+            # gather, not advanced indexing: its backward is a scatter into one zero buffer.
+            rows = logits.gather(1, last[:, None, None].expand(-1, 1, logits.shape[2]))[:, 0]
         return rows[:, self.token_ids.to(logits.device)]
+
+    def model_kwargs(self, batch: Batch) -> dict[str, Tensor]:
+        """Extra model arguments: Hugging Face's ``logits_to_keep``, the last position of each example.
+
+        A :class:`ModelFunction` passes them to models that accept them, so that the language
+        model head projects one position per example instead of every position.
+        """
+        ids = batch["input_ids"] if isinstance(batch, Mapping) else batch[0]
+        return {"logits_to_keep": last_positions(batch, ids.shape[1], ids.device)[:, None]}
 
 
 def last_positions(batch: Batch, length: int, device: torch.device) -> Int[Tensor, " batch"]:
@@ -192,6 +205,13 @@ class ModelFunction:
     the module's own. ``transposed`` lists the selected weights stored as
     ``(in, out)`` (GPT-2 ``Conv1D``), found from the module structure.
 
+    When the output function reads a few positions only (:class:`LastTokenLogits`) and the
+    model is a Hugging Face language model that takes per-example ``logits_to_keep``
+    positions, those are passed (``trim_logits=True``): the head then projects one position
+    per example instead of all ``tokens``, which saves the ``(batch, tokens, vocab)`` logits,
+    their gradient, and the head's matrix products over every position. This is switched
+    off when a selected weight belongs to the head itself.
+
     Example:
         >>> params = select_params(model, "lora")
         >>> f = ModelFunction(model, params, classifier_logits)
@@ -199,7 +219,12 @@ class ModelFunction:
     """
 
     def __init__(
-        self, model: nn.Module, params: Params | Iterable[str], output_fn: OutputFn = classifier_logits
+        self,
+        model: nn.Module,
+        params: Params | Iterable[str],
+        output_fn: OutputFn = classifier_logits,
+        *,
+        trim_logits: bool = True,
     ):
         names = list(params)
         known = dict(model.named_parameters())
@@ -215,6 +240,7 @@ class ModelFunction:
         by_tensor: dict[int, list[str]] = {}
         for name, tensor in model.named_parameters(remove_duplicate=False):
             by_tensor.setdefault(id(tensor), []).append(name)
+        self.trim_logits = trim_logits and _keeps_positions(model, names, output_fn)
         self.aliases = {
             n: tuple(a for a in by_tensor[id(known[n])] if a != n)
             for n in names
@@ -228,5 +254,27 @@ class ModelFunction:
             for name, others in self.aliases.items():
                 if name in params:
                     params.update(dict.fromkeys(others, params[name]))
+        if self.trim_logits and "logits_to_keep" not in kwargs:
+            kwargs.update(self.output_fn.model_kwargs(batch))  # type: ignore[attr-defined]
         output = functional_call(self.model, params, args, kwargs, tie_weights=False)
         return self.output_fn(output, batch)
+
+
+def _keeps_positions(model: nn.Module, names: Sequence[str], output_fn: OutputFn) -> bool:
+    """Whether ``model`` can be asked for the logits of ``output_fn``'s positions only."""
+    if not callable(getattr(output_fn, "model_kwargs", None)):
+        return False
+    try:  # per-example positions ((batch, k) integer tensors) arrived with this helper
+        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401
+    except ImportError:
+        return False
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return False
+    get_head = getattr(base, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        return False
+    prefixes = [f"{name}." for name, module in model.named_modules() if module is head]
+    return not any(n.startswith(p) for n in names for p in prefixes)

@@ -88,10 +88,21 @@ _ARCH = {
 ARCHITECTURES = tuple(_ARCH)
 
 
-def tiny_lora_model(arch: str, *, dtype: torch.dtype = torch.float64, seed: int = 0, rank: int = 2):
-    """A tiny random model of ``arch`` with LoRA adapters whose weights are random (not PEFT's zero B)."""
+def tiny_lora_model(
+    arch: str,
+    *,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    rank: int = 2,
+    targets: list[str] | None = None,
+):
+    """A tiny random model of ``arch`` with LoRA adapters whose weights are random (not PEFT's zero B).
+
+    ``targets`` overrides the adapted modules (default: the attention projections of ``_ARCH``).
+    """
     torch.manual_seed(seed)
-    build, targets = _ARCH[arch]
+    build, default_targets = _ARCH[arch]
+    targets = default_targets if targets is None else targets
     model = build()
     config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, fan_in_fan_out=arch == "gpt2")
     model = peft.get_peft_model(model, config)

@@ -1,0 +1,65 @@
+"""ModelFunction: logits of the needed positions only (logits_to_keep), and when that is off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import ANSWERS, padded_batch, tiny_lora_model
+
+from flaplace.kfac import build, kfac_factors
+from flaplace.params import LastTokenLogits, ModelFunction, classifier_logits, select_params
+from flaplace.predictive import per_example_jacobians
+
+
+def _right_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same examples with the padding moved to the right (the last real token moves)."""
+    mask = batch["attention_mask"]
+    order = torch.argsort(1 - mask, dim=1, stable=True)  # real tokens first, in order
+    return {
+        **batch,
+        "input_ids": batch["input_ids"].gather(1, order),
+        "attention_mask": mask.gather(1, order),
+    }
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_trimmed_logits_equal_the_full_ones(arch, padding):
+    model = tiny_lora_model(arch)
+    params = select_params(model, "lora")
+    trimmed = ModelFunction(model, params, LastTokenLogits(ANSWERS))
+    full = ModelFunction(model, params, LastTokenLogits(ANSWERS), trim_logits=False)
+    assert trimmed.trim_logits and not full.trim_logits
+    batch = padded_batch(arch)
+    if padding == "right":
+        batch = _right_padded(batch)
+    # The model really is asked for one position per example.
+    kept = model(input_ids=batch["input_ids"], **trimmed.output_fn.model_kwargs(batch))
+    assert kept.logits.shape[:2] == (3, 1)
+
+    torch.testing.assert_close(trimmed(params, batch), full(params, batch), rtol=1e-12, atol=1e-12)
+    for fisher in ("exact", "empirical"):
+        ours, reference = (_factors(f, params, batch, fisher) for f in (trimmed, full))
+        for name in params:
+            for side in ("S", "A"):
+                a, b = getattr(ours[name], side), getattr(reference[name], side)
+                torch.testing.assert_close(a.values, b.values, rtol=1e-9, atol=1e-12)
+    for name, jac in per_example_jacobians(trimmed, params, batch, method="capture").items():
+        torch.testing.assert_close(
+            jac, per_example_jacobians(full, params, batch, method="loop")[name], rtol=1e-9, atol=1e-12
+        )
+
+
+def _factors(model_fn, params, batch, fisher):
+    init, update = build(model_fn, fisher=fisher, lr_threshold=None)
+    return kfac_factors(update(init(params), params, batch))
+
+
+def test_no_trimming_when_the_head_itself_is_adapted_or_absent():
+    model = tiny_lora_model("llama")
+    on_head = tiny_lora_model("llama", targets=["q_proj", "lm_head"])
+    assert not ModelFunction(on_head, select_params(on_head, "lora"), LastTokenLogits(ANSWERS)).trim_logits
+    assert ModelFunction(model, select_params(model, "lora"), LastTokenLogits(ANSWERS)).trim_logits
+    bert = tiny_lora_model("bert")
+    assert not ModelFunction(bert, select_params(bert, "lora"), classifier_logits).trim_logits
+    assert not ModelFunction(bert, select_params(bert, "lora"), LastTokenLogits(ANSWERS)).trim_logits
