@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -206,8 +206,12 @@ def build(
         token_weights = mask.to(acc)
         example_weights = token_weights.new_ones(mask.shape[0], 1)
 
-        def weights_of(name: str) -> Tensor:  # one row per example for e.g. a pooled classifier head
-            return example_weights if inputs[name].shape[1] == 1 < mask.shape[1] else token_weights
+        # (weights of the positions, index of each example's last real one), computed once
+        by_token = (token_weights, _last_index(token_weights))
+        by_example = (example_weights, torch.zeros_like(by_token[1]))
+
+        def weights_of(name: str) -> tuple[Tensor, Tensor]:  # a pooled classifier head: one row per example
+            return by_example if inputs[name].shape[1] == 1 < mask.shape[1] else by_token
 
         # One pull-back per cotangent, in a loop: unlike vmap, it keeps one backward's
         # intermediates alive at a time and needs no batching rule for every op on the path.
@@ -219,7 +223,7 @@ def build(
             grads = output_grads(cotangent)
             for name in names:
                 g = grads[name][:, : inputs[name].shape[1]].to(acc)
-                rows = _gradient_rows(g, weights_of(name), sharing)
+                rows = _gradient_rows(g, *weights_of(name), sharing)
                 if name in sketch_rows:
                     sketch_rows[name].append(rows)
                 else:
@@ -229,13 +233,15 @@ def build(
             S[name] = _accumulate(S[name], rows_list[0] if len(rows_list) == 1 else torch.cat(rows_list))
         done: list[tuple[Tensor, Tensor | Eigen, Tensor | Eigen]] = []  # (input, old A, new A)
         for name in names:
-            weights = weights_of(name)
+            weights, last = weights_of(name)
             # Same input object and same running A (e.g. q_proj and v_proj): same new A, computed once.
             shared = [new for x, old, new in done if x is inputs[name] and old is state.A[name]]
             if shared:
                 A[name] = shared[0]
             else:
-                A[name] = _accumulate(state.A[name], _input_rows(inputs[name].to(acc), weights, sharing))
+                A[name] = _accumulate(
+                    state.A[name], _input_rows(inputs[name].to(acc), weights, last, sharing)
+                )
                 done.append((inputs[name], state.A[name], A[name]))
             count[name] = count[name] + (weights.sum() if sharing == "expand" else mask.shape[0])
         ll = state.log_likelihood
@@ -261,28 +267,41 @@ def _has_targets(batch: Batch, targets_fn: Callable[[Batch], Tensor]) -> bool:
 
 
 def _gradient_rows(
-    grads: Float[Tensor, "batch tokens o"], mask: Float[Tensor, "batch tokens"], sharing: str
+    grads: Float[Tensor, "batch tokens o"],
+    mask: Float[Tensor, "batch tokens"],
+    last: Int[Tensor, " batch"],
+    sharing: str,
 ) -> Float[Tensor, "rows o"]:
     """Rows whose outer products sum to one cotangent's (unnormalised) contribution to ``S``."""
     if sharing == "expand":
         return (grads * mask[:, :, None]).reshape(-1, grads.shape[-1])
     if sharing == "reduce":
         return (grads * mask[:, :, None]).sum(1)
-    return grads[torch.arange(mask.shape[0], device=mask.device), _last_index(mask)]
+    return _at_positions(grads, last)
 
 
 def _input_rows(
-    inputs: Float[Tensor, "batch tokens i"], mask: Float[Tensor, "batch tokens"], sharing: str
+    inputs: Float[Tensor, "batch tokens i"],
+    mask: Float[Tensor, "batch tokens"],
+    last: Int[Tensor, " batch"],
+    sharing: str,
 ) -> Float[Tensor, "rows i"]:
     """Rows whose outer products sum to the batch's (unnormalised) ``A``."""
     if sharing == "expand":
         return (inputs * mask[:, :, None]).reshape(-1, inputs.shape[-1])
     if sharing == "reduce":
         return (inputs * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
-    return inputs[torch.arange(mask.shape[0], device=mask.device), _last_index(mask)]
+    return _at_positions(inputs, last)
 
 
-def _last_index(mask: Float[Tensor, "batch tokens"]) -> Tensor:
+def _at_positions(
+    x: Float[Tensor, "batch tokens d"], index: Int[Tensor, " batch"]
+) -> Float[Tensor, "batch d"]:
+    """``x[b, index[b]]`` for every example ``b``."""
+    return x.gather(1, index[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]
+
+
+def _last_index(mask: Float[Tensor, "batch tokens"]) -> Int[Tensor, " batch"]:
     positions = torch.arange(mask.shape[1], device=mask.device)
     return ((mask > 0) * positions).amax(dim=1)
 
