@@ -113,19 +113,11 @@ def tiny_lora_llama():
 
     r=8 gives 2 layers x 2 modules x (8x32 + 32x8) = 2048 adapter parameters.
     """
-    transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        attn_implementation="eager",
-    )
+    from tiny_models import tiny_base_model
+
     torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(config)
+    base = tiny_base_model("llama", hidden=32, vocab=64, attn_implementation="eager")
     lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     model = peft.get_peft_model(base, lora).double()
     gen = torch.Generator().manual_seed(3)

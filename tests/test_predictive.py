@@ -62,57 +62,17 @@ def lora_model(kind: str) -> tuple[ModelFunction, dict[str, torch.Tensor]]:
     mask to float32 inside its softmax, so rows that are entirely padding become NaN and spread.
     """
     from peft import LoraConfig, get_peft_model
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        GPT2Config,
-        GPT2LMHeadModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
+    from tiny_models import LORA_TARGETS, tiny_base_model
 
     torch.manual_seed(0)
-    if kind == "llama":
-        config = LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            vocab_size=64,
-            initializer_range=0.2,
-            attn_implementation="eager",
-        )
-        model, targets, output_fn = LlamaForCausalLM(config), ["q_proj", "v_proj"], LastTokenLogits([3, 5, 7])
-    elif kind == "gpt2":
-        config = GPT2Config(
-            n_embd=32,
-            n_layer=2,
-            n_head=2,
-            vocab_size=64,
-            n_positions=16,
-            initializer_range=0.2,
-            bos_token_id=0,
-            eos_token_id=0,
-            attn_implementation="eager",
-        )
-        model, targets, output_fn = GPT2LMHeadModel(config), ["c_attn"], LastTokenLogits([3, 5])
-    else:
-        config = BertConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            vocab_size=64,
-            num_labels=3,
-            initializer_range=0.2,
-            attn_implementation="eager",
-        )
-        model, targets, output_fn = (
-            BertForSequenceClassification(config),
-            ["query", "value"],
-            classifier_logits,
-        )
+    settings: dict[str, object] = {"initializer_range": 0.2, "attn_implementation": "eager"}
+    if kind == "gpt2":
+        settings["n_positions"] = 16
+    model = tiny_base_model(kind, hidden=32, vocab=64, **settings)
+    targets = LORA_TARGETS[kind]
+    output_fn = {"llama": LastTokenLogits([3, 5, 7]), "gpt2": LastTokenLogits([3, 5])}.get(
+        kind, classifier_logits
+    )
     model = get_peft_model(model, LoraConfig(r=2, target_modules=targets, lora_dropout=0.0)).eval()
     params = select_params(model, "lora")
     g = torch.Generator().manual_seed(2)

@@ -117,39 +117,15 @@ def tiny_tokenizer():
 
 def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
     """Save a tiny random ``llama``/``gpt2``/``phi`` causal LM or ``bert`` classifier with its tokenizer."""
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        GPT2Config,
-        GPT2LMHeadModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-        PhiConfig,
-        PhiForCausalLM,
-    )
+    from tiny_models import tiny_base_model
 
+    if arch not in ("llama", "phi", "gpt2", "bert"):
+        raise ValueError(arch)
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    vocab = len(tokenizer)
-    if arch == "llama":
-        model = LlamaForCausalLM(
-            LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        num_key_value_heads=2, vocab_size=vocab, pad_token_id=0)
-        )  # fmt: skip
-    elif arch == "phi":
-        model = PhiForCausalLM(
-            PhiConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      vocab_size=vocab, pad_token_id=0)
-        )  # fmt: skip
-    elif arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=vocab, pad_token_id=0))
-    elif arch == "bert":
-        model = BertForSequenceClassification(
-            BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       vocab_size=vocab, num_labels=2, pad_token_id=0)
-        )  # fmt: skip
-    else:
-        raise ValueError(arch)
+    # BERT keeps transformers' default dropout: MAP training in these tests runs with it.
+    dropout = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1} if arch == "bert" else {}
+    model = tiny_base_model(arch, vocab=len(tokenizer), num_labels=2, pad_token_id=0, **dropout)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

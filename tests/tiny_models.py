@@ -22,70 +22,46 @@ from transformers import (
 VOCAB = 48
 ANSWERS = (3, 5, 7)
 
-_ARCH = {
-    "llama": (
-        lambda: LlamaForCausalLM(
-            LlamaConfig(
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                vocab_size=VOCAB,
-            )
-        ),
-        ["q_proj", "v_proj"],
-    ),
-    "mistral": (
-        lambda: MistralForCausalLM(
-            MistralConfig(
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                vocab_size=VOCAB,
-                sliding_window=None,
-            )
-        ),
-        ["q_proj", "v_proj"],
-    ),
-    "phi": (
-        lambda: PhiForCausalLM(
-            PhiConfig(
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                vocab_size=VOCAB,
-            )
-        ),
-        ["q_proj", "v_proj"],
-    ),
-    "gpt2": (
-        lambda: GPT2LMHeadModel(
-            GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
-        ),
-        ["c_attn"],
-    ),
-    "bert": (
-        lambda: BertForSequenceClassification(
-            BertConfig(
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                vocab_size=VOCAB,
-                num_labels=3,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-            )
-        ),
-        ["query", "value"],
-    ),
+#: LoRA targets (the attention projections) of each tiny architecture.
+LORA_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
 }
 
-ARCHITECTURES = tuple(_ARCH)
+
+def tiny_base_model(
+    arch: str, *, hidden: int = 16, vocab: int = VOCAB, num_labels: int = 3, **config: object
+) -> torch.nn.Module:
+    """A tiny random Hugging Face model: 2 layers, 2 heads, intermediate size ``2 * hidden``.
+
+    ``llama``, ``mistral`` (one key/value head), ``phi`` and ``gpt2`` are causal LMs; ``bert`` is a
+    sequence classifier with ``num_labels`` classes and no dropout. ``config`` overrides or adds
+    configuration fields (e.g. ``attn_implementation="eager"``, ``initializer_range=0.2``).
+    The weights depend on torch's global seed: seed before calling.
+    """
+    common = {"num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": vocab}
+    sized = {"hidden_size": hidden, "intermediate_size": 2 * hidden, **common}
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**sized, num_key_value_heads=2, **config))
+    if arch == "mistral":
+        return MistralForCausalLM(
+            MistralConfig(**sized, num_key_value_heads=1, sliding_window=None, **config)
+        )
+    if arch == "phi":
+        return PhiForCausalLM(PhiConfig(**sized, **config))
+    if arch == "gpt2":
+        settings = {"bos_token_id": 0, "eos_token_id": 0, **config}
+        return GPT2LMHeadModel(GPT2Config(n_embd=hidden, n_layer=2, n_head=2, vocab_size=vocab, **settings))
+    if arch == "bert":
+        settings = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, **config}
+        return BertForSequenceClassification(BertConfig(**sized, num_labels=num_labels, **settings))
+    raise ValueError(f"unknown tiny architecture {arch!r}")
+
+
+ARCHITECTURES = tuple(LORA_TARGETS)
 
 
 def tiny_lora_model(
@@ -98,12 +74,11 @@ def tiny_lora_model(
 ):
     """A tiny random model of ``arch`` with LoRA adapters whose weights are random (not PEFT's zero B).
 
-    ``targets`` overrides the adapted modules (default: the attention projections of ``_ARCH``).
+    ``targets`` overrides the adapted modules (default: the attention projections, :data:`LORA_TARGETS`).
     """
     torch.manual_seed(seed)
-    build, default_targets = _ARCH[arch]
-    targets = default_targets if targets is None else targets
-    model = build()
+    targets = LORA_TARGETS[arch] if targets is None else targets
+    model = tiny_base_model(arch)
     config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, fan_in_fan_out=arch == "gpt2")
     model = peft.get_peft_model(model, config)
     model = model.to(dtype).eval()
