@@ -212,16 +212,15 @@ def _captured_jacobians(model_fn: ModelFn, params: Params, batch: Batch) -> tupl
         model_fn, params, batch, (mask.shape[0], mask.shape[1]), transposed=transposed
     )
     classes = logits.shape[-1]
-    units = torch.eye(classes, dtype=logits.dtype, device=logits.device)[:, None, :].expand(
-        -1, logits.shape[0], -1
-    )
-    grads = (
-        vmap(output_grads)(units) if classes > 1 else {n: g[None] for n, g in output_grads(units[0]).items()}
-    )
+    units = torch.eye(classes, dtype=logits.dtype, device=logits.device)
+    # One pull-back per class in a loop, not vmap: faster here, and CPU attention's backward
+    # has no batching rule (vmap would fall back to a slow path and warn).
+    per_class = [output_grads(units[c].expand(logits.shape[0], -1)) for c in range(classes)]
     jacobians = {}
     for name in params:
         x = inputs[name]  # (B, 1, i) for a layer with one row per example, e.g. a pooled head
-        jac = torch.einsum("cbto,bti->bcoi", grads[name][:, :, : x.shape[1]], x)
+        grads = torch.stack([g[name][:, : x.shape[1]] for g in per_class])
+        jac = torch.einsum("cbto,bti->bcoi", grads, x)
         jacobians[name] = jac.transpose(-1, -2) if name in transposed else jac
     return jacobians, logits.detach()
 
