@@ -73,7 +73,9 @@ def lora_model(kind: str) -> tuple[ModelFunction, dict[str, torch.Tensor]]:
     output_fn = {"llama": LastTokenLogits([3, 5, 7]), "gpt2": LastTokenLogits([3, 5])}.get(
         kind, classifier_logits
     )
-    model = get_peft_model(model, LoraConfig(r=2, target_modules=targets, lora_dropout=0.0)).eval()
+    model = get_peft_model(
+        model, LoraConfig(r=2, target_modules=targets, lora_dropout=0.0, fan_in_fan_out=kind == "gpt2")
+    ).eval()
     params = select_params(model, "lora")
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
