@@ -633,8 +633,8 @@ def docs_markdown(records: list[dict], targets: list[dict]) -> str:
         "rescaled `S (x) A` equals flaplace's `mc`/`last` block for the same sampled labels (identical errors).",
         "",
         "Where the time differences come from. Both `hooks` and `flaplace` run one forward and one "
-        "backward per Fisher cotangent. On the same work (`hooks-trimmed`) flaplace's capture costs "
-        "2 to 4 % more here: the profiler counts the same operations plus one addition of a zero probe "
+        "backward per Fisher cotangent. On the same work (`hooks-trimmed`, the rows marked 'not a target') "
+        "flaplace's capture costs the same to a few percent more: the profiler counts the same operations plus one addition of a zero probe "
         "per selected layer, and the TorchFunctionMode, `torch.func.vjp` and `functional_call` add "
         "Python dispatch to every torch call (about 2 to 3 ms per batch for this 2-layer model). "
         "flaplace does less work in three places, which more than pays for that. (1) The `exact` type of a categorical likelihood pulls back `C - 1` cotangents "

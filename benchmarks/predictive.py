@@ -271,8 +271,9 @@ def docs_markdown(records: list[dict], targets: list[dict]) -> str:
         "Median time over interleaved repeats after a warm-up; in brackets the time per example and the "
         "peak memory (resident-set rise of one call, measured in a separate process). `compiled`: Jacobians by "
         "`capture` (eager), then `torch.compile(flaplace.predictive_covariance)`. bayesian-lora is not run at "
-        "batch 64: its whole-batch `jacrev` costs grow with the square of the batch (9 GB and 80 s at batch 32 "
-        "here).",
+        "batch 64: its whole-batch `jacrev` costs grow with the square of the batch (see its batch-32 cell). "
+        "flaplace's `LastTokenLogits` model function asks the model for the last position's logits only "
+        "(`logits_to_keep`); bayesian-lora's forward projects every position, as its example does.",
         "",
         common.markdown_table(["method", *[f"batch {b}" for b in batches]], rows),
         "",
