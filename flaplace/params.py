@@ -172,6 +172,10 @@ class LastTokenLogits:
 
         A :class:`ModelFunction` passes them to models that accept them, so that the language
         model head projects one position per example instead of every position.
+
+        Example:
+            >>> LastTokenLogits([3, 5]).model_kwargs({"input_ids": ids, "attention_mask": mask})
+            {'logits_to_keep': tensor([[5], [7]])}  # (batch, 1): each example's last real position
         """
         ids = batch["input_ids"] if isinstance(batch, Mapping) else batch[0]
         return {"logits_to_keep": last_positions(batch, ids.shape[1], ids.device)[:, None]}
@@ -240,12 +244,12 @@ class ModelFunction:
         by_tensor: dict[int, list[str]] = {}
         for name, tensor in model.named_parameters(remove_duplicate=False):
             by_tensor.setdefault(id(tensor), []).append(name)
-        self.trim_logits = trim_logits and _keeps_positions(model, names, output_fn)
         self.aliases = {
             n: tuple(a for a in by_tensor[id(known[n])] if a != n)
             for n in names
             if len(by_tensor[id(known[n])]) > 1
         }
+        self.trim_logits = trim_logits and _keeps_positions(model, names, output_fn)
 
     def __call__(self, params: Params, batch: Batch) -> Float[Tensor, "batch classes"]:
         args, kwargs = model_inputs(batch)
