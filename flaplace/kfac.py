@@ -219,8 +219,10 @@ def build(
         # in one step (one range finder and one small eigendecomposition per batch).
         S, A, count = dict(state.S), dict(state.A), dict(state.a_count)
         sketch_rows: dict[str, list[Tensor]] = {n: [] for n in names if isinstance(S[n], Eigen)}
-        for cotangent in cotangents:
+        for k, cotangent in enumerate(cotangents):
             grads = output_grads(cotangent)
+            if k == len(cotangents) - 1:
+                del output_grads  # the last pull-back: free the forward's saved activations now
             for name in names:
                 g = grads[name][:, : inputs[name].shape[1]].to(acc)
                 rows = _gradient_rows(g, *weights_of(name), sharing)

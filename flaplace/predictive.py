@@ -216,6 +216,7 @@ def _captured_jacobians(model_fn: ModelFn, params: Params, batch: Batch) -> tupl
     # One pull-back per class in a loop, not vmap: faster here, and CPU attention's backward
     # has no batching rule (vmap would fall back to a slow path and warn).
     per_class = [output_grads(units[c].expand(logits.shape[0], -1)) for c in range(classes)]
+    del output_grads  # frees the forward's saved activations before the Jacobians are formed
     jacobians = {}
     for name in params:
         x = inputs[name]  # (B, 1, i) for a layer with one row per example, e.g. a pooled head
