@@ -206,11 +206,15 @@ def build(
         token_weights = mask.to(acc)
         example_weights = token_weights.new_ones(mask.shape[0], 1)
 
-        # (weights of the positions, index of each example's last real one), computed once
-        by_token = (token_weights, _last_index(token_weights))
-        by_example = (example_weights, torch.zeros_like(by_token[1]))
+        # (weights of the positions, index of each example's last real one), computed once;
+        # the index only for sharing "last", the one rule that reads it
+        token_last = _last_index(token_weights) if sharing == "last" else None
+        by_token = (token_weights, token_last)
+        by_example = (example_weights, None if token_last is None else torch.zeros_like(token_last))
 
-        def weights_of(name: str) -> tuple[Tensor, Tensor]:  # a pooled classifier head: one row per example
+        def weights_of(
+            name: str,
+        ) -> tuple[Tensor, Tensor | None]:  # a pooled classifier head: one row per example
             return by_example if inputs[name].shape[1] == 1 < mask.shape[1] else by_token
 
         # One pull-back per cotangent, in a loop: unlike vmap, it keeps one backward's
@@ -271,7 +275,7 @@ def _has_targets(batch: Batch, targets_fn: Callable[[Batch], Tensor]) -> bool:
 def _gradient_rows(
     grads: Float[Tensor, "batch tokens o"],
     mask: Float[Tensor, "batch tokens"],
-    last: Int[Tensor, " batch"],
+    last: Int[Tensor, " batch"] | None,
     sharing: str,
 ) -> Float[Tensor, "rows o"]:
     """Rows whose outer products sum to one cotangent's (unnormalised) contribution to ``S``."""
@@ -279,13 +283,14 @@ def _gradient_rows(
         return (grads * mask[:, :, None]).reshape(-1, grads.shape[-1])
     if sharing == "reduce":
         return (grads * mask[:, :, None]).sum(1)
+    assert last is not None, "sharing 'last' needs the last positions"
     return _at_positions(grads, last)
 
 
 def _input_rows(
     inputs: Float[Tensor, "batch tokens i"],
     mask: Float[Tensor, "batch tokens"],
-    last: Int[Tensor, " batch"],
+    last: Int[Tensor, " batch"] | None,
     sharing: str,
 ) -> Float[Tensor, "rows i"]:
     """Rows whose outer products sum to the batch's (unnormalised) ``A``."""
@@ -293,6 +298,7 @@ def _input_rows(
         return (inputs * mask[:, :, None]).reshape(-1, inputs.shape[-1])
     if sharing == "reduce":
         return (inputs * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+    assert last is not None, "sharing 'last' needs the last positions"
     return _at_positions(inputs, last)
 
 
