@@ -49,6 +49,8 @@ class _ProbeMode(TorchFunctionMode):
         records: dict[str, Tensor],
     ):
         super().__init__()
+        #: target name -> the other operation that computed a tensor from it (e.g. an embedding).
+        self.other_uses: dict[str, str] = {}
         self.names_by_id = names_by_id
         self.probes = probes
         self.transposed = transposed
@@ -64,10 +66,16 @@ class _ProbeMode(TorchFunctionMode):
             x, weight = args[1], args[2]
             via_addmm = True
         else:
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            self._note_other_use(func, args, kwargs, out)
+            return out
         name = self.names_by_id.get(id(weight))
         if name is None:
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            self._note_other_use(func, args, kwargs, out)
+            return out
+        if name in self.other_uses:
+            raise CaptureError(_two_uses(name, self.other_uses[name]))
         if via_addmm != (name in self.transposed):
             form = "y = x W (addmm)" if via_addmm else "y = W x (F.linear)"
             raise CaptureError(
@@ -96,6 +104,44 @@ class _ProbeMode(TorchFunctionMode):
         # v_proj of one attention block) then record the same object, and K-FAC shares their A.
         self.records[name] = x if x.shape == shape else x.reshape(shape)
         return out + probe.reshape(out.shape).to(out.dtype)
+
+    def _note_other_use(self, func, args, kwargs, out) -> None:
+        """Record a target weight that reaches an operation other than its linear layer.
+
+        Only operations that compute a new tensor from the weight count: metadata
+        (``.shape``, ``.dtype``, ``.size()``) and no-op conversions that return the weight
+        itself do not. Such a use (a tied input embedding, a weight norm, a transpose feeding
+        a matmul) contributes to the output through a path the capture cannot see.
+        """
+        if not self.names_by_id:
+            return
+        leaves = [*args, *kwargs.values()]
+        for leaf in list(leaves):
+            if isinstance(leaf, list | tuple):
+                leaves.extend(leaf)
+        for leaf in leaves:
+            name = self.names_by_id.get(id(leaf)) if isinstance(leaf, Tensor) else None
+            if name is None or name in self.other_uses:
+                continue
+            results = out if isinstance(out, list | tuple) else (out,)
+            if any(isinstance(r, Tensor) and r is not leaf for r in results):
+                self.other_uses[name] = _operation_name(func)
+                if name in self.records:
+                    raise CaptureError(_two_uses(name, self.other_uses[name]))
+
+
+def _operation_name(func: object) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    module = getattr(func, "__module__", None)
+    return f"{module}.{name}" if module and module != "torch._C" else str(name)
+
+
+def _two_uses(name: str, other: str) -> str:
+    return (
+        f"weight {name!r} is used by its linear layer (F.linear/addmm) and also by {other} "
+        "(e.g. an input embedding tied to the output head); K-FAC and the captured Jacobians "
+        "would miss the second use: select only weights used once, e.g. exclude the tied head"
+    )
 
 
 def capture(
@@ -155,13 +201,19 @@ def capture(
 
     def forward(probes: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         records: dict[str, Tensor] = {}
-        with _ProbeMode(names_by_id, probes, transposed, records):
+        mode = _ProbeMode(names_by_id, probes, transposed, records)
+        with mode:
             logits = model_fn(params, batch)
+        if mode.other_uses:
+            name, other = next(iter(mode.other_uses.items()))
+            if name in records:
+                raise CaptureError(_two_uses(name, other))
         unused = [n for n in names if n not in records]
         if unused:
             raise CaptureError(
                 f"{len(unused)} selected weight(s) never reached F.linear/addmm in the forward, "
                 f"e.g. {unused[0]!r}; they are unused, or used by an operation flaplace cannot capture"
+                + (f" ({mode.other_uses[unused[0]]})" if unused[0] in mode.other_uses else "")
             )
         return logits, records
 

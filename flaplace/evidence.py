@@ -22,7 +22,13 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flaplace.posterior import PriorPrecision, assign_blocks, num_parameters, with_prior_precision
+from flaplace.posterior import (
+    PriorPrecision,
+    assign_blocks,
+    num_parameters,
+    validate_posterior,
+    with_prior_precision,
+)
 from flaplace.typing import Posterior
 
 #: Default grid of prior precisions for :func:`tune_prior_grid`: ``10^-4 ... 10^4``, 4 per decade.
@@ -45,6 +51,8 @@ def log_marginal_likelihood(posterior: Posterior, log_likelihood: Tensor | float
         >>> posterior = make_posterior(factors, params, 1.0)
         >>> log_z = log_marginal_likelihood(posterior, log_likelihood=-1234.5)
     """
+    if not torch.compiler.is_compiling():
+        validate_posterior(posterior, values=False)
     reference = next(iter(posterior.prior_precision.values()))
     if isinstance(log_likelihood, Tensor):
         if log_likelihood.numel() != 1:
@@ -55,7 +63,7 @@ def log_marginal_likelihood(posterior: Posterior, log_likelihood: Tensor | float
     else:
         total = torch.tensor(float(log_likelihood), dtype=reference.dtype, device=reference.device)
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(total.detach())):
-        raise ValueError(f"log_likelihood must be finite, got {float(total.detach())}")
+        raise ValueError(_not_finite_log_likelihood(float(total.detach())))
     for name, mean in posterior.mean.items():
         lam = posterior.prior_precision[name]
         factor = posterior.factors[name]
@@ -65,6 +73,16 @@ def log_marginal_likelihood(posterior: Posterior, log_likelihood: Tensor | float
         log_det_ratio = torch.log1p(s[:, None] * a[None, :] / lam).sum()
         total = total - 0.5 * lam * squared_norm - 0.5 * log_det_ratio
     return total
+
+
+def _not_finite_log_likelihood(value: float) -> str:
+    hint = (
+        "; K-FAC's state.log_likelihood is NaN when its batches had no 'labels': the evidence needs "
+        "the log-likelihood of the labelled training data, so fit K-FAC on batches with labels"
+        if math.isnan(value)
+        else ""
+    )
+    return f"log_likelihood must be finite, got {value}{hint}"
 
 
 def _free_parameter_groups(names: Sequence[str], per_block: bool | Sequence[str]) -> dict[str, list[str]]:
@@ -140,6 +158,10 @@ def tune_prior_evidence(
         raise ValueError(
             f"lr and tol must be positive and decay in (0, 1]; got lr={lr}, tol={tol}, decay={decay}"
         )
+    validate_posterior(posterior)
+    single = not isinstance(log_likelihood, Tensor) or log_likelihood.numel() == 1
+    if single and not math.isfinite(float(log_likelihood)):
+        raise ValueError(_not_finite_log_likelihood(float(log_likelihood)))
     names = list(posterior.mean)
     start = posterior if init is None else with_prior_precision(posterior, init)
     groups = _free_parameter_groups(names, per_block)

@@ -25,7 +25,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+import itertools
+from collections.abc import Callable, Collection, Iterable, Sized
 from typing import NamedTuple
 
 import torch
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 from flaplace.capture import capture, output_dim
 from flaplace.fisher import FISHER_TYPES, fisher_cotangents, log_likelihood
 from flaplace.lowrank import dense_eigen, empty_sketch, merge_rows, merge_sketches
-from flaplace.params import batch_targets, token_mask
+from flaplace.params import batch_targets, check_rows, token_mask
 from flaplace.typing import (
     Batch,
     Eigen,
@@ -56,13 +57,17 @@ SHARINGS = ("expand", "reduce", "last")
 class KFACState(NamedTuple):
     """Running K-FAC statistics: a pytree of tensors.
 
-    ``S[name]`` and ``A[name]`` are unnormalised sums, either dense ``(d, d)``
+    ``S[name]`` and ``A[key]`` are unnormalised sums, either dense ``(d, d)``
     matrices or low-rank sketches (:class:`~flaplace.typing.Eigen` with
-    ``m`` columns). ``n_examples`` counts examples; ``a_count[name]`` counts the rows
+    ``m`` columns). Layers fed the same input tensor (q_proj and v_proj of one attention
+    block) share one input factor, stored once: the key of a shared ``A`` joins its layers'
+    names with ``"|"`` (``"l0.q.weight|l0.v.weight"``); an unshared layer's key is its name.
+    :func:`input_factor_keys` maps each layer to its key. The sharing is plain structure (dict
+    keys), so ``tree_map``, saving and loading keep it, and ``torch.compile`` guards on it. ``n_examples`` counts examples; ``a_count[name]`` counts the rows
     averaged into ``A`` (real tokens for ``expand``, examples otherwise, and examples
     for a layer that sees one row per example, such as a pooled classifier head).
-    ``log_likelihood`` sums the log-likelihood of the targets when the
-    batches carry them. ``rank[name]`` (per side) is the number of eigenpairs
+    ``log_likelihood`` sums the log-likelihood of the targets; it is NaN when a batch
+    carried no targets (the training log-likelihood is then unknown, and the evidence refuses it). ``rank[name]`` (per side) is the number of eigenpairs
     a low-rank factor keeps (0 for a dense factor); ``transposed[name]`` marks
     weights stored ``(in, out)``.
     """
@@ -75,6 +80,21 @@ class KFACState(NamedTuple):
     rank_S: dict[str, Tensor]
     rank_A: dict[str, Tensor]
     transposed: dict[str, Tensor]
+
+
+#: Joins the names of the layers that share one input factor into its key in ``KFACState.A``.
+#: Torch parameter names are dotted identifiers and never contain it.
+GROUP_SEPARATOR = "|"
+
+
+def input_factor_keys(state: KFACState) -> dict[str, str]:
+    """The key in ``state.A`` of each layer's input factor (shared layers have the same key).
+
+    Example:
+        >>> keys = input_factor_keys(state)
+        >>> state.A[keys["model.layers.0.self_attn.q_proj.lora_A.default.weight"]]
+    """
+    return {name: key for key in state.A for name in key.split(GROUP_SEPARATOR)}
 
 
 class KFAC(NamedTuple):
@@ -125,8 +145,16 @@ def build(
         generator: random generator for ``mc`` (reproducible factors).
 
     Returns:
-        ``KFAC(init, update)``: ``init(params) -> state`` and
-        ``update(state, params, batch) -> state``, both pure.
+        ``KFAC(init, update)``: ``init(params, batch=None) -> state`` and
+        ``update(state, params, batch) -> state``, both pure. Given an example ``batch``,
+        ``init`` runs one forward pass to find the layers fed the same input tensor, which then
+        share one input factor (one product and one decomposition per group); without it every
+        layer has its own. The state's structure never changes in ``update``, so a compiled
+        ``update`` compiles once.
+
+    The compiled ``update`` is traced without graph breaks when called without a
+    ``generator`` (for ``fisher="mc"`` seed the global RNG with ``torch.manual_seed``
+    instead: dynamo cannot trace ``torch.Generator`` objects).
 
     Example:
         >>> init, update = build(model_fn, fisher="exact", sharing="last", lr_threshold=None)
@@ -150,31 +178,31 @@ def build(
         o = output_dim(params[name], name in layout)
         return o, params[name].numel() // o
 
-    def init(params: Params) -> KFACState:
+    def init(params: Params, batch: Batch | None = None) -> KFACState:
         names = names_of(params)
-        first = params[names[0]]
-        acc = dtype or (torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype)
-
-        # One empty factor object per side length: factors start shared, and `update` keeps two
-        # A factors shared (one product, one decomposition) while their layers see the same input.
-        empties: dict[int, Tensor | Eigen] = {}
-
-        def empty(dim: int) -> tuple[Tensor | Eigen, Tensor]:
-            if lr_threshold is not None and dim >= lr_threshold:
-                if dim not in empties:
-                    empties[dim] = empty_sketch(dim, n_kfac + extra, dtype=acc, device=first.device)
-                return empties[dim], torch.tensor(min(n_kfac, dim))
-            if dim not in empties:
-                empties[dim] = torch.zeros((dim, dim), dtype=acc, device=first.device)
-            return empties[dim], torch.tensor(0)
-
-        S, A, rank_S, rank_A = {}, {}, {}, {}
         for name in names:
             if name not in params:
                 raise KeyError(f"target {name!r} is not in params")
-            o, i = sides(params, name)
+        first = params[names[0]]
+        acc = dtype or (torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype)
+
+        def empty(dim: int) -> tuple[Tensor | Eigen, Tensor]:  # a fresh object for every entry
+            if lr_threshold is not None and dim >= lr_threshold:
+                return empty_sketch(dim, n_kfac + extra, dtype=acc, device=first.device), torch.tensor(
+                    min(n_kfac, dim)
+                )
+            return torch.zeros((dim, dim), dtype=acc, device=first.device), torch.tensor(0)
+
+        S, A, rank_S, rank_A = {}, {}, {}, {}
+        for name in names:
+            o, _ = sides(params, name)
             S[name], rank_S[name] = empty(o)
-            A[name], rank_A[name] = empty(i)
+        for group in _input_groups(params, names, batch):
+            _, i = sides(params, group[0])
+            key = GROUP_SEPARATOR.join(group)
+            A[key], rank = empty(i)
+            for name in group:
+                rank_A[name] = rank.clone()
         zero = torch.zeros((), dtype=acc, device=first.device)
         return KFACState(
             S=S,
@@ -187,6 +215,27 @@ def build(
             transposed={n: torch.tensor(n in layout) for n in names},
         )
 
+    def _input_groups(params: Params, names: list[str], batch: Batch | None) -> list[list[str]]:
+        """Targets in groups fed the same input tensor (one forward of ``batch``); singletons without one."""
+        for name in names:
+            if GROUP_SEPARATOR in name:
+                raise ValueError(f"parameter name {name!r} contains {GROUP_SEPARATOR!r}")
+        if batch is None:
+            return [[n] for n in names]
+        mask = token_mask_fn(batch)
+        _, _, inputs = capture(
+            model_fn, params, batch, (mask.shape[0], mask.shape[1]), targets=names, transposed=layout
+        )
+        groups: list[list[str]] = []
+        for name in names:
+            for group in groups:
+                if inputs[group[0]] is inputs[name]:
+                    group.append(name)
+                    break
+            else:
+                groups.append([name])
+        return groups
+
     def update(
         state: KFACState, params: Params, batch: Batch, generator: torch.Generator | None = generator
     ) -> KFACState:
@@ -194,9 +243,15 @@ def build(
         mask = token_mask_fn(batch)
         if mask.ndim != 2:
             raise ValueError(f"token mask must be (batch, tokens), got {tuple(mask.shape)}")
+        check_rows(mask)
         logits, output_grads, inputs = capture(
             model_fn, params, batch, (mask.shape[0], mask.shape[1]), targets=names, transposed=layout
         )
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError(
+                "non-finite (NaN/inf) logits in this batch: check the model's weights and inputs "
+                "(e.g. a diverged fine-tune, or half precision overflowing)"
+            )
         has_targets = _has_targets(batch, targets_fn)
         labels = targets_fn(batch) if has_targets else None
         cotangents = fisher_cotangents(
@@ -237,22 +292,25 @@ def build(
             del grads
         for name, rows_list in sketch_rows.items():
             S[name] = _accumulate(S[name], rows_list[0] if len(rows_list) == 1 else torch.cat(rows_list))
-        done: list[tuple[Tensor, Tensor | Eigen, Tensor | Eigen]] = []  # (input, old A, new A)
-        for name in names:
-            weights, last = weights_of(name)
-            # Same input object and same running A (e.g. q_proj and v_proj): same new A, computed once.
-            shared = [new for x, old, new in done if x is inputs[name] and old is state.A[name]]
-            if shared:
-                A[name] = shared[0]
-            else:
-                A[name] = _accumulate(
-                    state.A[name], _input_rows(inputs[name].to(acc), weights, last, sharing)
+        for key in state.A:
+            group = key.split(GROUP_SEPARATOR)
+            x = inputs[group[0]]
+            others = [n for n in group[1:] if inputs[n] is not x]
+            if others:
+                raise ValueError(
+                    f"layers {group[0]!r} and {others[0]!r} share one input factor in the state but "
+                    "were fed different inputs in this batch; build the state with init(params, batch) "
+                    "on a batch of this model, or init(params) for no sharing"
                 )
-                done.append((inputs[name], state.A[name], A[name]))
-            count[name] = count[name] + (weights.sum() if sharing == "expand" else mask.shape[0])
+            weights, last = weights_of(group[0])
+            A[key] = _accumulate(state.A[key], _input_rows(x.to(acc), weights, last, sharing))
+            for name in group:
+                count[name] = count[name] + (weights.sum() if sharing == "expand" else mask.shape[0])
         ll = state.log_likelihood
         if labels is not None:
             ll = ll + log_likelihood(logits.detach().to(acc), labels, likelihood, sigma)
+        else:  # unknown from now on: the evidence needs the log-likelihood of every example
+            ll = ll + float("nan")
         return state._replace(
             S=S,
             A=A,
@@ -334,26 +392,26 @@ def kfac_factors(state: KFACState) -> Factors:
     if float(state.n_examples) == 0:
         raise ValueError("the K-FAC state has seen no data: call update on at least one batch")
     out: Factors = {}
-    decomposed: list[tuple[Tensor | Eigen, int, float, Eigen]] = []  # factors shared by several names
-
-    def eigen(factor: Tensor | Eigen, rank: int, count: float) -> Eigen:
-        for seen, r, c, result in decomposed:
-            if seen is factor and r == rank and c == count:
-                return result
-        result = _eigen(factor, rank, count)
-        decomposed.append((factor, rank, count, result))
-        return result
-
+    keys = input_factor_keys(state)
+    inputs: dict[str, Eigen] = {}  # one decomposition per input factor, shared by its layers
     for name in state.S:
+        key = keys[name]
+        if key not in inputs:
+            inputs[key] = _eigen(state.A[key], int(state.rank_A[name]), float(state.a_count[name]), key)
         out[name] = KronFactor(
-            S=eigen(state.S[name], int(state.rank_S[name]), 1.0),
-            A=eigen(state.A[name], int(state.rank_A[name]), float(state.a_count[name])),
+            S=_eigen(state.S[name], int(state.rank_S[name]), 1.0, name),
+            A=inputs[key],
             transposed=state.transposed[name],
         )
     return out
 
 
-def _eigen(factor: Tensor | Eigen, rank: int, count: float) -> Eigen:
+def _eigen(factor: Tensor | Eigen, rank: int, count: float, name: str) -> Eigen:
+    if not all(bool(torch.isfinite(t).all()) for t in (factor if isinstance(factor, Eigen) else (factor,))):
+        raise FloatingPointError(
+            f"non-finite (NaN/inf) K-FAC statistics for {name!r}: the gradients or inputs of a batch "
+            "were not finite"
+        )
     if isinstance(factor, Eigen):
         return Eigen(factor.vectors[:, :rank], factor.values[:rank] / count)
     return dense_eigen(factor / count)
@@ -388,16 +446,9 @@ def reduce_across_ranks(state: KFACState, group: dist.ProcessGroup | None = None
             [Eigen(v, w) for v, w in zip(vectors, values, strict=True)], factor.values.shape[0]
         )
 
-    reduced: dict[int, tuple[Tensor | Eigen, Tensor | Eigen]] = {}  # by id: shared factors stay shared
-
-    def once(factor: Tensor | Eigen) -> Tensor | Eigen:
-        if id(factor) not in reduced:
-            reduced[id(factor)] = (factor, combined(factor))
-        return reduced[id(factor)][1]
-
     return state._replace(
-        S={n: once(f) for n, f in state.S.items()},
-        A={n: once(f) for n, f in state.A.items()},
+        S={n: combined(f) for n, f in state.S.items()},
+        A={key: combined(f) for key, f in state.A.items()},  # a shared input factor once
         n_examples=summed(state.n_examples),
         a_count={n: summed(c) for n, c in state.a_count.items()},
         log_likelihood=summed(state.log_likelihood),
@@ -430,14 +481,26 @@ def fit(
     Example:
         >>> factors, state = fit(model_fn, params, loader, fisher="exact", return_state=True)
     """
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "fit_kfac(distributed=True) needs an initialised torch.distributed process group: call "
+            "torch.distributed.init_process_group first, or pass distributed=False"
+        )
     init, update = build(model_fn, **options)
-    state = init(params)
-    seen = 0
-    for batch in tqdm(batches, desc="K-FAC", disable=not progress, unit="batch"):
-        state = update(state, params, batch)
-        seen += 1
-    if seen == 0:
+    total = len(batches) if isinstance(batches, Sized) else None
+    iterator = iter(batches)
+    first = next(iterator, None)
+    if first is None:
         raise ValueError("the batches are empty: K-FAC needs at least one batch")
+    state = init(params, first)  # finds the layers that share an input factor
+    bar = tqdm(
+        itertools.chain([first], iterator), desc="K-FAC", disable=not progress, unit="batch", total=total
+    )
+    for k, batch in enumerate(bar):
+        try:
+            state = update(state, params, batch)
+        except (ValueError, FloatingPointError) as error:
+            raise type(error)(f"K-FAC batch {k}: {error}") from error
     if distributed:
         state = reduce_across_ranks(state)
     factors = kfac_factors(state)

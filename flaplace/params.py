@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -14,6 +15,28 @@ from flaplace.typing import Batch, Params
 
 #: Batch keys that are targets or bookkeeping, never passed to the model.
 NON_INPUT_KEYS: frozenset[str] = frozenset({"labels", "label", "targets"})
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module that holds the weights: ``model`` without DDP/DataParallel or ``torch.compile`` wrappers.
+
+    ``DistributedDataParallel`` and ``DataParallel`` keep the model as ``.module`` and
+    ``torch.compile`` as ``._orig_mod``; their own forward (buffer broadcasts, gradient
+    buckets, guards) is not part of the function and fails under ``torch.func`` transforms,
+    so flaplace evaluates the wrapped module itself (the weights are the same tensors).
+
+    Example:
+        >>> unwrap_model(DistributedDataParallel(model)) is model
+        True
+    """
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
 
 
 def select_params(
@@ -33,7 +56,8 @@ def select_params(
 
     Returns:
         The selected parameters, detached (sharing storage with the model),
-        in the model's own order.
+        in the model's own order. A wrapped model (DDP, ``torch.compile``) is
+        unwrapped first (:func:`unwrap_model`), so names carry no ``module.`` prefix.
 
     Raises:
         ValueError: nothing is selected, or a keyword matches no parameter.
@@ -41,6 +65,7 @@ def select_params(
     Example:
         >>> params = select_params(peft_model, "lora")  # lora_A and lora_B weights
     """
+    model = unwrap_model(model)
     named = dict(model.named_parameters())
     if not named:
         raise ValueError(f"{type(model).__name__} has no parameters to select from")
@@ -150,15 +175,36 @@ class LastTokenLogits:
         >>> output_fn = LastTokenLogits([tok(" A").input_ids[-1], tok(" B").input_ids[-1]])
     """
 
-    def __init__(self, token_ids: Sequence[int]):
-        if len(token_ids) == 0:
+    def __init__(self, token_ids: Sequence[int] | Tensor, *, vocab_size: int | None = None):
+        ids = _token_id_list(token_ids)
+        if not ids:
             raise ValueError("LastTokenLogits needs at least one answer token id")
-        self.token_ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+        negative = [i for i in ids if i < 0]
+        if negative:
+            raise ValueError(
+                f"token_ids must be non-negative vocabulary indices, got {negative[0]} "
+                "(a negative id would silently index from the end of the vocabulary)"
+            )
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(
+                f"token_ids has duplicate id(s) {repeated}: each answer needs its own token "
+                "(two equal ids split the probability between identical classes)"
+            )
+        if vocab_size is not None and max(ids) >= vocab_size:
+            raise ValueError(f"token id {max(ids)} is out of range for vocab_size {vocab_size}")
+        self.token_ids = torch.tensor(ids, dtype=torch.long)
+        self._largest = max(ids)
 
     def __call__(self, output: object, batch: Batch) -> Float[Tensor, "batch classes"]:
         logits = logits_of(output)
         if logits.ndim != 3:
             raise ValueError(f"expected token logits (batch, tokens, vocab), got {tuple(logits.shape)}")
+        if self._largest >= logits.shape[2]:
+            raise ValueError(
+                f"token id {self._largest} of LastTokenLogits is out of range for the model's "
+                f"vocabulary of {logits.shape[2]} tokens; use ids of the model's tokenizer"
+            )
         if logits.shape[1] == 1:  # one position per example: the model kept only the last one
             rows = logits[:, 0]
         else:
@@ -185,10 +231,66 @@ def last_positions(batch: Batch, length: int, device: torch.device) -> Int[Tenso
     """Index of the last real token of each example (``length - 1`` without a mask)."""
     if isinstance(batch, Mapping) and "attention_mask" in batch:
         mask = batch["attention_mask"].to(device)
+        check_rows(mask)
         positions = torch.arange(mask.shape[1], device=device)
         return (mask.bool() * positions).amax(dim=1)
     n = len(batch["input_ids"]) if isinstance(batch, Mapping) else len(batch[0])
     return torch.full((n,), length - 1, dtype=torch.long, device=device)
+
+
+def check_rows(mask: Tensor, what: str = "the batch") -> None:
+    """Refuse a token mask with no rows or with a row of padding only.
+
+    An all-padding example has no last token and no real input: it would count in the
+    log-likelihood and get a zero predictive variance. Checked on plain tensors only (not
+    inside ``vmap`` or ``torch.compile``, where the values are not known).
+
+    Raises:
+        ValueError: naming the rows to drop.
+
+    Example:
+        >>> check_rows(torch.tensor([[1, 1], [0, 1]]))  # fine
+    """
+    if mask.ndim != 2 or torch.compiler.is_compiling() or _is_transformed(mask):
+        return
+    if mask.shape[0] == 0:
+        raise ValueError(f"{what} has 0 rows (examples); drop empty batches")
+    empty = (~mask.bool().any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"row(s) {empty[:5]} of {what} have no real token (attention_mask all 0); "
+            "drop all-padding examples"
+        )
+
+
+def _is_transformed(t: Tensor) -> bool:
+    """Whether ``t`` is wrapped by a ``torch.func`` transform (its values are then not readable)."""
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def _token_id_list(token_ids: Sequence[int] | Tensor) -> list[int]:
+    """Answer token ids as Python ints; floats and booleans are refused (they would be truncated)."""
+    if isinstance(token_ids, Tensor):
+        if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
+            raise TypeError(f"token_ids must be integers, got a tensor of {token_ids.dtype}")
+        return [int(i) for i in token_ids.reshape(-1).tolist()]
+    ids = []
+    for value in token_ids:
+        if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
+            value = value.item()
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            ids.append(operator.index(value))  # ints and numpy integers; floats are refused
+        except TypeError:
+            raise TypeError(
+                f"token_ids must be integers (token ids of the tokenizer), got {value!r} "
+                f"of type {type(value).__name__}"
+            ) from None
+    return ids
 
 
 def classifier_logits(output: object, batch: Batch) -> Float[Tensor, "batch classes"]:
@@ -208,6 +310,10 @@ class ModelFunction:
     Only the adapted weights are swapped in; every other weight and buffer is
     the module's own. ``transposed`` lists the selected weights stored as
     ``(in, out)`` (GPT-2 ``Conv1D``), found from the module structure.
+
+    The model is always evaluated in eval mode (dropout off), whatever mode it is in: each
+    call switches the modules that are training to eval and back afterwards. A wrapped model
+    (DDP, ``torch.compile``) is unwrapped (:func:`unwrap_model`).
 
     When the output function reads a few positions only (:class:`LastTokenLogits`) and the
     model is a Hugging Face language model that takes per-example ``logits_to_keep``
@@ -231,6 +337,7 @@ class ModelFunction:
         trim_logits: bool = True,
     ):
         names = list(params)
+        model = unwrap_model(model)
         known = dict(model.named_parameters())
         unknown = [n for n in names if n not in known]
         if unknown:
@@ -260,7 +367,16 @@ class ModelFunction:
                     params.update(dict.fromkeys(others, params[name]))
         if self.trim_logits and "logits_to_keep" not in kwargs:
             kwargs.update(self.output_fn.model_kwargs(batch))  # type: ignore[attr-defined]
-        output = functional_call(self.model, params, args, kwargs, tie_weights=False)
+        # Dropout and other training-mode layers would make f random: evaluate in eval mode
+        # and give the modules back their own modes afterwards.
+        training = [m for m in self.model.modules() if m.training]
+        for module in training:
+            module.training = False
+        try:
+            output = functional_call(self.model, params, args, kwargs, tie_weights=False)
+        finally:
+            for module in training:
+                module.training = True
         return self.output_fn(output, batch)
 
 

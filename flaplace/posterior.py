@@ -17,10 +17,11 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from os import PathLike
+from pathlib import Path
 
 import torch
 from jaxtyping import Float
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -198,6 +199,54 @@ def check_blocks(factors: Factors, params: Params) -> None:
             raise ValueError(f"{name}: the MAP parameters are not finite")
 
 
+def validate_posterior(posterior: Posterior, *, values: bool = True) -> None:
+    """Check that ``posterior`` is a usable Laplace posterior; raise naming the first problem.
+
+    The one validation every entry point runs (:func:`make_posterior`, :func:`load_posterior`,
+    :func:`with_prior_precision`, the evidence): the same names in ``mean``, ``factors`` and
+    ``prior_precision``; each block a matrix whose factors fit its shape (:func:`check_blocks`);
+    each prior precision a single positive, finite number.
+
+    Args:
+        posterior: the posterior to check.
+        values: also check that the means, eigenvectors and eigenvalues are finite (reads
+            every tensor once); ``False`` checks the names, shapes and prior precisions only.
+
+    Raises:
+        ValueError: naming the block and what is wrong with it.
+
+    Example:
+        >>> validate_posterior(posterior)  # silent when the posterior is fine
+    """
+    if not isinstance(posterior, Posterior):
+        raise TypeError(f"expected a Posterior (from make_posterior), got {type(posterior).__name__}")
+    names = list(posterior.mean)
+    if set(posterior.prior_precision) != set(names):
+        odd = sorted(set(posterior.prior_precision) ^ set(names))
+        raise ValueError(
+            f"posterior.prior_precision must have one value per block; {odd[0]!r} is in only one of "
+            "mean and prior_precision"
+        )
+    if values:
+        check_blocks(posterior.factors, posterior.mean)
+    else:
+        missing = sorted(set(names) ^ set(posterior.factors))
+        if missing:
+            raise ValueError(f"block {missing[0]!r} is in only one of posterior.mean and posterior.factors")
+    if torch.compiler.is_compiling():
+        return
+    for name in names:
+        value = posterior.prior_precision[name]
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            raise ValueError(f"prior precision of {name!r} must be a single-number tensor, got {value!r}")
+        number = float(value.detach())
+        if not (math.isfinite(number) and number > 0):
+            raise ValueError(
+                f"prior precision of {name!r} must be positive and finite, got {number}; "
+                "pass a positive prior_precision (e.g. 1.0) or tune it with tune_prior_evidence"
+            )
+
+
 def make_posterior(factors: Factors, params: Params, prior_precision: PriorPrecision) -> Posterior:
     """The Laplace posterior ``N(theta*, P^{-1})`` with ``P = S (x) A + lambda I`` per block.
 
@@ -227,11 +276,13 @@ def make_posterior(factors: Factors, params: Params, prior_precision: PriorPreci
     names = list(params)
     first = factors[names[0]].S.values
     precision = prior_precision_per_block(names, prior_precision, dtype=first.dtype, device=first.device)
-    return Posterior(
+    posterior = Posterior(
         mean=dict(params),
         factors={n: factors[n] for n in names},
         prior_precision=precision,
     )
+    validate_posterior(posterior, values=False)  # the blocks were checked in full just above
+    return posterior
 
 
 def with_prior_precision(posterior: Posterior, prior_precision: PriorPrecision) -> Posterior:
@@ -250,7 +301,9 @@ def with_prior_precision(posterior: Posterior, prior_precision: PriorPrecision) 
     precision = prior_precision_per_block(
         names, prior_precision, dtype=reference.dtype, device=reference.device
     )
-    return posterior._replace(prior_precision=precision)
+    result = posterior._replace(prior_precision=precision)
+    validate_posterior(result, values=False)
+    return result
 
 
 # --------------------------------------------------------------------------- sampling
@@ -392,7 +445,9 @@ def load_posterior(
             given, else the CPU.
 
     Raises:
-        ValueError: not a flaplace posterior file, an unsupported version, or
+        FileNotFoundError: no file at ``path``. IsADirectoryError: ``path`` is a folder.
+        ValueError: not a flaplace posterior file, a damaged file, an unsupported version,
+            a prior precision that is not positive and finite, non-finite tensors, or
             (naming the first one) a name, shape or dtype mismatch.
 
     Example:
@@ -401,18 +456,7 @@ def load_posterior(
     if device is None:
         device = next(iter(params.values())).device if params else torch.device("cpu")
     device = torch.device(device)
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        metadata = handle.metadata() or {}
-        if metadata.get("format") != FORMAT_NAME:
-            raise ValueError(f"{path} is not a flaplace posterior file (no '{FORMAT_NAME}' metadata)")
-        if metadata.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path} has posterior format version {metadata.get('format_version')!r}; "
-                f"this flaplace reads version {FORMAT_VERSION!r}"
-            )
-        names: list[str] = json.loads(metadata["names"])
-        transposed: list[bool] = json.loads(metadata["transposed"])
-        stored = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    names, transposed, stored = _read_posterior_file(path)
     if params is not None:
         _check_against_params(names, stored, params, path)
     mean: Params = {}
@@ -427,8 +471,53 @@ def load_posterior(
             transposed=torch.tensor(flag, device=device),
         )
         precision[name] = field["prior_precision"]
-    check_blocks(factors, mean)
-    return Posterior(mean=mean, factors=factors, prior_precision=precision)
+    posterior = Posterior(mean=mean, factors=factors, prior_precision=precision)
+    try:
+        validate_posterior(posterior)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return posterior
+
+
+def _read_posterior_file(path: str | PathLike[str]) -> tuple[list[str], list[bool], dict[str, Tensor]]:
+    """Names, transposed flags and tensors of a posterior file, with one clear error per kind of damage."""
+    location = Path(path)
+    if location.is_dir():
+        raise IsADirectoryError(
+            f"{path} is a folder; pass the posterior file inside it (written by save_posterior, "
+            "e.g. posterior.safetensors)"
+        )
+    if not location.is_file():
+        raise FileNotFoundError(f"posterior file {path} does not exist; write one with save_posterior")
+    damaged = f"{path} is damaged or not a posterior file (save it again with save_posterior)"
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != FORMAT_NAME:
+                raise ValueError(f"{path} is not a flaplace posterior file (no '{FORMAT_NAME}' metadata)")
+            if metadata.get("format_version") != FORMAT_VERSION:
+                raise ValueError(
+                    f"{path} has posterior format version {metadata.get('format_version')!r}; "
+                    f"this flaplace reads version {FORMAT_VERSION!r}"
+                )
+            try:
+                names = json.loads(metadata["names"])
+                transposed = json.loads(metadata["transposed"])
+            except (KeyError, json.JSONDecodeError):
+                raise ValueError(f"{damaged}: its block list (metadata) is unreadable") from None
+            stored = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except SafetensorError as error:
+        raise ValueError(f"{damaged}: {error}") from None
+    lists = isinstance(names, list) and isinstance(transposed, list)
+    if not lists or len(names) != len(transposed) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{damaged}: its block list and transposed flags do not match")
+    if not all(isinstance(t, bool) for t in transposed):
+        raise ValueError(f"{damaged}: its transposed flags are not true/false")
+    for name in names:
+        absent = [f for f in FIELDS if f"{name}{KEY_SEPARATOR}{f}" not in stored]
+        if absent:
+            raise ValueError(f"{damaged}: block {name!r} has no {absent[0]!r} tensor")
+    return names, transposed, stored
 
 
 def _check_against_params(names: list[str], stored: dict[str, Tensor], params: Params, path: object) -> None:

@@ -25,8 +25,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from torch.func import jacrev, vmap
 
-from flaplace.capture import capture
-from flaplace.params import token_mask
+from flaplace.capture import CaptureError, capture
+from flaplace.params import check_rows, token_mask
 from flaplace.typing import Batch, Likelihood, ModelFn, Params, Posterior
 
 JacobianMethod: TypeAlias = Literal["vmap", "loop", "capture"]
@@ -391,7 +391,9 @@ def predictive_covariance(
     (n, c) = shapes.pop()
     covariance: Tensor | int = 0
     for name, block in cache.blocks.items():
-        grads = _oriented(name, block, jacobians[name])
+        # Half-precision Jacobians (bf16/fp16 weights) meet the factors' dtype (float32 or wider):
+        # the products and sums of the covariance are accumulated in it.
+        grads = _oriented(name, block, jacobians[name]).to(block.weights.dtype)
         rotated = block.S_vectors.mT @ grads @ block.A_vectors  # (B, C, ks, ka)
         flat = rotated.reshape(n, c, -1)
         covariance = covariance + (flat * block.weights.reshape(-1)) @ flat.mT
@@ -408,7 +410,7 @@ def linearised_predictive(
     batch: Batch,
     *,
     chunk_size: int | None = None,
-    method: JacobianMethod = "vmap",
+    method: JacobianMethod | Literal["auto"] = "auto",
 ) -> tuple[Float[Tensor, "batch classes"], Float[Tensor, "batch classes classes"]]:
     """The linearised predictive ``N(f_mu, f_var)`` of the logits for one batch.
 
@@ -420,10 +422,21 @@ def linearised_predictive(
         posterior: a Posterior or its :class:`PredictiveCache` (precompute once, reuse).
         batch: the inputs.
         chunk_size: examples per vectorised Jacobian chunk (see :func:`per_example_jacobians`).
-        method: ``"vmap"``, ``"loop"`` or ``"capture"`` (see :func:`per_example_jacobians`).
+        method: ``"auto"`` (default), ``"capture"``, ``"vmap"`` or ``"loop"`` (see
+            :func:`per_example_jacobians`). ``"auto"`` uses ``"capture"`` (one forward of the
+            whole batch; works with any attention implementation of stock Hugging Face models)
+            and falls back to ``"vmap"``, then ``"loop"``, when the parameters are not all weight
+            matrices used once by a linear layer (e.g. biases, or a weight tied to an embedding)
+            or vmap cannot trace the model: every model gets its exact Jacobians. Under
+            ``torch.compile``, ``"auto"`` is ``"vmap"``.
 
     Returns:
-        ``(f_mu (B, C), f_var (B, C, C))``.
+        ``(f_mu (B, C), f_var (B, C, C))``, in the factors' dtype (float32 for a posterior
+        fitted on half-precision weights: the covariance is accumulated in it).
+
+    Raises:
+        ValueError: a batch with no rows, with an all-padding row, or whose logits are
+            not finite (NaN/inf).
 
     Example:
         >>> cache = predictive_precompute(posterior)
@@ -431,8 +444,42 @@ def linearised_predictive(
         >>> probs = predictive_probs(f_mu, f_var, link="probit")
     """
     cache = _as_cache(posterior)
-    jacobians, f_mu = _jacobians_and_logits(model_fn, cache.mean, batch, chunk_size=chunk_size, method=method)
-    return f_mu, predictive_covariance(cache, jacobians)
+    if isinstance(batch, Mapping) and "attention_mask" in batch:
+        check_rows(batch["attention_mask"])
+    if method == "auto":
+        jacobians, f_mu = _auto_jacobians(model_fn, cache.mean, batch, chunk_size)
+    else:
+        jacobians, f_mu = _jacobians_and_logits(
+            model_fn, cache.mean, batch, chunk_size=chunk_size, method=method
+        )
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(f_mu).all()):
+        raise ValueError(
+            "non-finite (NaN/inf) logits in the batch: check the model's weights and inputs "
+            "(e.g. a diverged fine-tune, or half precision overflowing)"
+        )
+    f_var = predictive_covariance(cache, jacobians)
+    return f_mu.to(f_var.dtype), f_var
+
+
+def _auto_jacobians(
+    model_fn: ModelFn, params: Params, batch: Batch, chunk_size: int | None
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Jacobians by capture, else vmap, else a loop over the examples (each exact where it runs).
+
+    Under ``torch.compile`` it is vmap (falling back means catching errors, which dynamo cannot trace).
+    """
+    if torch.compiler.is_compiling():
+        return _jacobians_and_logits(model_fn, params, batch, chunk_size=chunk_size, method="vmap")
+    try:
+        return _jacobians_and_logits(model_fn, params, batch, chunk_size=chunk_size, method="capture")
+    except CaptureError:
+        pass
+    try:
+        return _jacobians_and_logits(model_fn, params, batch, chunk_size=chunk_size, method="vmap")
+    except RuntimeError as error:
+        if "vmap" not in str(error):
+            raise
+    return _jacobians_and_logits(model_fn, params, batch, chunk_size=chunk_size, method="loop")
 
 
 # --------------------------------------------------------------------------------------------
