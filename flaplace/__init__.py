@@ -9,14 +9,14 @@ Example:
     >>> factors, state = flaplace.fit_kfac(model_fn, params, train_batches, return_state=True)
     >>> posterior = flaplace.make_posterior(factors, params, prior_precision=1.0)
     >>> posterior, _ = flaplace.tune_prior_evidence(posterior, state.log_likelihood)
-    >>> f_mu, f_var = flaplace.linearised_predictive(model_fn, posterior, test_batch)
+    >>> f_mu, f_var = flaplace.linearised_predictive(model_fn, posterior, test_batch)  # method="auto"
     >>> probs = flaplace.predictive_probs(f_mu, f_var, link="probit")
 """
 
 from flaplace.capture import CaptureError, capture
 from flaplace.evidence import log_marginal_likelihood, tune_prior_evidence, tune_prior_grid
 from flaplace.fisher import fisher_cotangents, log_likelihood
-from flaplace.kfac import KFAC, KFACState, build, kfac_factors, reduce_across_ranks
+from flaplace.kfac import KFAC, KFACState, build, input_factor_keys, kfac_factors, reduce_across_ranks
 from flaplace.kfac import fit as fit_kfac
 from flaplace.metrics import accuracy, brier, classification_metrics, ece, nll
 from flaplace.params import (
@@ -25,12 +25,14 @@ from flaplace.params import (
     classifier_logits,
     select_params,
     token_mask,
+    unwrap_model,
 )
 from flaplace.posterior import (
     load_posterior,
     make_posterior,
     sample,
     save_posterior,
+    validate_posterior,
     with_prior_precision,
 )
 from flaplace.predictive import (
@@ -67,6 +69,7 @@ __all__ = [
     "ece",
     "fisher_cotangents",
     "fit_kfac",
+    "input_factor_keys",
     "kfac_factors",
     "laplace_bridge_probs",
     "linearised_predictive",
@@ -88,5 +91,7 @@ __all__ = [
     "token_mask",
     "tune_prior_evidence",
     "tune_prior_grid",
+    "unwrap_model",
+    "validate_posterior",
     "with_prior_precision",
 ]

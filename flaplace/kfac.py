@@ -223,6 +223,7 @@ def build(
         if batch is None:
             return [[n] for n in names]
         mask = token_mask_fn(batch)
+        check_rows(mask)
         _, _, inputs = capture(
             model_fn, params, batch, (mask.shape[0], mask.shape[1]), targets=names, transposed=layout
         )
@@ -492,7 +493,10 @@ def fit(
     first = next(iterator, None)
     if first is None:
         raise ValueError("the batches are empty: K-FAC needs at least one batch")
-    state = init(params, first)  # finds the layers that share an input factor
+    try:
+        state = init(params, first)  # finds the layers that share an input factor
+    except (ValueError, FloatingPointError) as error:
+        raise type(error)(f"K-FAC batch 0: {error}") from error
     bar = tqdm(
         itertools.chain([first], iterator), desc="K-FAC", disable=not progress, unit="batch", total=total
     )

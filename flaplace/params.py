@@ -175,7 +175,7 @@ class LastTokenLogits:
         >>> output_fn = LastTokenLogits([tok(" A").input_ids[-1], tok(" B").input_ids[-1]])
     """
 
-    def __init__(self, token_ids: Sequence[int] | Tensor, *, vocab_size: int | None = None):
+    def __init__(self, token_ids: Sequence[object] | Tensor, *, vocab_size: int | None = None):
         ids = _token_id_list(token_ids)
         if not ids:
             raise ValueError("LastTokenLogits needs at least one answer token id")
@@ -271,7 +271,7 @@ def _is_transformed(t: Tensor) -> bool:
         return False
 
 
-def _token_id_list(token_ids: Sequence[int] | Tensor) -> list[int]:
+def _token_id_list(token_ids: Sequence[object] | Tensor) -> list[int]:
     """Answer token ids as Python ints; floats and booleans are refused (they would be truncated)."""
     if isinstance(token_ids, Tensor):
         if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
