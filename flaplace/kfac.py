@@ -100,7 +100,7 @@ def input_factor_keys(state: KFACState) -> dict[str, str]:
 class KFAC(NamedTuple):
     """The pure pair returned by :func:`build`."""
 
-    init: Callable[[Params], KFACState]
+    init: Callable[..., KFACState]  # (params, batch=None) -> state
     update: Callable[..., KFACState]
 
 

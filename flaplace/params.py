@@ -284,7 +284,7 @@ def _token_id_list(token_ids: Sequence[object] | Tensor) -> list[int]:
         try:
             if isinstance(value, bool):
                 raise TypeError
-            ids.append(operator.index(value))  # ints and numpy integers; floats are refused
+            ids.append(operator.index(value))  # type: ignore[arg-type]  # ints, numpy ints; not floats
         except TypeError:
             raise TypeError(
                 f"token_ids must be integers (token ids of the tokenizer), got {value!r} "

@@ -340,9 +340,9 @@ for fisher in ("exact", "mc"):
         if fisher == "exact":
             eager = update(eager, params, batch)
     err = max(float((state.S[n] - eager.S[n]).norm() / eager.S[n].norm()) for n in params)
-    explained = torch._dynamo.explain(update)(init(params, batch), params, batch)
-    out[fisher] = {"compiles": len(compiles), "breaks": explained.graph_break_count,
-                   "shared": len(state.A) < len(params), "err": err if fisher == "exact" else 0.0}
+    # Every graph (one per break, one per recompilation) goes through the backend once.
+    out[fisher] = {"compiles": len(compiles), "shared": len(state.A) < len(params),
+                   "err": err if fisher == "exact" else 0.0}
 print(json.dumps(out))
 """
 
@@ -351,8 +351,7 @@ def test_compiled_update_compiles_once_with_shared_input_factors():
     """Sharing is dict structure, not object identity: calls 2 and 3 reuse the first compilation."""
     result = json.loads(run_without_typechecks(COMPILE_TWICE).strip().splitlines()[-1])
     for fisher, record in result.items():
-        assert record["compiles"] == 1, (fisher, record)
-        assert record["breaks"] == 0, (fisher, record)
+        assert record["compiles"] == 1, (fisher, record)  # no graph break, no recompilation
         assert record["shared"], fisher
         assert record["err"] < 1e-5, fisher
 
