@@ -92,6 +92,11 @@ def test_layers_fed_the_same_input_share_one_input_factor(lr_threshold):
             assert torch.allclose(got, want, rtol=1e-12, atol=0), name
     factors = kfac_factors(state)
     assert factors[q].A is factors[v].A
+    # The sharing is structure: a tree_map (e.g. a copy or a device move) keeps it.
+    copied = torch.utils._pytree.tree_map(torch.clone, state)
+    assert set(copied.A) == set(state.A)
+    again = kfac_factors(update(copied, params, batch))
+    assert again[q].A is again[v].A
 
 
 def test_no_hooks_in_the_library():
