@@ -47,6 +47,11 @@ def log_marginal_likelihood(posterior: Posterior, log_likelihood: Tensor | float
         A 0-d tensor in the dtype of the prior precision, differentiable in the
         prior precision tensors (and so in ``log lambda``).
 
+    Raises:
+        ValueError: a posterior that fails :func:`~flaplace.posterior.validate_posterior`
+            (e.g. a NaN or non-positive prior precision), or a log-likelihood that is not
+            finite (NaN from K-FAC batches without labels: the message says so).
+
     Example:
         >>> posterior = make_posterior(factors, params, 1.0)
         >>> log_z = log_marginal_likelihood(posterior, log_likelihood=-1234.5)

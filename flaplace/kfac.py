@@ -479,6 +479,13 @@ def fit(
             ``log_likelihood`` is the training log-likelihood the evidence needs).
         **options: forwarded to :func:`build` (``fisher``, ``sharing``, ``n_kfac``, ...).
 
+    The first batch also goes to ``init`` (to find the layers that share an input factor).
+
+    Raises:
+        RuntimeError: ``distributed=True`` without an initialised process group.
+        ValueError, FloatingPointError: a bad batch (no rows, an all-padding row, non-finite
+            logits), with its index: ``"K-FAC batch k: ..."``.
+
     Example:
         >>> factors, state = fit(model_fn, params, loader, fisher="exact", return_state=True)
     """
