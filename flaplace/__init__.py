@@ -18,6 +18,7 @@ from flaplace.evidence import log_marginal_likelihood, tune_prior_evidence, tune
 from flaplace.fisher import fisher_cotangents, log_likelihood
 from flaplace.kfac import KFAC, KFACState, build, kfac_factors, reduce_across_ranks
 from flaplace.kfac import fit as fit_kfac
+from flaplace.laplace import LaplaceLoRA, laplace, sampling_probs
 from flaplace.metrics import accuracy, brier, classification_metrics, ece, nll
 from flaplace.params import (
     LastTokenLogits,
@@ -44,6 +45,7 @@ from flaplace.predictive import (
     probit_probs,
 )
 from flaplace.typing import Eigen, Factors, KronFactor, Params, Posterior
+from flaplace.validation import tune_prior_nll
 
 __version__ = "0.1.0"
 
@@ -54,6 +56,7 @@ __all__ = [
     "Factors",
     "KFACState",
     "KronFactor",
+    "LaplaceLoRA",
     "LastTokenLogits",
     "ModelFunction",
     "Params",
@@ -68,6 +71,7 @@ __all__ = [
     "fisher_cotangents",
     "fit_kfac",
     "kfac_factors",
+    "laplace",
     "laplace_bridge_probs",
     "linearised_predictive",
     "load_posterior",
@@ -83,10 +87,12 @@ __all__ = [
     "probit_probs",
     "reduce_across_ranks",
     "sample",
+    "sampling_probs",
     "save_posterior",
     "select_params",
     "token_mask",
     "tune_prior_evidence",
     "tune_prior_grid",
+    "tune_prior_nll",
     "with_prior_precision",
 ]

@@ -34,6 +34,7 @@ from flaplace.posterior import PriorPrecision, make_posterior, sample, with_prio
 from flaplace.predictive import (
     JacobianMethod,
     Link,
+    PredictiveCache,
     linearised_predictive,
     predictive_precompute,
     predictive_probs,
@@ -194,7 +195,7 @@ class LaplaceLoRA:
         self.posterior: Posterior | None = None
         self.log_likelihood: Tensor | None = None
         self.history: list[dict[str, Any]] = []
-        self._cache = None
+        self._cache: PredictiveCache | None = None
 
     # ------------------------------------------------------------------ fitting
 
@@ -213,7 +214,7 @@ class LaplaceLoRA:
             >>> la.fit(train_loader)
         """
         self.model.eval()
-        factors, state = fit_kfac(
+        result = fit_kfac(
             self.model_fn,
             self.params,
             self._batches(batches),
@@ -222,6 +223,8 @@ class LaplaceLoRA:
             return_state=True,
             **self.kfac_options,
         )
+        assert isinstance(result, tuple)  # return_state=True
+        factors, state = result
         self.posterior = make_posterior(factors, self.params, self.initial_prior_precision)
         self.log_likelihood = state.log_likelihood
         self._cache = None

@@ -43,17 +43,17 @@ def test_ece_bins_are_right_closed_where_torchmetrics_are_left_closed():
 
 
 def test_paired_bootstrap_of_the_nll_matches_the_normal_interval():
-    probs_a, labels = random_probs(800, 3, seed=1)
+    probs_a, labels = random_probs(400, 3, seed=1)
     probs_b = torch.softmax(probs_a.log() * 0.5, -1)  # a tempered copy: correlated with a
-    result = paired_bootstrap(probs_a, probs_b, labels, metrics=["nll"], n_resamples=1500)
+    result = paired_bootstrap(probs_a, probs_b, labels, metrics=["nll"], n_resamples=800)
     per_example = -probs_a.gather(1, labels[:, None]).log() + probs_b.gather(1, labels[:, None]).log()
     mean, sd = float(per_example.mean()), float(per_example.std())
     assert result["nll"]["diff"] == pytest.approx(nll(probs_a, labels) - nll(probs_b, labels), abs=1e-12)
     assert result["nll"]["diff"] == pytest.approx(mean, abs=1e-12)
-    half = 1.96 * sd / math.sqrt(800)  # the NLL difference is a mean: the CLT interval
+    half = 1.96 * sd / math.sqrt(400)  # the NLL difference is a mean: the CLT interval
     low, high = result["nll"]["ci95"]
-    assert low == pytest.approx(mean - half, abs=0.15 * half)
-    assert high == pytest.approx(mean + half, abs=0.15 * half)
+    assert low == pytest.approx(mean - half, abs=0.2 * half)
+    assert high == pytest.approx(mean + half, abs=0.2 * half)
 
 
 def test_paired_bootstrap_errors():
