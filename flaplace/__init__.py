@@ -18,6 +18,7 @@ from flaplace.evidence import log_marginal_likelihood, tune_prior_evidence, tune
 from flaplace.fisher import fisher_cotangents, log_likelihood
 from flaplace.kfac import KFAC, KFACState, build, input_factor_keys, kfac_factors, reduce_across_ranks
 from flaplace.kfac import fit as fit_kfac
+from flaplace.laplace import LaplaceLoRA, laplace, sampling_probs
 from flaplace.metrics import accuracy, brier, classification_metrics, ece, nll
 from flaplace.params import (
     LastTokenLogits,
@@ -46,6 +47,7 @@ from flaplace.predictive import (
     probit_probs,
 )
 from flaplace.typing import Eigen, Factors, KronFactor, Params, Posterior
+from flaplace.validation import tune_prior_nll
 
 __version__ = "0.1.0"
 
@@ -56,6 +58,7 @@ __all__ = [
     "Factors",
     "KFACState",
     "KronFactor",
+    "LaplaceLoRA",
     "LastTokenLogits",
     "ModelFunction",
     "Params",
@@ -71,6 +74,7 @@ __all__ = [
     "fit_kfac",
     "input_factor_keys",
     "kfac_factors",
+    "laplace",
     "laplace_bridge_probs",
     "linearised_predictive",
     "load_posterior",
@@ -86,11 +90,13 @@ __all__ = [
     "probit_probs",
     "reduce_across_ranks",
     "sample",
+    "sampling_probs",
     "save_posterior",
     "select_params",
     "token_mask",
     "tune_prior_evidence",
     "tune_prior_grid",
+    "tune_prior_nll",
     "unwrap_model",
     "validate_posterior",
     "with_prior_precision",

@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -339,7 +340,7 @@ def _gradient_rows(
 ) -> Float[Tensor, "rows o"]:
     """Rows whose outer products sum to one cotangent's (unnormalised) contribution to ``S``."""
     if sharing == "expand":
-        return (grads * mask[:, :, None]).reshape(-1, grads.shape[-1])
+        return rearrange(grads * mask[:, :, None], "b t o -> (b t) o")
     if sharing == "reduce":
         return (grads * mask[:, :, None]).sum(1)
     assert last is not None, "sharing 'last' needs the last positions"
@@ -354,7 +355,7 @@ def _input_rows(
 ) -> Float[Tensor, "rows i"]:
     """Rows whose outer products sum to the batch's (unnormalised) ``A``."""
     if sharing == "expand":
-        return (inputs * mask[:, :, None]).reshape(-1, inputs.shape[-1])
+        return rearrange(inputs * mask[:, :, None], "b t i -> (b t) i")
     if sharing == "reduce":
         return (inputs * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
     assert last is not None, "sharing 'last' needs the last positions"

@@ -101,6 +101,11 @@ def ece(probs: Float[Tensor, " batch *classes"], labels: Shaped[Tensor, " batch"
     Example:
         >>> ece(torch.tensor([[0.9, 0.1], [0.3, 0.7]]), torch.tensor([0, 0]))
     """
+    # Kept rather than torchmetrics' multiclass_calibration_error, which it equals on data without
+    # ties at bin edges (tests/test_metrics_reference.py): this one takes binary (B,) inputs and
+    # checks its inputs with one-line errors, accumulates in float64 (torchmetrics: float32, ~1e-7
+    # off) and uses right-closed bins ((m-1)/M, m/M] as Guo et al. define them (torchmetrics':
+    # left-closed), so a confidence of exactly 1 needs no special case.
     if not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
     p, y = as_class_probs(probs, labels)

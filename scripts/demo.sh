@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # The main job: `bash scripts/demo.sh [demo options]` runs `python -m flaplace demo`.
 #
-# Creates (or reuses) the virtual environment .demo-venv, installs torch==2.13.0 FIRST (a CPU wheel;
-# an unpinned torch resolves to a multi-GB CUDA build), then flaplace with its demo extra under a
-# constraint that keeps torch at 2.13.0. Environment knobs: FLAPLACE_DEMO_VENV, PYTHON.
+# Creates (or reuses) the virtual environment .demo-venv (or FLAPLACE_DEMO_VENV, which may be an
+# existing environment). A torch >= 2.5 already there (CPU or CUDA) is KEPT; only when there is none
+# is $FLAPLACE_TORCH (default torch==2.13.0) installed first. flaplace with its demo extra is then
+# installed under a constraint that pins whichever torch is present, so pip never replaces it.
+# Environment knobs: FLAPLACE_DEMO_VENV, FLAPLACE_TORCH (e.g. "torch==2.13.0 --index-url
+# https://download.pytorch.org/whl/cpu" for the CPU-only wheel), PYTHON.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-TORCH_PIN="torch==2.13.0"
+TORCH_INSTALL="${FLAPLACE_TORCH:-torch==2.13.0}"
 VENV="${FLAPLACE_DEMO_VENV:-$ROOT/.demo-venv}"
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3 || command -v python)}"
 
 CONSTRAINTS="$(mktemp "${TMPDIR:-/tmp}/flaplace-constraints.XXXXXX")"
 trap 'rm -f "$CONSTRAINTS"' EXIT
-echo "$TORCH_PIN" > "$CONSTRAINTS"
 
 STAMP_VALUE="$({ echo "$ROOT"; cat pyproject.toml scripts/demo.sh; } | sha256sum | cut -d' ' -f1)"
 STAMP_FILE="$VENV/.flaplace-demo-stamp"
@@ -27,9 +29,24 @@ fi
 PY="$VENV/bin/python"
 
 if [[ ! -f "$STAMP_FILE" || "$(cat "$STAMP_FILE")" != "$STAMP_VALUE" ]]; then
-    echo ">>> installing $TORCH_PIN, then flaplace[demo]" >&2
     "$PY" -m pip install --quiet --upgrade pip
-    "$PY" -m pip install --quiet "$TORCH_PIN"
+    # The installed torch, if any and if at least 2.5 (the one flaplace requires).
+    HAVE_TORCH="$("$PY" - <<'PYCODE' 2>/dev/null || true
+import re, torch
+major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+print(torch.__version__.split("+")[0] if (major, minor) >= (2, 5) else "")
+PYCODE
+)"
+    if [[ -n "$HAVE_TORCH" ]]; then
+        echo ">>> keeping the installed torch $HAVE_TORCH" >&2
+    else
+        echo ">>> no torch >= 2.5 here: installing $TORCH_INSTALL" >&2
+        # shellcheck disable=SC2086  # FLAPLACE_TORCH may carry pip options (--index-url ...)
+        "$PY" -m pip install --quiet $TORCH_INSTALL
+        HAVE_TORCH="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
+    fi
+    echo "torch==$HAVE_TORCH" > "$CONSTRAINTS"
+    echo ">>> installing flaplace[demo] (torch stays at $HAVE_TORCH)" >&2
     "$PY" -m pip install --quiet -c "$CONSTRAINTS" -e '.[demo]'
     echo "$STAMP_VALUE" > "$STAMP_FILE"
 fi

@@ -1,0 +1,295 @@
+"""Hugging Face ``Trainer`` glue: from a trained Trainer (or a PEFT model and a DataLoader) to a posterior.
+
+Post hoc, after ``trainer.train()``::
+
+    la = laplace_from_trainer(trainer, answer_ids=answer_ids)  # fit K-FAC, tune the prior
+    probs = la(batch)                                            # linearised predictive, probit
+
+or at the end of training with :class:`LaplaceCallback`. Batches come from the Trainer's own
+DataLoaders (its collator's output), are moved to the model's device, and for causal language
+models the collator's token labels (``-100`` everywhere but the answer) are turned into class
+indices over the answer tokens (:func:`answer_batch`).
+
+The MAP that the Laplace posterior is centred on should be trained with the prior's penalty:
+:class:`GaussianPriorTrainer` adds it in ``compute_loss`` (see :func:`gaussian_prior_penalty`
+for the exact scaling and the weight-decay equivalence).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flaplace.laplace import LaplaceLoRA, batch_to, laplace
+from flaplace.params import LastTokenLogits, classifier_logits, select_params
+from flaplace.typing import Batch
+
+#: The label value Hugging Face losses ignore.
+IGNORE_INDEX = -100
+
+__all__ = [
+    "GaussianPriorTrainer",
+    "LaplaceCallback",
+    "answer_batch",
+    "fit_laplace",
+    "gaussian_prior_penalty",
+    "laplace_from_trainer",
+]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def answer_batch(batch: Mapping[str, Any], answer_ids: Sequence[int]) -> dict[str, Any]:
+    """Turn a causal-LM collator batch with token labels into an answer-scoring batch.
+
+    Causal-LM collators give ``labels`` of shape ``(batch, tokens)``: token ids, ``-100`` where
+    no loss is taken. The answer of each example is its FIRST unmasked label token (an EOS after
+    it may be unmasked too). The result has ``labels`` = the index of that token among
+    ``answer_ids`` (``(batch,)``), and an ``attention_mask`` that ends just before the answer, so
+    that the last real position is the one whose logits predict the answer (the model shifts its
+    labels by one). Causal attention never looks ahead, so masking the answer and what follows
+    it changes no earlier logit. A batch whose labels are already ``(batch,)`` class indices, or
+    that has no labels, is returned unchanged (as a new dict).
+
+    Raises:
+        ValueError: a row with no unmasked label, or a label token that is not among
+            ``answer_ids`` (naming the row, the token and the answer ids).
+
+    Example:
+        >>> answer_batch({"input_ids": ids, "attention_mask": mask, "labels": token_labels}, [317, 347])
+    """
+    out = dict(batch)
+    labels = out.get("labels")
+    if not isinstance(labels, Tensor) or labels.ndim != 2:
+        return out
+    answers = torch.as_tensor(list(answer_ids), dtype=labels.dtype, device=labels.device)
+    unmasked = labels != IGNORE_INDEX
+    empty = (~unmasked.any(dim=1)).nonzero()
+    if len(empty):
+        raise ValueError(
+            f"row {int(empty[0])} of the batch has no answer token: all its labels are {IGNORE_INDEX}; "
+            "the collator must leave the answer token unmasked"
+        )
+    position = unmasked.int().argmax(dim=1)  # the first unmasked label of each row
+    if bool((position == 0).any()):
+        raise ValueError("an answer token at position 0 has no prompt before it to predict it from")
+    tokens = labels.gather(1, position[:, None])[:, 0]
+    match = tokens[:, None] == answers[None, :]
+    missing = (~match.any(dim=1)).nonzero()
+    if len(missing):
+        row = int(missing[0])
+        raise ValueError(
+            f"the label token {int(tokens[row])} of row {row} is not one of the answer token ids "
+            f"{answers.tolist()}; pass answer_ids that cover every answer (e.g. from answer_token_ids)"
+        )
+    mask = out.get("attention_mask")
+    if not isinstance(mask, Tensor):
+        mask = torch.ones_like(labels)
+    keep = torch.arange(labels.shape[1], device=labels.device)[None, :] < position[:, None]
+    out["attention_mask"] = mask * keep.to(mask.dtype)
+    out["labels"] = match.int().argmax(dim=1)
+    return out
+
+
+class _BatchFn:
+    """Move a batch to ``device`` and, with ``answer_ids``, score answers (:func:`answer_batch`)."""
+
+    def __init__(self, device: torch.device, answer_ids: Sequence[int] | None):
+        self.device = device
+        self.answer_ids = None if answer_ids is None else list(answer_ids)
+
+    def __call__(self, batch: Batch) -> Batch:
+        moved = batch_to(batch, self.device)
+        if self.answer_ids is not None and isinstance(moved, Mapping):
+            return answer_batch(moved, self.answer_ids)
+        return moved
+
+
+def fit_laplace(
+    model: nn.Module,
+    train_loader: Iterable[Batch],
+    *,
+    answer_ids: Sequence[int] | None = None,
+    val_loader: Iterable[Batch] | None = None,
+    prior: str = "evidence",
+    **options: Any,
+) -> LaplaceLoRA:
+    """A fitted, prior-tuned :class:`~flaplace.laplace.LaplaceLoRA` from a PEFT model and a DataLoader.
+
+    Args:
+        model: the trained PEFT model (put in eval mode here).
+        train_loader: batches of the training data as the collator makes them (dicts with
+            ``input_ids``, ``attention_mask``, ``labels``); on any device.
+        answer_ids: for a causal LM scored on answer tokens: the token id of each class (e.g.
+            from :func:`flaplace.hf.answer_token_ids`); ``None`` for a classification head.
+        val_loader: validation batches, for ``prior="val_nll"`` or ``"grid"``.
+        prior: ``"evidence"`` (default), ``"val_nll"``, ``"grid"`` or ``"none"``.
+        **options: passed to :func:`~flaplace.laplace.laplace` (``include``, ``fisher``,
+            ``prior_options``, ``jacobian_method``, ...).
+
+    Example:
+        >>> la = fit_laplace(peft_model, train_loader, answer_ids=[317, 347])
+        >>> probs = la(next(iter(test_loader)))
+    """
+    output_fn = classifier_logits if answer_ids is None else LastTokenLogits(answer_ids)
+    batch_fn = _BatchFn(_device_of(model), answer_ids)
+    return laplace(
+        model,
+        train_loader,
+        output_fn,
+        prior=prior,  # type: ignore[arg-type]
+        val_batches=val_loader,
+        batch_fn=batch_fn,
+        **options,
+    )
+
+
+def laplace_from_trainer(
+    trainer: Any,
+    *,
+    answer_ids: Sequence[int] | None = None,
+    prior: str = "evidence",
+    **options: Any,
+) -> LaplaceLoRA:
+    """A fitted, prior-tuned posterior from a trained ``transformers.Trainer``, post hoc.
+
+    Uses the Trainer's model and its training DataLoader (``trainer.get_train_dataloader()``,
+    the Trainer's own collator and batch size); with ``prior="val_nll"`` or ``"grid"`` its
+    evaluation DataLoader too.
+
+    Example:
+        >>> trainer.train()
+        >>> la = laplace_from_trainer(trainer, answer_ids=answer_ids)
+        >>> probs = la(batch)
+    """
+    val = trainer.get_eval_dataloader() if prior in ("val_nll", "grid", "gridsearch") else None
+    return fit_laplace(
+        trainer.model,
+        trainer.get_train_dataloader(),
+        answer_ids=answer_ids,
+        val_loader=val,
+        prior=prior,
+        **options,
+    )
+
+
+def _trainer_callback_base() -> type:
+    try:
+        from transformers import TrainerCallback
+    except ImportError:  # pragma: no cover - the hf extra is missing
+        return object
+    return TrainerCallback
+
+
+class LaplaceCallback(_trainer_callback_base()):  # type: ignore[misc]
+    """A ``TrainerCallback`` that fits the posterior when training ends; the result is ``.laplace``.
+
+    Example:
+        >>> callback = LaplaceCallback(answer_ids=answer_ids)
+        >>> Trainer(model, args, train_dataset=data, callbacks=[callback]).train()
+        >>> probs = callback.laplace(batch)
+    """
+
+    def __init__(self, *, answer_ids: Sequence[int] | None = None, prior: str = "evidence", **options: Any):
+        self.answer_ids = answer_ids
+        self.prior = prior
+        self.options = options
+        self.laplace: LaplaceLoRA | None = None
+
+    def on_train_end(
+        self, args, state, control, model=None, train_dataloader=None, eval_dataloader=None, **kwargs
+    ):
+        if model is None or train_dataloader is None:
+            raise ValueError("LaplaceCallback needs the Trainer's model and train_dataloader at on_train_end")
+        self.laplace = fit_laplace(
+            model,
+            train_dataloader,
+            answer_ids=self.answer_ids,
+            val_loader=eval_dataloader,
+            prior=self.prior,
+            **self.options,
+        )
+        return control
+
+
+def gaussian_prior_penalty(
+    model: nn.Module, prior_precision: float, n_train: int, include: str | Sequence[str] = "lora"
+) -> Tensor:
+    """The Gaussian prior's term for a MEAN training loss: ``(lambda / (2 N)) ||theta||^2``.
+
+    With a prior ``N(0, (1/lambda) I)`` on the selected weights ``theta`` and ``N`` training
+    examples, the negative log posterior is ``sum_n l_n(theta) + (lambda/2) ||theta||^2`` (+ const).
+    Trainer's loss is the MEAN ``(1/N) sum_n l_n`` (per batch, an unbiased estimate of it), so
+    the same MAP minimises ``mean loss + (lambda / (2N)) ||theta||^2``. Which optimiser settings
+    give the same MAP:
+
+    * this penalty, with ``weight_decay=0``: exact for any optimiser (the objective is the
+      posterior's);
+    * SGD (``optim="sgd"``) with ``weight_decay = lambda / N``: exact and step by step identical,
+      since torch's SGD weight decay adds ``wd * theta`` to the gradient (the penalty's gradient);
+    * Adam with coupled L2 (``torch.optim.Adam(weight_decay=lambda/N)``): the same stationary
+      points (zero penalised gradient), different path;
+    * AdamW (Trainer's default, decoupled decay ``theta <- theta - lr * wd * theta``): NOT a
+      Gaussian prior. Its fixed points solve ``m_hat / (sqrt(v_hat) + eps) = -wd * theta``: the
+      decay is compared with Adam's per-coordinate normalised gradient, so the implied prior is
+      rescaled per coordinate by ``sqrt(v_hat)``. Decoupled and coupled decay coincide for SGD only.
+
+    ``N`` is the number of terms the mean runs over: examples for a classification head, label
+    tokens for a causal LM whose collator leaves more than the answer unmasked.
+
+    Example:
+        >>> loss = outputs.loss + gaussian_prior_penalty(model, prior_precision=1.0, n_train=len(train_set))
+    """
+    if not prior_precision > 0 or n_train < 1:
+        raise ValueError(
+            f"prior_precision must be positive and n_train at least 1, got {prior_precision} and {n_train}"
+        )
+    names = set(select_params(model, include))
+    squared = sum(p.square().sum() for n, p in model.named_parameters() if n in names)
+    return prior_precision / (2 * n_train) * squared  # type: ignore[return-value]
+
+
+def _trainer_base() -> type:
+    try:
+        from transformers import Trainer
+    except ImportError:  # pragma: no cover - the hf extra is missing
+        return object
+    return Trainer
+
+
+class GaussianPriorTrainer(_trainer_base()):  # type: ignore[misc]
+    """A ``Trainer`` whose loss is the MAP objective of a Gaussian prior on the LoRA weights.
+
+    ``loss = mean loss + (lambda / (2N)) ||theta||^2`` (:func:`gaussian_prior_penalty`), with
+    ``N = len(train_dataset)`` unless ``n_train`` is given. Set ``weight_decay=0`` in the
+    ``TrainingArguments`` (the prior replaces it).
+
+    Example:
+        >>> trainer = GaussianPriorTrainer(model=peft_model, args=args, train_dataset=data, prior_precision=1.0)
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        prior_precision: float = 1.0,
+        n_train: int | None = None,
+        prior_include: str | Sequence[str] = "lora",
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self.prior_precision = prior_precision
+        self.n_train = n_train
+        self.prior_include = prior_include
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        n_train = self.n_train if self.n_train is not None else len(self.train_dataset)
+        loss = loss + gaussian_prior_penalty(model, self.prior_precision, n_train, self.prior_include)
+        return (loss, outputs) if return_outputs else loss

@@ -1,0 +1,475 @@
+"""One call for the common case: select the LoRA weights, fit K-FAC, tune the prior, predict.
+
+:class:`LaplaceLoRA` (and :func:`laplace`, which builds, fits and tunes one) strings together the
+pure functions of the library: :func:`~flaplace.params.select_params`,
+:func:`~flaplace.kfac.fit`, :func:`~flaplace.posterior.make_posterior`, a prior tuner
+(:func:`~flaplace.evidence.tune_prior_evidence`, :func:`~flaplace.validation.tune_prior_nll` or
+:func:`~flaplace.evidence.tune_prior_grid`) and a predictive. Those functions stay the API for
+everything this class does not cover; the class only keeps their results together.
+
+Two predictives are offered:
+
+* ``"glm"``: the linearised predictive ``N(f_mu, J Sigma J^T)`` of the logits, squashed by a link
+  (``"probit"``, ``"bridge"`` or ``"mc"``), see :mod:`flaplace.predictive`;
+* ``"nn"``: the sampling predictive. Weights ``theta_s ~ N(theta*, Sigma)`` are drawn from the
+  posterior (:func:`~flaplace.posterior.sample`), the model runs at each, and the class
+  probabilities are averaged: ``p = (1/S) sum_s softmax(f(theta_s, x))``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, TypeAlias
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from flaplace.evidence import log_marginal_likelihood, tune_prior_evidence, tune_prior_grid
+from flaplace.kfac import fit as fit_kfac
+from flaplace.metrics import nll as nll_metric
+from flaplace.params import ModelFunction, OutputFn, batch_targets, classifier_logits, select_params
+from flaplace.posterior import PriorPrecision, make_posterior, sample, with_prior_precision
+from flaplace.predictive import (
+    JacobianMethod,
+    Link,
+    PredictiveCache,
+    linearised_predictive,
+    predictive_precompute,
+    predictive_probs,
+)
+from flaplace.typing import Batch, Likelihood, ModelFn, Params, Posterior
+from flaplace.validation import tune_prior_nll
+
+PredType: TypeAlias = Literal["glm", "nn"]
+PriorMethod: TypeAlias = Literal["evidence", "val_nll", "grid", "none", "marglik", "gridsearch"]
+PRIOR_METHODS: tuple[str, ...] = ("evidence", "val_nll", "grid", "none", "marglik", "gridsearch")
+#: laplace-torch's names for the same methods.
+ALIASES = {"marglik": "evidence", "gridsearch": "grid"}
+
+__all__ = [
+    "LaplaceLoRA",
+    "batch_to",
+    "laplace",
+    "logits_at",
+    "sampling_probs",
+]
+
+
+def batch_to(batch: Batch, device: torch.device | str) -> Batch:
+    """The batch with every tensor moved to ``device`` (other leaves unchanged).
+
+    Example:
+        >>> batch_to({"input_ids": ids, "labels": y}, "cuda")["input_ids"].device
+        device(type='cuda', index=0)
+    """
+    if isinstance(batch, Mapping):
+        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    if isinstance(batch, tuple | list):
+        return type(batch)(v.to(device) if isinstance(v, Tensor) else v for v in batch)
+    raise TypeError(
+        f"a batch is a mapping of tensors or a tuple (inputs, targets); got {type(batch).__name__}"
+    )
+
+
+@torch.no_grad()
+def logits_at(model_fn: ModelFn, draws: Params, batch: Batch) -> Float[Tensor, "samples batch classes"]:
+    """The model's logits at each of ``S`` weight draws: ``f(theta_s, batch)`` stacked.
+
+    Args:
+        model_fn: ``f(params, batch) -> logits (B, C)``.
+        draws: ``{name: (S, *param.shape)}``, e.g. from :func:`~flaplace.posterior.sample`.
+        batch: the inputs.
+
+    Returns:
+        ``(S, B, C)`` logits (no gradient).
+
+    Example:
+        >>> logits = logits_at(model_fn, sample(posterior, 16), batch)  # (16, B, C)
+    """
+    counts = {int(d.shape[0]) for d in draws.values()}
+    if len(counts) != 1:
+        raise ValueError(f"draws must all have the same number of samples, got {sorted(counts)}")
+    n = counts.pop()
+    return torch.stack([model_fn({name: d[s] for name, d in draws.items()}, batch) for s in range(n)])
+
+
+def sampling_probs(
+    model_fn: ModelFn,
+    posterior: Posterior,
+    batch: Batch,
+    n_samples: int = 100,
+    *,
+    generator: torch.Generator | None = None,
+    likelihood: Likelihood = "categorical",
+) -> Float[Tensor, "batch outcomes"]:
+    """The sampling (``"nn"``) predictive: average the class probabilities over posterior weight draws.
+
+    ``p(y | x) = (1/S) sum_s softmax(f(theta_s, x))`` with ``theta_s ~ N(theta*, Sigma)``
+    (sigmoid and ``[1 - p, p]`` for the bernoulli likelihood). Unlike the linearised predictive
+    it runs the network itself at each draw, so it needs no Jacobians; its error is the Monte
+    Carlo error of ``S`` samples.
+
+    Args:
+        model_fn: ``f(params, batch) -> logits (B, C)``.
+        posterior: from :func:`~flaplace.posterior.make_posterior`.
+        batch: the inputs.
+        n_samples: weight draws ``S``.
+        generator: a ``torch.Generator`` on the posterior's device, for reproducible draws.
+        likelihood: ``"categorical"`` or ``"bernoulli"`` (one logit).
+
+    Returns:
+        Probabilities ``(B, C)``, or ``(B, 2)`` for the bernoulli likelihood.
+
+    Example:
+        >>> probs = sampling_probs(model_fn, posterior, batch, 64, generator=torch.Generator().manual_seed(0))
+    """
+    if likelihood not in ("categorical", "bernoulli"):
+        raise ValueError(f"likelihood must be 'categorical' or 'bernoulli', got {likelihood!r}")
+    logits = logits_at(model_fn, sample(posterior, n_samples, generator), batch)
+    if likelihood == "bernoulli":
+        if logits.shape[-1] != 1:
+            raise ValueError(f"the bernoulli likelihood takes one logit per example, got {logits.shape[-1]}")
+        p = torch.sigmoid(logits[..., 0]).mean(0)
+        return torch.stack([1 - p, p], dim=-1)
+    return torch.softmax(logits, dim=-1).mean(0)
+
+
+class LaplaceLoRA:
+    """A Laplace posterior over a model's LoRA weights, with its fit, prior tuning and predictives.
+
+    The object holds the results of the pure functions (``params``, ``model_fn``, ``posterior``,
+    ``log_likelihood``, ``history``); every step can also be done by calling them directly.
+
+    Args:
+        model: the fine-tuned model (e.g. a PEFT ``PeftModel``) at its MAP weights. ``fit`` puts it
+            in eval mode (dropout off); the selected weights share storage with it.
+        output_fn: turns the model output into ``(batch, classes)`` logits:
+            :func:`~flaplace.params.classifier_logits` (a classification head, the default) or
+            :class:`~flaplace.params.LastTokenLogits` (answer tokens of a causal LM).
+        include: which weights the posterior covers (see :func:`~flaplace.params.select_params`).
+        exclude: keywords of weights to leave out.
+        likelihood: ``"categorical"`` or ``"bernoulli"``.
+        prior_precision: the starting prior precision ``lambda`` (see
+            :func:`~flaplace.posterior.make_posterior`).
+        batch_fn: applied to every batch before use (e.g. moving it to the device, or turning
+            token labels into class indices); default: move tensors to the weights' device.
+        jacobian_method: how the linearised predictive computes Jacobians (``"vmap"``,
+            ``"loop"`` or ``"capture"``, see :func:`~flaplace.predictive.per_example_jacobians`).
+        **kfac_options: passed to :func:`~flaplace.kfac.build` (``fisher``, ``sharing``,
+            ``n_kfac``, ``lr_threshold``, ``generator``, ...).
+
+    Example:
+        >>> la = LaplaceLoRA(peft_model).fit(train_loader).optimize_prior_precision()
+        >>> probs = la(test_batch)  # linearised predictive, probit link
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        output_fn: OutputFn = classifier_logits,
+        *,
+        include: str | Sequence[str] = "lora",
+        exclude: str | Sequence[str] = (),
+        likelihood: Likelihood = "categorical",
+        prior_precision: PriorPrecision = 1.0,
+        batch_fn: Callable[[Batch], Batch] | None = None,
+        jacobian_method: JacobianMethod = "vmap",
+        **kfac_options: Any,
+    ):
+        if likelihood not in ("categorical", "bernoulli"):
+            raise ValueError(
+                f"LaplaceLoRA supports likelihood 'categorical' or 'bernoulli', got {likelihood!r}; "
+                "use the pure functions for a gaussian likelihood"
+            )
+        self.model = model
+        self.params: Params = select_params(model, include, exclude=exclude)
+        self.model_fn = ModelFunction(model, self.params, output_fn)
+        self.likelihood: Likelihood = likelihood
+        self.initial_prior_precision = prior_precision
+        self.kfac_options = kfac_options
+        self.jacobian_method: JacobianMethod = jacobian_method
+        device = next(iter(self.params.values())).device
+        self.batch_fn: Callable[[Batch], Batch] = batch_fn or (lambda b: batch_to(b, device))
+        self.posterior: Posterior | None = None
+        self.log_likelihood: Tensor | None = None
+        self.history: list[dict[str, Any]] = []
+        self._cache: PredictiveCache | None = None
+
+    # ------------------------------------------------------------------ fitting
+
+    def _batches(self, batches: Iterable[Batch]) -> Iterable[Batch]:
+        return (self.batch_fn(b) for b in batches)
+
+    def _posterior(self) -> Posterior:
+        if self.posterior is None:
+            raise RuntimeError("the posterior is not fitted yet: call fit(train_batches) first")
+        return self.posterior
+
+    def fit(self, batches: Iterable[Batch], *, progress: bool = False) -> LaplaceLoRA:
+        """Fit K-FAC factors on the training batches and form the posterior at the initial prior.
+
+        Example:
+            >>> la.fit(train_loader)
+        """
+        self.model.eval()
+        result = fit_kfac(
+            self.model_fn,
+            self.params,
+            self._batches(batches),
+            likelihood=self.likelihood,
+            progress=progress,
+            return_state=True,
+            **self.kfac_options,
+        )
+        assert isinstance(result, tuple)  # return_state=True
+        factors, state = result
+        self.posterior = make_posterior(factors, self.params, self.initial_prior_precision)
+        self.log_likelihood = state.log_likelihood
+        self._cache = None
+        return self
+
+    def optimize_prior_precision(
+        self,
+        method: PriorMethod = "evidence",
+        *,
+        val_batches: Iterable[Batch] | None = None,
+        link: Link = "probit",
+        grid: Sequence[float] | None = None,
+        per_block: bool | Sequence[str] = False,
+        progress: bool = False,
+        **options: Any,
+    ) -> LaplaceLoRA:
+        """Tune the prior precision: ``"evidence"`` (default), ``"val_nll"`` (gradient) or ``"grid"``.
+
+        Args:
+            method: ``"evidence"`` maximises the log marginal likelihood
+                (:func:`~flaplace.evidence.tune_prior_evidence`); ``"val_nll"`` minimises the
+                validation NLL of the linearised predictive by Adam on ``log lambda``
+                (:func:`~flaplace.validation.tune_prior_nll`); ``"grid"`` picks the lowest
+                validation NLL on a grid (:func:`~flaplace.evidence.tune_prior_grid`);
+                ``"none"`` keeps the current value. laplace-torch's names ``"marglik"`` and
+                ``"gridsearch"`` are accepted for ``"evidence"`` and ``"grid"``.
+            val_batches: validation batches with labels (``"val_nll"`` and ``"grid"``).
+            link: the link of the validation predictive (``"val_nll"``: ``"probit"`` or
+                ``"bridge"``; ``"grid"``: any).
+            grid: candidate prior precisions for ``"grid"``.
+            per_block: one ``lambda`` for all blocks (``False``), one per block, or per keyword group.
+            progress: show a progress bar.
+            **options: passed to the tuner (e.g. ``steps``, ``lr``, ``tol``).
+
+        Example:
+            >>> la.optimize_prior_precision("val_nll", val_batches=val_loader)
+        """
+        posterior = self._posterior()
+        if method not in PRIOR_METHODS:
+            raise ValueError(f"method must be one of {PRIOR_METHODS}, got {method!r}")
+        method = ALIASES.get(method, method)  # type: ignore[assignment]
+        if method == "none":
+            return self
+        if method == "evidence":
+            assert self.log_likelihood is not None
+            tuned, history = tune_prior_evidence(
+                posterior, self.log_likelihood, per_block=per_block, progress=progress, **options
+            )
+        else:
+            if val_batches is None:
+                raise ValueError(f"method {method!r} needs val_batches (validation batches with labels)")
+            val = [self.batch_fn(b) for b in val_batches]
+            if method == "val_nll":
+                tuned, history = tune_prior_nll(
+                    posterior,
+                    self.model_fn,
+                    val,
+                    link=link,
+                    likelihood=self.likelihood,
+                    per_block=per_block,
+                    method=self.jacobian_method,
+                    progress=progress,
+                    **options,
+                )
+            else:
+                if per_block is not False:
+                    raise ValueError(
+                        "method 'grid' tunes one prior precision for all blocks (per_block=False)"
+                    )
+
+                def val_nll(candidate: Posterior) -> float:
+                    probs, labels = self._predict_all(candidate, val, link=link)
+                    return nll_metric(probs, labels)
+
+                tuned, table = tune_prior_grid(posterior, val_nll, grid, progress=progress)
+                history = [dict(row) for row in table]
+        self.posterior = tuned
+        self.history = history
+        self._cache = None
+        return self
+
+    # ------------------------------------------------------------------ inspection
+
+    @property
+    def prior_precision(self) -> dict[str, float]:
+        """The prior precision of each block, as floats.
+
+        Example:
+            >>> la.prior_precision["...lora_A.default.weight"]
+        """
+        return {n: float(v) for n, v in self._posterior().prior_precision.items()}
+
+    def log_marginal_likelihood(self, prior_precision: PriorPrecision | None = None) -> Tensor:
+        """The Laplace log evidence at the current (or the given) prior precision.
+
+        Example:
+            >>> float(la.log_marginal_likelihood())
+        """
+        posterior = self._posterior()
+        if prior_precision is not None:
+            posterior = with_prior_precision(posterior, prior_precision)
+        assert self.log_likelihood is not None
+        return log_marginal_likelihood(posterior, self.log_likelihood)
+
+    def sample(self, n_samples: int, generator: torch.Generator | None = None) -> Params:
+        """Weight draws from the posterior, ``{name: (n_samples, *shape)}``.
+
+        Example:
+            >>> draws = la.sample(8)
+        """
+        return sample(self._posterior(), n_samples, generator)
+
+    # ------------------------------------------------------------------ prediction
+
+    def predictive(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The linearised predictive ``(f_mu (B, C), f_var (B, C, C))`` of one batch.
+
+        Example:
+            >>> f_mu, f_var = la.predictive(batch)
+        """
+        if self._cache is None:
+            self._cache = predictive_precompute(self._posterior())
+        return linearised_predictive(
+            self.model_fn, self._cache, self.batch_fn(batch), method=self.jacobian_method
+        )
+
+    def predict(
+        self,
+        batch: Batch,
+        pred_type: PredType = "glm",
+        link: Link = "probit",
+        *,
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Class probabilities for one batch.
+
+        Args:
+            batch: the inputs (labels, if any, are ignored).
+            pred_type: ``"glm"`` (linearised predictive and ``link``) or ``"nn"`` (sampling
+                predictive, :func:`sampling_probs`).
+            link: ``"probit"``, ``"bridge"`` or ``"mc"`` (``"glm"`` only).
+            n_samples: samples for ``link="mc"`` or ``pred_type="nn"``.
+            generator: random generator for the samples.
+
+        Returns:
+            Probabilities ``(B, C)`` (``(B, 2)`` for the bernoulli likelihood).
+
+        Example:
+            >>> probs = la.predict(batch, pred_type="nn", n_samples=64)
+        """
+        return self._predict(self.batch_fn(batch), pred_type, link, n_samples=n_samples, generator=generator)
+
+    __call__ = predict
+
+    def _predict(
+        self,
+        batch: Batch,
+        pred_type: PredType = "glm",
+        link: Link = "probit",
+        *,
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        if pred_type == "glm":
+            if self._cache is None:
+                self._cache = predictive_precompute(self._posterior())
+            f_mu, f_var = linearised_predictive(
+                self.model_fn, self._cache, batch, method=self.jacobian_method
+            )
+            return predictive_probs(
+                f_mu, f_var, link, self.likelihood, n_samples=n_samples, generator=generator
+            ).detach()
+        if pred_type == "nn":
+            return sampling_probs(
+                self.model_fn,
+                self._posterior(),
+                batch,
+                n_samples,
+                generator=generator,
+                likelihood=self.likelihood,
+            )
+        raise ValueError(f"pred_type must be 'glm' or 'nn', got {pred_type!r}")
+
+    def _predict_all(
+        self, posterior: Posterior, batches: Sequence[Batch], *, link: Link
+    ) -> tuple[Tensor, Tensor]:
+        cache = predictive_precompute(posterior)
+        probs, labels = [], []
+        for batch in batches:
+            f_mu, f_var = linearised_predictive(self.model_fn, cache, batch, method=self.jacobian_method)
+            probs.append(predictive_probs(f_mu, f_var, link, self.likelihood).detach())
+            labels.append(batch_targets(batch))
+        return torch.cat(probs), torch.cat(labels)
+
+    def predict_all(
+        self, batches: Iterable[Batch], pred_type: PredType = "glm", link: Link = "probit", **options: Any
+    ) -> tuple[Tensor, Tensor | None]:
+        """Probabilities for every batch, concatenated, and the labels when the batches have them.
+
+        Example:
+            >>> probs, labels = la.predict_all(test_loader)
+            >>> classification_metrics(probs, labels)
+        """
+        probs, labels = [], []
+        for batch in batches:
+            moved = self.batch_fn(batch)
+            probs.append(self._predict(moved, pred_type, link, **options))
+            with contextlib.suppress(KeyError):
+                labels.append(batch_targets(moved))
+        out = torch.cat(probs)
+        return out, (torch.cat(labels) if len(labels) == len(probs) else None)
+
+
+def laplace(
+    model: nn.Module,
+    train_batches: Iterable[Batch],
+    output_fn: OutputFn = classifier_logits,
+    *,
+    prior: PriorMethod = "evidence",
+    val_batches: Iterable[Batch] | None = None,
+    link: Link = "probit",
+    prior_options: Mapping[str, Any] | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> LaplaceLoRA:
+    """Build a :class:`LaplaceLoRA`, fit it on ``train_batches`` and tune its prior, in one call.
+
+    Args:
+        model: the fine-tuned model at its MAP weights.
+        train_batches: the training data (any iterable of batches with labels, e.g. a DataLoader).
+        output_fn: see :class:`LaplaceLoRA`.
+        prior: ``"evidence"`` (default), ``"val_nll"``, ``"grid"`` or ``"none"``.
+        val_batches: validation batches for ``"val_nll"`` and ``"grid"``.
+        link: the validation predictive's link for ``"val_nll"``/``"grid"``.
+        prior_options: passed to :meth:`LaplaceLoRA.optimize_prior_precision`.
+        progress: show progress bars.
+        **options: passed to :class:`LaplaceLoRA` (``include``, ``likelihood``, ``batch_fn``,
+            ``fisher``, ...).
+
+    Example:
+        >>> la = laplace(peft_model, train_loader, LastTokenLogits(answer_ids))
+        >>> probs = la(test_batch, link="probit")
+    """
+    la = LaplaceLoRA(model, output_fn, **options).fit(train_batches, progress=progress)
+    return la.optimize_prior_precision(
+        prior, val_batches=val_batches, link=link, progress=progress, **dict(prior_options or {})
+    )

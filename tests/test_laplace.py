@@ -1,0 +1,253 @@
+"""The one-call entry point (flaplace.laplace) and validation-NLL prior tuning (flaplace.validation).
+
+References: on a linear model the linearised predictive is exact, so the moments of the sampled
+logits must match ``(f_mu, f_var)`` and the sampling predictive must match Monte Carlo on the
+logit Gaussian; on a nonlinear model, logits at weight draws must approach ``f* + J delta``
+(a ``jvp``) as the posterior shrinks; validation-NLL tuning must land on the optimum of a fine
+grid evaluated through the public predictive and ``metrics.nll``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import peft
+import pytest
+import torch
+from torch import nn
+from torch.func import jvp
+
+from flaplace.laplace import LaplaceLoRA, batch_to, laplace, logits_at, sampling_probs
+from flaplace.metrics import nll
+from flaplace.params import ModelFunction, select_params
+from flaplace.posterior import make_posterior, sample, with_prior_precision
+from flaplace.predictive import linearised_predictive, mc_probs, predictive_probs
+from flaplace.typing import Eigen, KronFactor
+from flaplace.validation import tune_prior_nll, validation_features, validation_nll
+
+F64 = torch.float64
+
+
+class Linear(nn.Module):
+    def __init__(self, d: int = 5, c: int = 3, scale: float = 1.0, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.fc = nn.Linear(d, c, bias=False, dtype=F64)
+        with torch.no_grad():
+            self.fc.weight.copy_(scale * torch.randn(c, d, generator=g, dtype=F64))
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def random_eigen(side: int, g: torch.Generator, scale: float = 3.0) -> Eigen:
+    q, _ = torch.linalg.qr(torch.randn(side, side, generator=g, dtype=F64))
+    return Eigen(q, torch.rand(side, generator=g, dtype=F64) * scale)
+
+
+def linear_posterior(model: Linear, lam: float, seed: int = 3, scale: float = 3.0):
+    g = torch.Generator().manual_seed(seed)
+    params = select_params(model, "fc.weight")
+    c, d = params["fc.weight"].shape
+    factors = {
+        "fc.weight": KronFactor(random_eigen(c, g, scale), random_eigen(d, g, scale), torch.tensor(False))
+    }
+    return params, make_posterior(factors, params, lam)
+
+
+def test_sampled_logits_have_the_linearised_moments_on_a_linear_model():
+    model = Linear()
+    params, posterior = linear_posterior(model, lam=2.0)
+    model_fn = ModelFunction(model, params)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1), dtype=F64)
+    f_mu, f_var = linearised_predictive(model_fn, posterior, (x,))
+    n = 40_000
+    logits = logits_at(model_fn, sample(posterior, n, torch.Generator().manual_seed(2)), (x,))
+    centred = logits - logits.mean(0)
+    cov = torch.einsum("sbc,sbd->bcd", centred, centred) / (n - 1)
+    scale = float(f_var.diagonal(dim1=-2, dim2=-1).max())
+    assert float((logits.mean(0) - f_mu).abs().max()) < 5 * math.sqrt(scale / n)
+    assert float((cov - f_var).abs().max()) < 5 * scale * math.sqrt(2 / n)
+
+
+def test_sampling_predictive_matches_mc_on_the_logit_gaussian_for_a_linear_model():
+    model = Linear(scale=2.0)
+    params, posterior = linear_posterior(model, lam=1.0)
+    model_fn = ModelFunction(model, params)
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(1), dtype=F64)
+    nn_probs = sampling_probs(model_fn, posterior, (x,), 20_000, generator=torch.Generator().manual_seed(4))
+    f_mu, f_var = linearised_predictive(model_fn, posterior, (x,))
+    glm_probs = mc_probs(f_mu, f_var, n_samples=20_000, generator=torch.Generator().manual_seed(5))
+    assert float((nn_probs - glm_probs).abs().max()) < 0.015
+    # and the posterior matters: the MAP's own softmax is far off
+    assert float((torch.softmax(f_mu, -1) - nn_probs).abs().max()) > 0.05
+
+
+def tiny_bert(seed: int = 0):
+    from tiny_models import tiny_base_model
+
+    torch.manual_seed(seed)
+    base = tiny_base_model("bert", attn_implementation="eager", initializer_range=0.2)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["query", "value"]))
+    model = model.to(F64).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def bert_batches(n_batches: int = 2, seed: int = 1):
+    from tiny_models import padded_batch
+
+    return [padded_batch("bert", n=4, length=6, seed=seed + k) for k in range(n_batches)]
+
+
+@pytest.mark.parametrize("lam", [1e4, 1e6])
+def test_sampled_logits_approach_the_linearisation_as_the_posterior_shrinks(lam):
+    model = tiny_bert()
+    la = LaplaceLoRA(model, prior_precision=lam, fisher="exact").fit(bert_batches())
+    batch = bert_batches(1, seed=9)[0]
+    draws = la.sample(4, torch.Generator().manual_seed(0))
+    nn_logits = logits_at(la.model_fn, draws, batch)
+    mean = la.posterior.mean
+    for s in range(4):
+        delta = {n: draws[n][s] - mean[n] for n in mean}
+        f_star, j_delta = jvp(lambda p: la.model_fn(p, batch), (mean,), (delta,))
+        err = float((nn_logits[s] - f_star - j_delta).abs().max())
+        size = float(j_delta.abs().max())
+        assert size > 0
+        # the remainder is second order: relative to J delta it scales like lambda^(-1/2)
+        assert err < 30 * size / math.sqrt(lam)
+
+
+def test_laplace_lora_glm_equals_the_pure_functions_and_nn_is_close_for_a_tight_posterior():
+    model = tiny_bert()
+    train = bert_batches()
+    la = laplace(model, train, prior="evidence", fisher="exact", jacobian_method="loop")
+    batch = bert_batches(1, seed=9)[0]
+    # the same posterior through the pure functions
+    from flaplace.evidence import tune_prior_evidence
+    from flaplace.kfac import fit
+
+    params = select_params(model, "lora")
+    factors, state = fit(la.model_fn, params, train, fisher="exact", return_state=True, progress=False)
+    tuned, _ = tune_prior_evidence(make_posterior(factors, params, 1.0), state.log_likelihood, progress=False)
+    f_mu, f_var = linearised_predictive(la.model_fn, tuned, batch, method="loop")
+    torch.testing.assert_close(la(batch), predictive_probs(f_mu, f_var, "probit"))
+    assert la.prior_precision == pytest.approx({n: float(v) for n, v in tuned.prior_precision.items()})
+    from flaplace.evidence import log_marginal_likelihood
+
+    torch.testing.assert_close(
+        la.log_marginal_likelihood(), log_marginal_likelihood(tuned, state.log_likelihood)
+    )
+    # a tight posterior: the sampling predictive is the MAP softmax, as is the linearised one
+    tight = LaplaceLoRA(model, prior_precision=1e8, fisher="exact", jacobian_method="loop").fit(train)
+    nn_probs = tight(batch, pred_type="nn", n_samples=8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(nn_probs, tight(batch, link="probit"), atol=1e-3, rtol=0)
+    probs, labels = la.predict_all([batch, batch])
+    assert probs.shape == (8, 3) and labels is not None and labels.shape == (8,)
+
+
+def overconfident_problem(n: int = 64, seed: int = 0):
+    """A linear classifier with confident logits and a tenth of the labels flipped."""
+    model = Linear(d=5, c=3, scale=2.5, seed=seed)
+    g = torch.Generator().manual_seed(seed + 10)
+    x = torch.randn(n, 5, generator=g, dtype=F64)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    flip = torch.rand(n, generator=g) < 0.1
+    y = torch.where(flip, (y + 1) % 3, y)
+    return model, [(x[:32], y[:32]), (x[32:], y[32:])]
+
+
+def dense_reference_nll(posterior, x, y, lam: float, link: str) -> float:
+    """Validation NLL from the dense covariance inv(kron(S, A) + lambda I), written out by hand."""
+    from flaplace.posterior import precision_dense
+
+    kron = (
+        precision_dense(posterior, "fc.weight")
+        - torch.eye(15, dtype=F64) * posterior.prior_precision["fc.weight"]
+    )
+    cov = torch.linalg.inv(kron + lam * torch.eye(15, dtype=F64))
+    jac = torch.einsum("ce,nd->nced", torch.eye(3, dtype=F64), x).reshape(len(x), 3, 15)  # d(W x)/d vec(W)
+    f_var = jac @ cov @ jac.mT
+    f_mu = x @ posterior.mean["fc.weight"].T
+    if link == "probit":
+        kappa = (1 + math.pi / 8 * f_var.diagonal(dim1=-2, dim2=-1)).rsqrt()
+        probs = torch.softmax(kappa * f_mu, -1)
+    else:
+        probs = predictive_probs(f_mu, f_var, "bridge")
+    return float(-probs.gather(1, y[:, None]).log().mean())
+
+
+def test_val_nll_tuning_finds_the_optimum_of_a_fine_grid(link="probit"):
+    model, val = overconfident_problem()
+    params, posterior = linear_posterior(model, lam=10.0, scale=0.3)
+    model_fn = ModelFunction(model, params)
+    x, y = torch.cat([b[0] for b in val]), torch.cat([b[1] for b in val])
+    grid = torch.logspace(-3, 3, 1201, dtype=F64).tolist()
+    values = [dense_reference_nll(posterior, x, y, v, link) for v in grid]
+    k = min(range(len(grid)), key=values.__getitem__)
+    assert 10 < k < len(grid) - 10, "the reference optimum must be interior"
+    tuned, history = tune_prior_nll(posterior, model_fn, val, link=link, progress=False, tol=1e-8)
+    lam = float(tuned.prior_precision["fc.weight"])
+    assert abs(math.log(lam) - math.log(grid[k])) < 0.02
+    assert dense_reference_nll(posterior, x, y, lam, link) <= values[k] + 1e-7
+    assert history[-1]["step"] < 300  # stopped early, on its own tolerance
+
+
+def test_validation_nll_matches_the_public_path_and_its_gradient_finite_differences():
+    model, val = overconfident_problem()
+    params, posterior = linear_posterior(model, lam=0.7, scale=0.3)
+    model_fn = ModelFunction(model, params)
+    features = validation_features(posterior, model_fn, val)
+    labels = torch.cat([y for _, y in val])
+    probs = torch.cat([predictive_probs(*linearised_predictive(model_fn, posterior, b)) for b in val])
+    assert float(validation_nll(posterior, features)) == pytest.approx(nll(probs.detach(), labels), rel=1e-10)
+    t = torch.tensor(math.log(0.7), dtype=F64, requires_grad=True)
+    value = validation_nll(with_prior_precision(posterior, t.exp()), features)
+    (grad,) = torch.autograd.grad(value, t)
+    h = 1e-5
+
+    def at(v: float) -> float:
+        return float(validation_nll(with_prior_precision(posterior, math.exp(v)), features))
+
+    assert float(grad) == pytest.approx((at(math.log(0.7) + h) - at(math.log(0.7) - h)) / (2 * h), rel=1e-6)
+
+
+def test_laplace_lora_val_nll_and_grid_methods_agree():
+    model, val = overconfident_problem()
+    train = [(val[0][0][:6], val[0][1][:6])]
+    grid = torch.logspace(-3, 3, 121, dtype=F64).tolist()
+    by_grid = LaplaceLoRA(model, include="fc.weight", fisher="exact").fit(train)
+    by_grid.optimize_prior_precision("grid", val_batches=val, grid=grid)
+    by_grad = LaplaceLoRA(model, include="fc.weight", fisher="exact").fit(train)
+    by_grad.optimize_prior_precision("val_nll", val_batches=val, tol=1e-7)
+    a, b = by_grid.prior_precision["fc.weight"], by_grad.prior_precision["fc.weight"]
+    assert 1e-3 < a < 1e3
+    assert abs(math.log(a) - math.log(b)) < 0.07  # half a grid step (ln 10 / 40 = 0.058) and some
+
+
+def test_errors_are_clear():
+    model, val = overconfident_problem()
+    la = LaplaceLoRA(model, include="fc.weight")
+    with pytest.raises(RuntimeError, match="call fit"):
+        la((val[0][0],))
+    la.fit(val)
+    with pytest.raises(ValueError, match="needs val_batches"):
+        la.optimize_prior_precision("val_nll")
+    with pytest.raises(ValueError, match="needs val_batches"):
+        la.optimize_prior_precision("gridsearch")  # laplace-torch's name for "grid"
+    with pytest.raises(ValueError, match="differentiable"):
+        tune_prior_nll(la.posterior, la.model_fn, val, link="mc", progress=False)
+    with pytest.raises(ValueError, match="likelihood"):
+        LaplaceLoRA(model, include="fc.weight", likelihood="gaussian")
+    la.optimize_prior_precision("marglik")  # laplace-torch's name for "evidence"
+    assert la.history and "log_evidence" in la.history[-1]
+
+
+def test_batch_to_moves_tensors_only():
+    moved = batch_to({"x": torch.ones(2), "name": "a"}, "meta")
+    assert moved["x"].device.type == "meta" and moved["name"] == "a"
+    assert batch_to((torch.ones(1), 3), "meta")[1] == 3
