@@ -1066,9 +1066,10 @@ def _metrics(probs: Tensor, labels: Tensor) -> dict[str, float]:
 
 
 def _quality_task(name: str, folder: Path, sizes: dict[str, int], seed: int, quick: bool) -> dict[str, Any]:
-    from flaplace import hf, workflow
-    from flaplace.cli import demo_model_path
-    from flaplace.tasks import load_task
+    from flaplace.app import hf
+    from flaplace.app import pipeline as workflow
+    from flaplace.app.cli import demo_model_path
+    from flaplace.app.tasks.readers import load_task
 
     task = load_task(
         name,
@@ -1312,7 +1313,7 @@ def _reliability_bins(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[s
 
 
 def _reliability_png(name: str, probs: dict[str, Tensor], labels: Tensor, n_test: int) -> None:
-    from flaplace.plots import reliability_diagram
+    from flaplace.app.plots import reliability_diagram
 
     IMAGES.mkdir(parents=True, exist_ok=True)
     reliability_diagram(

