@@ -1028,9 +1028,9 @@ def quality(
             **{k: list(v) if isinstance(v, tuple) else v for k, v in QUALITY.items()},
             "subsets": tasks,
             "seed": seed,
-            "map": "flaplace.workflow.train_map (AdamW, no decoupled decay, explicit L2 = prior precision 1, "
+            "map": "flaplace.app.stages.train_map (AdamW, no decoupled decay, explicit L2 = prior precision 1, "
             "linear decay); one MAP per data set, shared by every method",
-            "flaplace": "K-FAC (flaplace.workflow.fit_factors) at the MAP, scalar prior tuned on the evidence "
+            "flaplace": "K-FAC (flaplace.app.stages.fit_factors) at the MAP, scalar prior tuned on the evidence "
             "(tune_prior_evidence), linearised predictive, probit link; the posterior covers the LoRA "
             "matrices and the head's weight",
             "laplace_torch": "KronLaplace(CurvlinopsGGN) on every trainable weight (LoRA, head weight and "
@@ -1066,10 +1066,10 @@ def _metrics(probs: Tensor, labels: Tensor) -> dict[str, float]:
 
 
 def _quality_task(name: str, folder: Path, sizes: dict[str, int], seed: int, quick: bool) -> dict[str, Any]:
-    from flaplace.app import hf
-    from flaplace.app import pipeline as workflow
+    from flaplace.app import hf, stages
     from flaplace.app.cli import demo_model_path
-    from flaplace.app.tasks.readers import load_task
+    from flaplace.app.config import RunConfig
+    from flaplace.app.tasks import load_task
 
     task = load_task(
         name,
@@ -1088,7 +1088,7 @@ def _quality_task(name: str, folder: Path, sizes: dict[str, int], seed: int, qui
     trainable = hf.trainable_param_names(model)
     model_fn = hf.model_function(model, trainable, loaded, task)
     named = dict(model.named_parameters())
-    config = workflow.RunConfig(
+    config = RunConfig(
         model=model_path,
         task=name,
         lora_rank=QUALITY["lora_rank"],
@@ -1106,11 +1106,13 @@ def _quality_task(name: str, folder: Path, sizes: dict[str, int], seed: int, qui
 
     tick = time.perf_counter()
     model.train()
-    trained, losses = workflow.train_map(
+    trained, losses = stages.train_map(
         model_fn,
         {n: named[n] for n in trainable},
         laplace_names,
-        workflow._training_batches(train, loaded, task, config),
+        stages.training_batches(
+            train, loaded, task, batch_size=config.batch_size, max_length=config.max_length, seed=config.seed
+        ),
         n_train=len(train),
         steps=sizes["steps"],
         lr=QUALITY["lr"],
@@ -1124,13 +1126,14 @@ def _quality_task(name: str, folder: Path, sizes: dict[str, int], seed: int, qui
     timings["map"] = time.perf_counter() - tick
     map_params = {n: named[n].detach() for n in laplace_names}
     laplace_fn = hf.model_function(model, laplace_names, loaded, task)
-    train_batches = workflow._encoded(train, loaded, task, config, QUALITY["eval_batch_size"])
-    test_batches = workflow._encoded(test, loaded, task, config, QUALITY["eval_batch_size"])
+    encoding = {"batch_size": QUALITY["eval_batch_size"], "max_length": config.max_length}
+    train_batches = hf.encode_batches(train, loaded, task, **encoding)
+    test_batches = hf.encode_batches(test, loaded, task, **encoding)
     labels = torch.tensor([ex.label for ex in test])
 
     tick = time.perf_counter()
     holder = flaplace.Posterior(map_params, {}, {})
-    f_mu, jacobians = workflow._moments(laplace_fn, holder, test_batches, False, "")
+    f_mu, jacobians = stages.moments(laplace_fn, holder, test_batches, progress=False, desc="")
     timings["flaplace_jacobians"] = time.perf_counter() - tick
     probs: dict[str, Tensor] = {"MAP": torch.softmax(f_mu.double(), -1)}
     methods: dict[str, dict[str, Any]] = {"MAP": {"metrics": _metrics(probs["MAP"], labels)}}
@@ -1146,14 +1149,15 @@ def _quality_task(name: str, folder: Path, sizes: dict[str, int], seed: int, qui
             n_kfac=QUALITY["n_kfac"],
             lr_threshold=None if rank == "full" else QUALITY["lr_threshold"],
         )
-        factors, log_likelihood = workflow.fit_factors(
-            laplace_fn, map_params, train_batches, variant, progress=False
-        )
+        factors, log_likelihood = stages.fit_factors(
+            laplace_fn, map_params, train_batches, fisher=variant.fisher, sharing=variant.sharing,
+            n_kfac=variant.n_kfac, lr_threshold=variant.lr_threshold, seed=variant.seed, progress=False,
+        )  # fmt: skip
         posterior = flaplace.make_posterior(factors, map_params, QUALITY["prior_precision"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             tuned, history = flaplace.tune_prior_evidence(posterior, log_likelihood, progress=False)
-        f_var = workflow._covariances(tuned, jacobians)
+        f_var = stages.covariances(tuned, jacobians)
         probs[label] = flaplace.predictive_probs(f_mu.double(), f_var.double(), link="probit")
         methods[label] = {
             "metrics": _metrics(probs[label], labels),

@@ -1,4 +1,4 @@
-"""``python -m flaplace``: the command line (see :mod:`flaplace.cli`)."""
+"""``python -m flaplace``: the command line (see [`flaplace.app.cli`][flaplace.app.cli])."""
 
 import sys
 

@@ -25,12 +25,13 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 import torch
 from torch import Tensor, nn
 
-from flaplace.app.tasks.readers import Example, Task
+from flaplace.app.tasks import Example, Task, batches
 from flaplace.params import LastTokenLogits, ModelFunction, classifier_logits
 
 ModelKind: TypeAlias = Literal["causal", "seq_cls"]
@@ -112,6 +113,25 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return dtypes[name]
 
 
+def check_model_source(source: str) -> None:
+    """Raise ``FileNotFoundError`` when ``source`` names a local folder that does not exist.
+
+    A hub id has at most one ``/`` and does not start with ``.``, ``/`` or ``~``; anything
+    else, and any existing path, is a local folder.
+
+    Examples:
+        >>> check_model_source("gpt2")
+        >>> check_model_source("./no/such/model")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: model folder not found: ./no/such/model
+    """
+    path = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
+    if looks_local and not path.exists():
+        raise FileNotFoundError(f"model folder not found: {source}")
+
+
 def load_model(
     name_or_path: str | os.PathLike[str],
     *,
@@ -147,6 +167,7 @@ def load_model(
         raise ValueError(f"unknown model kind {kind!r}; choose one of {MODEL_KINDS}")
     transformers = _transformers()
     source = str(name_or_path)
+    check_model_source(source)
     config = transformers.AutoConfig.from_pretrained(source)
     resolved: ModelKind = infer_kind(config) if kind == "auto" else kind  # type: ignore[assignment]
     options: dict[str, Any] = {"dtype": parse_dtype(dtype)}
@@ -386,3 +407,23 @@ def encode(
         )
     batch["labels"] = torch.tensor(labels, dtype=torch.long, device=device)
     return batch
+
+
+def encode_batches(
+    examples: Sequence[Example],
+    loaded: LoadedModel,
+    task: Task,
+    *,
+    batch_size: int,
+    max_length: int,
+    device: str | torch.device = "cpu",
+) -> list[dict[str, Tensor]]:
+    """Tokenise ``examples`` into padded batches of at most ``batch_size``, in order.
+
+    Examples:
+        >>> encoded = encode_batches(task.split("test"), loaded, task, batch_size=32, max_length=128)  # doctest: +SKIP
+    """
+    return [
+        encode(chunk, loaded, task, max_length=max_length, device=device)
+        for chunk in batches(examples, batch_size)
+    ]

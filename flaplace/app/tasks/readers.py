@@ -1,233 +1,34 @@
-"""Tasks: read evaluation data sets from their standard files into typed examples.
+"""Readers: the standard files of each data set, read into typed examples.
 
-A :class:`Task` holds ``train``/``validation``/``test`` lists of :class:`Example`.
-Every example of a task shares the same answer strings (``Task.choices``), so a
-model scores a fixed set of ``n_classes`` answers:
-
-* ``multiple_choice`` (ARC-Easy, ARC-Challenge, OpenBookQA, WinoGrande): the
-  prompt lists the options after letters and the answers are the letters
-  (``"A"``, ``"B"``, ...). Items whose number of options differs from the
-  task's usual count are left out (counted in ``Task.n_dropped``).
-* ``binary`` (BoolQ): the prompt asks for True or False; answers
-  ``("False", "True")``.
+* ``multiple_choice`` (ARC-Easy, ARC-Challenge, OpenBookQA, WinoGrande): the prompt lists
+  the options after letters and the answers are the letters (``"A"``, ``"B"``, ...). Items
+  whose number of options differs from the task's usual count are left out (counted in
+  ``Task.n_dropped``).
+* ``binary`` (BoolQ): the prompt asks for True or False; answers ``("False", "True")``.
 * ``classification`` (SST-2, RTE and the bundled ``demo``): raw input text (and
-  ``text_pair`` for sentence pairs) for sequence-classification models; the
-  answers are the label names.
+  ``text_pair`` for sentence pairs) for sequence-classification models; the answers are
+  the label names.
 
-Answers are written without a leading space; prepend one before tokenising
-for a causal LM (``" A"``, ``" True"`` are single tokens in common vocabularies).
-Tokenisation belongs to the workflow, not to this module.
-
-Where a data set has no labelled test split, its official development split is
-used as ``test`` and a validation split is carved from ``train``; where only
-one labelled split exists (WinoGrande dev, BoolQ dev with passages) it is split
-deterministically with ``seed``. See ``docs/tasks.md`` for the full scheme.
+Where a data set has no labelled test split, its official development split is used as
+``test`` and a validation split is carved from ``train``; where only one labelled split
+exists (WinoGrande dev, BoolQ dev with passages) it is split deterministically with
+``seed``. See the "Tasks and data" page for the full scheme. Tokenisation belongs to the
+Hugging Face glue ([`encode`][flaplace.app.hf.encode]), not to this module.
 """
 
 from __future__ import annotations
 
 import csv
-import importlib
-import importlib.resources
 import json
 import math
-import os
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeAlias
+from typing import Any, TypeAlias
 
-TaskKind: TypeAlias = Literal["multiple_choice", "binary", "classification"]
-
-#: The split names every task provides.
-SPLITS: tuple[str, ...] = ("train", "validation", "test")
-
-#: Environment variable naming a folder with one sub-folder per task.
-DATA_DIR_ENV = "FLAPLACE_DATA_DIR"
-
-LETTERS = "ABCDEFGHIJ"
-MC_INSTRUCTION = "Select one of the choices that answers the following question:"
-TRUE_FALSE_INSTRUCTION = "Answer the question with only True or False:"
-
-
-class TaskDataError(ValueError):
-    """A data file is malformed or holds a label outside the task's classes."""
-
-
-class Example(NamedTuple):
-    """One labelled example.
-
-    ``text`` is the full prompt (multiple choice, binary) or the raw input text
-    (classification); ``text_pair`` the second sentence of a pair task (RTE),
-    else ``None``. ``choices`` are the answer strings, ``label`` the index of the
-    correct one.
-
-    Example:
-        >>> ex = Example("Is water wet? Answer:", ("False", "True"), 1)
-        >>> ex.choices[ex.label]
-        'True'
-    """
-
-    text: str
-    choices: tuple[str, ...]
-    label: int
-    text_pair: str | None = None
-
-
-@dataclass(frozen=True)
-class Task:
-    """A named task with its examples per split.
-
-    ``choices`` are the answer strings shared by all examples and ``n_classes``
-    their number; ``n_dropped`` counts, per split (``"all"`` when the items
-    were dropped before a single file was divided into splits), the items left
-    out because their number of options differed from ``n_classes``; ``source`` says where
-    the data was read from.
-
-    Example:
-        >>> task = Task("toy", "classification", 2, {"train": [Example("good", ("neg", "pos"), 1)]},
-        ...             choices=("neg", "pos"))
-        >>> len(task.split("train"))
-        1
-    """
-
-    name: str
-    kind: TaskKind
-    n_classes: int
-    splits: dict[str, list[Example]]
-    choices: tuple[str, ...] = ()
-    n_dropped: dict[str, int] = field(default_factory=dict)
-    source: str = ""
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("multiple_choice", "binary", "classification"):
-            raise ValueError(f"task {self.name!r}: unknown kind {self.kind!r}")
-        if self.n_classes < 2:
-            raise ValueError(f"task {self.name!r}: n_classes must be at least 2, got {self.n_classes}")
-        if self.choices and len(self.choices) != self.n_classes:
-            raise ValueError(
-                f"task {self.name!r}: {len(self.choices)} choices {self.choices} "
-                f"but n_classes={self.n_classes}"
-            )
-        for split, examples in self.splits.items():
-            for i, ex in enumerate(examples):
-                if len(ex.choices) != self.n_classes:
-                    raise ValueError(
-                        f"task {self.name!r}, split {split!r}, example {i}: "
-                        f"{len(ex.choices)} choices but n_classes={self.n_classes}"
-                    )
-                if not 0 <= ex.label < self.n_classes:
-                    raise ValueError(
-                        f"task {self.name!r}, split {split!r}, example {i}: label {ex.label} "
-                        f"is outside the classes 0..{self.n_classes - 1}"
-                    )
-
-    def split(self, name: str) -> list[Example]:
-        """Return the examples of split ``name``; ``KeyError`` lists the available splits.
-
-        Example:
-            >>> task = load_task("demo")
-            >>> len(task.split("test"))
-            200
-        """
-        if name not in self.splits:
-            raise KeyError(f"task {self.name!r} has no split {name!r}; it has {sorted(self.splits)}")
-        return self.splits[name]
-
-
-# --------------------------------------------------------------------------- prompts
-
-
-def multiple_choice_prompt(question: str, options: Sequence[str]) -> str:
-    """The Laplace-LoRA multiple-choice prompt; the answers are the option letters.
-
-    Example:
-        >>> multiple_choice_prompt("2 + 2 = ?", ["3", "4"])
-        'Select one of the choices that answers the following question: 2 + 2 = ? Choices: A. 3 B. 4 Answer:'
-    """
-    if not 2 <= len(options) <= len(LETTERS):
-        raise ValueError(f"a multiple-choice question needs 2..{len(LETTERS)} options, got {len(options)}")
-    listed = " ".join(f"{letter}. {_clean(text)}" for letter, text in zip(LETTERS, options, strict=False))
-    return f"{MC_INSTRUCTION} {_clean(question)} Choices: {listed} Answer:"
-
-
-def true_false_prompt(question: str, passage: str | None = None) -> str:
-    """The BoolQ-style prompt; the answers are ``"False"`` and ``"True"``.
-
-    Example:
-        >>> true_false_prompt("is the sky blue", "The sky is blue")
-        'Answer the question with only True or False: is the sky blue? Context: The sky is blue. Answer:'
-    """
-    question = _clean(question)
-    if not question.endswith("?"):
-        question += "?"
-    if passage is None:
-        return f"{TRUE_FALSE_INSTRUCTION} {question} Answer:"
-    passage = _clean(passage)
-    if not passage.endswith((".", "!", "?")):
-        passage += "."
-    return f"{TRUE_FALSE_INSTRUCTION} {question} Context: {passage} Answer:"
-
-
-def format_prompt(fields: Mapping[str, Any], kind: TaskKind) -> str:
-    """Format the prompt of one item from its fields.
-
-    ``multiple_choice`` needs ``question`` and ``options``; ``binary`` needs
-    ``question`` and optionally ``passage``; ``classification`` returns
-    ``text`` unchanged.
-
-    Example:
-        >>> format_prompt({"question": "is ice cold", "passage": None}, "binary")
-        'Answer the question with only True or False: is ice cold? Answer:'
-        >>> format_prompt({"text": "a fine film"}, "classification")
-        'a fine film'
-    """
-    required = {
-        "multiple_choice": ("question", "options"),
-        "binary": ("question",),
-        "classification": ("text",),
-    }
-    if kind not in required:
-        raise ValueError(f"unknown task kind {kind!r}; expected one of {sorted(required)}")
-    missing = [key for key in required[kind] if key not in fields]
-    if missing:
-        raise KeyError(f"format_prompt({kind!r}) needs the fields {missing}; got {sorted(fields)}")
-    if kind == "multiple_choice":
-        return multiple_choice_prompt(fields["question"], fields["options"])
-    if kind == "binary":
-        return true_false_prompt(fields["question"], fields.get("passage"))
-    return str(fields["text"])
-
-
-def _clean(text: str) -> str:
-    """Collapse runs of whitespace and strip."""
-    return " ".join(str(text).split())
-
-
-# --------------------------------------------------------------------------- batching
-
-
-def batches(
-    examples: Sequence[Example], batch_size: int, *, shuffle: bool = False, seed: int = 0
-) -> Iterator[list[Example]]:
-    """Yield lists of at most ``batch_size`` examples (the last one may be shorter).
-
-    Example:
-        >>> [len(b) for b in batches(load_task("demo").split("test"), 64)]
-        [64, 64, 64, 8]
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if not examples:
-        raise ValueError("batches() got no examples")
-    order = list(range(len(examples)))
-    if shuffle:
-        random.Random(seed).shuffle(order)
-    for start in range(0, len(order), batch_size):
-        yield [examples[i] for i in order[start : start + batch_size]]
-
+from flaplace.app.tasks.examples import DATA_DIR_ENV, SPLITS, Example, Splits, TaskDataError
+from flaplace.app.tasks.prompts import LETTERS, multiple_choice_prompt, true_false_prompt
 
 # --------------------------------------------------------------------------- file reading
 
@@ -307,7 +108,6 @@ def _label_index(value: Any, classes: Sequence[Any], where: str) -> int:
 
 # --------------------------------------------------------------------------- per-task readers
 
-Splits: TypeAlias = dict[str, list[Example]]
 #: A multiple-choice item before formatting: (question, options, label).
 _Item: TypeAlias = tuple[str, list[str], int]
 
@@ -362,7 +162,7 @@ def _arc_instruction(path: Path) -> Iterator[_Item]:
         yield match["stem"], texts, _label_index(_get(record, "answer", where).strip(), answers, where)
 
 
-def _arc_local(prefix: str) -> Callable[[Path, int, dict[str, int]], Splits]:
+def arc_local(prefix: str) -> Callable[[Path, int, dict[str, int]], Splits]:
     def read(folder: Path, seed: int, dropped: dict[str, int]) -> Splits:
         files = {
             "train": (_arc_instruction, folder / "train.json"),
@@ -380,7 +180,7 @@ _OBQA_HEADER = ("ID", "Question Stem", "Choices", "Complete Question", "Answer K
 _OBQA_CHOICES = re.compile(r"^\(A\) (.*) \(B\) (.*) \(C\) (.*) \(D\) (.*)$", re.DOTALL)
 
 
-def _openbookqa_local(folder: Path, seed: int, dropped: dict[str, int]) -> Splits:
+def openbookqa_local(folder: Path, seed: int, dropped: dict[str, int]) -> Splits:
     def items(path: Path) -> Iterator[_Item]:
         for where, row in _read_tsv(path, _OBQA_HEADER):
             match = _OBQA_CHOICES.match(row[2].strip())
@@ -410,7 +210,7 @@ def _winogrande_item(where: str, record: Mapping[str, Any]) -> _Item:
     return sentence, options, _label_index(gold, (0, 1), where)
 
 
-def _winogrande_local(folder: Path, seed: int, dropped: dict[str, int]) -> Splits:
+def winogrande_local(folder: Path, seed: int, dropped: dict[str, int]) -> Splits:
     items = [_winogrande_item(w, r) for w, r in _read_jsonl(folder / "winogrande.jsonl")]
     return _carve(_mc_examples(items, 2, dropped, "all"), _SHARES_ONE_SPLIT, seed)
 
@@ -425,7 +225,7 @@ def _boolq_example(where: str, question: str, passage: str, label: Any) -> Examp
     return Example(true_false_prompt(question, passage), ("False", "True"), _BOOL_LABELS[key])
 
 
-def _boolq_local(folder: Path, seed: int, dropped: dict[str, int]) -> Splits:
+def boolq_local(folder: Path, seed: int, dropped: dict[str, int]) -> Splits:
     # train.json has no passages, so the passage-bearing val.jsonl is split three ways
     examples = [
         _boolq_example(w, _get(r, "question", w), _get(r, "passage", w), _get(r, "label", w, (str, bool)))
@@ -434,27 +234,27 @@ def _boolq_local(folder: Path, seed: int, dropped: dict[str, int]) -> Splits:
     return _carve(examples, _SHARES_ONE_SPLIT, seed)
 
 
-_SST2_CHOICES = ("negative", "positive")
-_RTE_CHOICES = ("entailment", "not_entailment")
+SST2_CHOICES = ("negative", "positive")
+RTE_CHOICES = ("entailment", "not_entailment")
 
 
-def _sst2_local(folder: Path, seed: int, dropped: dict[str, int]) -> Splits:
+def sst2_local(folder: Path, seed: int, dropped: dict[str, int]) -> Splits:
     def read(path: Path) -> list[Example]:
         return [
-            Example(row[0].strip(), _SST2_CHOICES, _label_index(row[1].strip(), ("0", "1"), where))
+            Example(row[0].strip(), SST2_CHOICES, _label_index(row[1].strip(), ("0", "1"), where))
             for where, row in _read_tsv(path, ("sentence", "label"))
         ]
 
     return _dev_as_test(read(folder / "train.tsv"), read(folder / "dev.tsv"), seed)
 
 
-def _rte_local(folder: Path, seed: int, dropped: dict[str, int]) -> Splits:
+def rte_local(folder: Path, seed: int, dropped: dict[str, int]) -> Splits:
     def read(path: Path) -> list[Example]:
         return [
             Example(
                 row[1].strip(),
-                _RTE_CHOICES,
-                _label_index(row[3].strip(), _RTE_CHOICES, where),
+                RTE_CHOICES,
+                _label_index(row[3].strip(), RTE_CHOICES, where),
                 row[2].strip(),
             )
             for where, row in _read_tsv(path, ("index", "sentence1", "sentence2", "label"))
@@ -463,11 +263,11 @@ def _rte_local(folder: Path, seed: int, dropped: dict[str, int]) -> Splits:
     return _dev_as_test(read(folder / "train.tsv"), read(folder / "dev.tsv"), seed)
 
 
-def _demo_local(folder: Path, seed: int, dropped: dict[str, int]) -> Splits:
+def demo_local(folder: Path, seed: int, dropped: dict[str, int]) -> Splits:
     splits: Splits = {}
     for split in SPLITS:
         splits[split] = [
-            Example(_get(r, "text", w), _SST2_CHOICES, _label_index(_get(r, "label", w, int), (0, 1), w))
+            Example(_get(r, "text", w), SST2_CHOICES, _label_index(_get(r, "label", w, int), (0, 1), w))
             for w, r in _read_jsonl(folder / f"demo_{split}.jsonl")
         ]
     return splits
@@ -527,7 +327,7 @@ def _hf_mc(dataset: Any, split: str, question_key: str) -> Iterator[_Item]:
         )
 
 
-def _hf_arc(config: str) -> Callable[[Callable[..., Any], int, dict[str, int]], Splits]:
+def hf_arc(config: str) -> Callable[[Callable[..., Any], int, dict[str, int]], Splits]:
     def read(load: Callable[..., Any], seed: int, dropped: dict[str, int]) -> Splits:
         data = load("allenai/ai2_arc", config)
         return {s: _mc_examples(_hf_mc(data, s, "question"), 4, dropped, s) for s in SPLITS}
@@ -535,12 +335,12 @@ def _hf_arc(config: str) -> Callable[[Callable[..., Any], int, dict[str, int]], 
     return read
 
 
-def _hf_openbookqa(load: Callable[..., Any], seed: int, dropped: dict[str, int]) -> Splits:
+def hf_openbookqa(load: Callable[..., Any], seed: int, dropped: dict[str, int]) -> Splits:
     data = load("allenai/openbookqa", "main")
     return {s: _mc_examples(_hf_mc(data, s, "question_stem"), 4, dropped, s) for s in SPLITS}
 
 
-def _hf_winogrande(load: Callable[..., Any], seed: int, dropped: dict[str, int]) -> Splits:
+def hf_winogrande(load: Callable[..., Any], seed: int, dropped: dict[str, int]) -> Splits:
     data = load("allenai/winogrande", "winogrande_m")  # test labels are hidden: dev becomes test
 
     def read(split: str) -> list[Example]:
@@ -557,7 +357,7 @@ def _hf_winogrande(load: Callable[..., Any], seed: int, dropped: dict[str, int])
     return _dev_as_test(read("train"), read("validation"), seed)
 
 
-def _hf_boolq(load: Callable[..., Any], seed: int, dropped: dict[str, int]) -> Splits:
+def hf_boolq(load: Callable[..., Any], seed: int, dropped: dict[str, int]) -> Splits:
     data = load("google/boolq")
 
     def read(split: str) -> list[Example]:
@@ -569,7 +369,7 @@ def _hf_boolq(load: Callable[..., Any], seed: int, dropped: dict[str, int]) -> S
     return _dev_as_test(read("train"), read("validation"), seed)
 
 
-def _hf_glue(config: str, choices: tuple[str, ...], keys: tuple[str, ...]) -> Callable[..., Splits]:
+def hf_glue(config: str, choices: tuple[str, ...], keys: tuple[str, ...]) -> Callable[..., Splits]:
     def read_split(data: Any, split: str) -> list[Example]:
         out = []
         for where, row in _hf_rows(data, split):
@@ -583,167 +383,3 @@ def _hf_glue(config: str, choices: tuple[str, ...], keys: tuple[str, ...]) -> Ca
         return _dev_as_test(read_split(data, "train"), read_split(data, "validation"), seed)
 
     return read
-
-
-# --------------------------------------------------------------------------- registry
-
-
-@dataclass(frozen=True)
-class _Spec:
-    kind: TaskKind
-    choices: tuple[str, ...]
-    read_local: Callable[[Path, int, dict[str, int]], Splits]
-    read_hf: Callable[[Callable[..., Any], int, dict[str, int]], Splits] | None
-    marker: str  # a file whose presence identifies the task's folder
-
-
-_TASKS: dict[str, _Spec] = {
-    "arc_easy": _Spec(
-        "multiple_choice", tuple("ABCD"), _arc_local("ARC-Easy"), _hf_arc("ARC-Easy"), "ARC-Easy-Dev.jsonl"
-    ),
-    "arc_challenge": _Spec(
-        "multiple_choice",
-        tuple("ABCD"),
-        _arc_local("ARC-Challenge"),
-        _hf_arc("ARC-Challenge"),
-        "ARC-Challenge-Dev.jsonl",
-    ),
-    "openbookqa": _Spec("multiple_choice", tuple("ABCD"), _openbookqa_local, _hf_openbookqa, "dev.tsv"),
-    "winogrande": _Spec("multiple_choice", ("A", "B"), _winogrande_local, _hf_winogrande, "winogrande.jsonl"),
-    "boolq": _Spec("binary", ("False", "True"), _boolq_local, _hf_boolq, "val.jsonl"),
-    "sst2": _Spec(
-        "classification",
-        _SST2_CHOICES,
-        _sst2_local,
-        _hf_glue("sst2", _SST2_CHOICES, ("sentence",)),
-        "train.tsv",
-    ),
-    "rte": _Spec(
-        "classification",
-        _RTE_CHOICES,
-        _rte_local,
-        _hf_glue("rte", _RTE_CHOICES, ("sentence1", "sentence2")),
-        "train.tsv",
-    ),
-    "demo": _Spec("classification", _SST2_CHOICES, _demo_local, None, "demo_train.jsonl"),
-}
-
-#: Names accepted by :func:`load_task`.
-KNOWN_TASKS: tuple[str, ...] = tuple(_TASKS)
-
-
-def demo_data_dir() -> Path:
-    """The folder holding the bundled ``demo`` task files.
-
-    Example:
-        >>> (demo_data_dir() / "demo_train.jsonl").is_file()
-        True
-    """
-    return Path(str(importlib.resources.files("flaplace") / "data"))
-
-
-def _task_folder(name: str, path: Path, marker: str) -> Path:
-    """Accept the task's own folder or a parent holding ``<name>/``."""
-    if not (path / marker).is_file() and (path / name / marker).is_file():
-        return path / name
-    if not path.is_dir():
-        raise FileNotFoundError(f"data folder for task {name!r} not found: {path}")
-    return path
-
-
-def _hf_loader(name: str) -> Callable[..., Any]:
-    try:
-        datasets = importlib.import_module("datasets")
-    except ImportError:
-        raise FileNotFoundError(
-            f"no data path for task {name!r}: pass path=<folder with its files> (e.g. ../shared/data/{name}) "
-            f"or set {DATA_DIR_ENV}; loading by Hugging Face name needs the `datasets` library, "
-            "which is not installed"
-        ) from None
-
-    def load(*args: Any) -> Any:
-        try:
-            return datasets.load_dataset(*args)
-        except Exception as err:  # network, hub or cache failures all mean "pass a path"
-            raise FileNotFoundError(
-                f"could not load task {name!r} from Hugging Face {args} ({type(err).__name__}: {err}); "
-                f"pass path=<folder with its files> (e.g. ../shared/data/{name}) or set {DATA_DIR_ENV}"
-            ) from err
-
-    return load
-
-
-def _subsample(examples: list[Example], limit: int | None, seed: int, split: str) -> list[Example]:
-    if limit is None or limit >= len(examples):
-        return examples
-    keep = sorted(random.Random(f"{split}:{seed}").sample(range(len(examples)), limit))
-    return [examples[i] for i in keep]
-
-
-def _limits(max_examples: Mapping[str, int | None] | int | None) -> dict[str, int | None]:
-    if max_examples is None or isinstance(max_examples, int):
-        limits: dict[str, int | None] = dict.fromkeys(SPLITS, max_examples)
-    elif isinstance(max_examples, Mapping):
-        unknown = set(max_examples) - set(SPLITS)
-        if unknown:
-            raise ValueError(f"max_examples has unknown splits {sorted(unknown)}; splits are {list(SPLITS)}")
-        limits = {split: max_examples.get(split) for split in SPLITS}
-    else:
-        raise TypeError(f"max_examples must be an int, a dict or None, got {type(max_examples).__name__}")
-    for split, limit in limits.items():
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise ValueError(f"max_examples[{split!r}] must be a positive int or None, got {limit!r}")
-    return limits
-
-
-def load_task(
-    name: str,
-    path: str | Path | None = None,
-    *,
-    max_examples: Mapping[str, int | None] | int | None = None,
-    seed: int = 0,
-) -> Task:
-    """Load task ``name`` with ``train``, ``validation`` and ``test`` splits.
-
-    ``path`` is the folder with the task's files (e.g. ``../shared/data/arc_easy``;
-    a parent folder holding ``<name>/`` also works). Without ``path`` the
-    folder ``$FLAPLACE_DATA_DIR/<name>`` is used when that variable is set,
-    the bundled files for ``demo``, and otherwise the Hugging Face ``datasets``
-    library when it is installed and the hub is reachable.
-
-    ``max_examples`` caps every split (an int) or the named splits (a dict) by a
-    seeded random subset, kept in file order. ``seed`` also fixes the
-    deterministic carving of splits that the files do not provide.
-
-    Raises ``ValueError`` for an unknown task, ``FileNotFoundError`` for a
-    missing file or source, and :class:`TaskDataError` (a ``ValueError``)
-    naming the file and line for malformed records or labels outside the
-    classes.
-
-    Example:
-        >>> task = load_task("demo", max_examples={"train": 100})
-        >>> task.kind, task.n_classes, len(task.split("train"))
-        ('classification', 2, 100)
-        >>> task.choices
-        ('negative', 'positive')
-    """
-    if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(KNOWN_TASKS)}")
-    spec = _TASKS[name]
-    limits = _limits(max_examples)
-    dropped: dict[str, int] = {}
-    if path is None and os.environ.get(DATA_DIR_ENV) and name != "demo":
-        path = Path(os.environ[DATA_DIR_ENV])
-    if path is None and name == "demo":
-        path = demo_data_dir()
-    if path is not None:
-        folder = _task_folder(name, Path(path), spec.marker)
-        splits, source = spec.read_local(folder, seed, dropped), str(folder)
-    else:
-        assert spec.read_hf is not None
-        splits, source = spec.read_hf(_hf_loader(name), seed, dropped), "huggingface"
-    for split in SPLITS:
-        if not splits.get(split):
-            raise TaskDataError(f"task {name!r}: split {split!r} has no examples (source: {source})")
-        splits[split] = _subsample(splits[split], limits[split], seed, split)
-    return Task(name, spec.kind, len(spec.choices), splits, spec.choices, dropped, source)
