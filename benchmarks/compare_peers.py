@@ -265,7 +265,7 @@ def fit_map(
 
 
 def _dense_factor(eigen: flaplace.Eigen) -> Tensor:
-    return (eigen.vectors * eigen.values) @ eigen.vectors.mT
+    return eigen.dense()
 
 
 def _laplace_kron_as_factors(
@@ -347,7 +347,6 @@ def agreement(quick: bool = False, seed: int = SEED) -> dict[str, Any]:
                 fisher="exact",
                 sharing=sharing,
                 lr_threshold=None,
-                return_state=True,
                 progress=False,
             )
             s_err = max(
@@ -383,7 +382,7 @@ def agreement(quick: bool = False, seed: int = SEED) -> dict[str, Any]:
         # Empirical Fisher: deterministic, so it must agree too.
         la_ef = KronLaplace(wrapped, "classification", backend=CurvlinopsEF, prior_precision=1.0)
         la_ef.fit(loader)
-        ef_factors = flaplace.fit_kfac(
+        ef_factors, _ = flaplace.fit_kfac(
             model_fn, params, loader, fisher="empirical", sharing="expand", lr_threshold=None, progress=False
         )
         result["factors"]["empirical_expand"] = {
@@ -780,7 +779,7 @@ def _cost_config(
 
         def fit_flaplace(options=options):
             torch.manual_seed(0)
-            return flaplace.fit_kfac(model_fn, params, loader, progress=False, return_state=True, **options)
+            return flaplace.fit_kfac(model_fn, params, loader, progress=False, **options)
 
         fits[("flaplace", name, False)] = Case(fit_flaplace)
         compile_this = (name == "exact/expand/full" and not large) or (

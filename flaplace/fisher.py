@@ -14,6 +14,7 @@ unbiased estimate of) the matrix the Fisher type asks for:
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,9 @@ from torch import Tensor
 
 from flaplace.typing import FisherType, Likelihood
 
-LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
-FISHER_TYPES = ("mc", "exact", "empirical")
+#: The accepted values of ``likelihood`` and ``fisher`` (from the `Likelihood` and `FisherType` types).
+LIKELIHOODS: tuple[str, ...] = get_args(Likelihood)
+FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
 
 
 def check_likelihood(likelihood: str, n_outputs: int) -> None:

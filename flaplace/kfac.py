@@ -25,8 +25,9 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Collection, Iterable
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import torch
 import torch.distributed as dist
@@ -50,7 +51,8 @@ from flaplace.typing import (
     Sharing,
 )
 
-SHARINGS = ("expand", "reduce", "last")
+#: The accepted values of ``sharing`` (from the `Sharing` type).
+SHARINGS: tuple[str, ...] = get_args(Sharing)
 
 
 class KFACState(NamedTuple):
@@ -404,6 +406,16 @@ def reduce_across_ranks(state: KFACState, group: dist.ProcessGroup | None = None
     )
 
 
+class KFACFit(NamedTuple):
+    """What [`fit`][flaplace.kfac.fit] returns: the factors and the final statistics.
+
+    Unpacks as ``factors, state = fit(...)``.
+    """
+
+    factors: Factors
+    state: KFACState
+
+
 def fit(
     model_fn: ModelFn,
     params: Params,
@@ -411,9 +423,8 @@ def fit(
     *,
     distributed: bool = False,
     progress: bool = True,
-    return_state: bool = False,
     **options,
-) -> Factors | tuple[Factors, KFACState]:
+) -> KFACFit:
     """K-FAC factors over every batch of ``batches`` (any iterable, e.g. a DataLoader).
 
     Args:
@@ -423,13 +434,21 @@ def fit(
         distributed: sum the statistics over ``torch.distributed`` ranks, each
             of which passes its own shard of the data.
         progress: show a tqdm progress bar.
-        return_state: also return the final :class:`KFACState` (its
-            ``log_likelihood`` is the training log-likelihood the evidence needs).
-        **options: forwarded to :func:`build` (``fisher``, ``sharing``, ``n_kfac``, ...).
+        **options: forwarded to [`build`][flaplace.kfac.build] (``fisher``, ``sharing``, ``n_kfac``, ...).
+
+    Returns:
+        A [`KFACFit`][flaplace.kfac.KFACFit] ``(factors, state)``; the state's
+        ``log_likelihood`` is the training log-likelihood the evidence needs.
 
     Example:
-        >>> factors, state = fit(model_fn, params, loader, fisher="exact", return_state=True)
+        >>> factors, state = fit(model_fn, params, loader, fisher="exact")
     """
+    if options.pop("return_state", None) is not None:
+        warnings.warn(
+            "fit(return_state=...) is no longer needed: fit always returns (factors, state)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     init, update = build(model_fn, **options)
     state = init(params)
     seen = 0
@@ -441,7 +460,7 @@ def fit(
     if distributed:
         state = reduce_across_ranks(state)
     factors = kfac_factors(state)
-    return (factors, state) if return_state else factors
+    return KFACFit(factors, state)
 
 
 def dense_block(factor: KronFactor) -> Float[Tensor, "oi oi"]:
@@ -452,6 +471,6 @@ def dense_block(factor: KronFactor) -> Float[Tensor, "oi oi"]:
     """
 
     def full(e: Eigen) -> Tensor:
-        return (e.vectors * e.values) @ e.vectors.T
+        return e.dense()
 
     return torch.kron(full(factor.S), full(factor.A))

@@ -310,8 +310,7 @@ def sample(posterior: Posterior, n_samples: int, generator: torch.Generator | No
 
 
 def _dense(eigen: Eigen) -> Tensor:
-    vectors, values = eigen
-    return (vectors * values) @ vectors.mT
+    return eigen.dense()
 
 
 def precision_dense(posterior: Posterior, name: str) -> Float[Tensor, "d d"]:

@@ -16,14 +16,15 @@ and everything that depends only on the posterior is computed once by
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, Literal, NamedTuple, TypeAlias
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, NamedTuple, TypeAlias, get_args
 
 import optree
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 from torch.func import jacrev, vmap
+from tqdm.auto import tqdm
 
 from flaplace.capture import capture
 from flaplace.params import token_mask
@@ -31,14 +32,20 @@ from flaplace.typing import Batch, Likelihood, ModelFn, Params, Posterior
 
 JacobianMethod: TypeAlias = Literal["vmap", "loop", "capture"]
 Link: TypeAlias = Literal["probit", "mc", "bridge"]
+#: The accepted values of ``method`` (from the `JacobianMethod` type).
+JACOBIAN_METHODS: tuple[str, ...] = get_args(JacobianMethod)
 
 __all__ = [
+    "JacobianCache",
     "PredictiveBlock",
     "PredictiveCache",
+    "cache_jacobians",
+    "cached_covariance",
     "gaussian_predictive",
     "laplace_bridge_probs",
     "linearised_predictive",
     "mc_probs",
+    "jacobians_and_logits",
     "per_example_jacobians",
     "predictive_covariance",
     "predictive_precompute",
@@ -106,6 +113,80 @@ def per_example_jacobians(
     return jacobians
 
 
+def jacobians_and_logits(
+    model_fn: ModelFn,
+    params: Params,
+    batch: Batch,
+    *,
+    method: JacobianMethod = "vmap",
+    chunk_size: int | None = None,
+) -> tuple[dict[str, Tensor], Float[Tensor, "batch classes"]]:
+    """Per-example Jacobians (as [`per_example_jacobians`][flaplace.predictive.per_example_jacobians])
+    and the logits ``f_mu`` at ``params``, which every method computes on the way.
+
+    Examples:
+        >>> import torch
+        >>> W = torch.randn(3, 4)
+        >>> jac, f_mu = jacobians_and_logits(lambda p, b: b[0] @ p["W"].T, {"W": W}, (torch.randn(2, 4),))
+        >>> jac["W"].shape, f_mu.shape
+        (torch.Size([2, 3, 3, 4]), torch.Size([2, 3]))
+    """
+    return _jacobians_and_logits(model_fn, params, batch, chunk_size=chunk_size, method=method)
+
+
+class JacobianCache(NamedTuple):
+    """The logits and per-batch Jacobians of a data set at the MAP.
+
+    The Jacobians do not depend on the prior, so one cache serves every prior precision
+    that is scored (e.g. by [`tune_prior_grid`][flaplace.evidence.tune_prior_grid]) through
+    [`cached_covariance`][flaplace.predictive.cached_covariance].
+    """
+
+    logits: Float[Tensor, "n classes"]
+    jacobians: list[dict[str, Tensor]]
+
+
+def cache_jacobians(
+    model_fn: ModelFn,
+    params: Params,
+    batches: Iterable[Batch],
+    *,
+    method: JacobianMethod = "vmap",
+    chunk_size: int | None = None,
+    progress: bool = False,
+    desc: str = "Jacobians",
+) -> JacobianCache:
+    """The (detached) logits and Jacobians of every batch, to score many priors without recomputing them.
+
+    Examples:
+        >>> import torch
+        >>> f = lambda p, b: b[0] @ p["W"].T
+        >>> cache = cache_jacobians(f, {"W": torch.randn(3, 4)}, [(torch.randn(2, 4),), (torch.randn(1, 4),)])
+        >>> cache.logits.shape, len(cache.jacobians)
+        (torch.Size([3, 3]), 2)
+    """
+    logits, jacobians = [], []
+    for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+        jac, f_mu = _jacobians_and_logits(model_fn, params, batch, chunk_size=chunk_size, method=method)
+        logits.append(f_mu.detach())
+        jacobians.append({name: j.detach() for name, j in jac.items()})
+    if not logits:
+        raise ValueError("cache_jacobians got no batches")
+    return JacobianCache(torch.cat(logits), jacobians)
+
+
+def cached_covariance(
+    posterior: Posterior | PredictiveCache, cache: JacobianCache
+) -> Float[Tensor, "n classes classes"]:
+    """``f_var = J Sigma J^T`` of every cached example under ``posterior`` (detached).
+
+    Examples:
+        >>> f_var = cached_covariance(posterior, cache)  # doctest: +SKIP
+    """
+    prepared = _as_cache(posterior)
+    return torch.cat([predictive_covariance(prepared, jac) for jac in cache.jacobians]).detach()
+
+
 class _SplitBatch(NamedTuple):
     """A batch flattened into leaves: the per-example tensors and how to rebuild one example."""
 
@@ -153,7 +234,7 @@ def _jacobians_and_logits(
         raise ValueError("params is empty: there is nothing to differentiate")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
-    if method not in ("vmap", "loop", "capture"):
+    if method not in JACOBIAN_METHODS:
         raise ValueError(f"method must be 'vmap', 'loop' or 'capture', got {method!r}")
     split = _split_batch(batch)
     if method == "capture":

@@ -39,6 +39,17 @@ class Eigen(NamedTuple):
     vectors: Float[Tensor, "d k"]
     values: Float[Tensor, " k"]
 
+    def dense(self) -> Float[Tensor, "*batch d d"]:
+        """The matrix ``Q diag(values) Q^T`` itself (a ``d x d`` tensor: small sides only).
+
+        Examples:
+            >>> import torch
+            >>> Eigen(torch.eye(2), torch.tensor([2.0, 3.0])).dense()
+            tensor([[2., 0.],
+                    [0., 3.]])
+        """
+        return (self.vectors * self.values.unsqueeze(-2)) @ self.vectors.mT
+
 
 class KronFactor(NamedTuple):
     """The K-FAC block of one weight matrix: ``H_W ~ S (x) A``.

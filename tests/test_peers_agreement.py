@@ -48,7 +48,7 @@ def fitted():
         la = KronLaplace(cp.LogitsModule(model, output_fn), "classification", backend=CurvlinopsGGN)
         la.fit(loader)
         factors, state = flaplace.fit_kfac(
-            model_fn, params, loader, fisher="exact", sharing="expand", lr_threshold=None, return_state=True,
+            model_fn, params, loader, fisher="exact", sharing="expand", lr_threshold=None,
             progress=False,
         )  # fmt: skip
         batch = torch.utils.data.default_collate(list(cp.token_data(3, 6, 32, 3, seed=2)))
@@ -57,7 +57,7 @@ def fitted():
 
 
 def _dense(eigen: flaplace.Eigen) -> torch.Tensor:
-    return (eigen.vectors * eigen.values) @ eigen.vectors.T
+    return eigen.dense()
 
 
 def _rel(a, b) -> float:

@@ -206,7 +206,7 @@ def test_failed_run_leaves_no_result_that_looks_complete(models, data, tmp_path,
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure in the predictive")
 
-    monkeypatch.setattr(stages, "predictive_covariance", broken)
+    monkeypatch.setattr(stages, "cached_covariance", broken)
     with pytest.raises(RuntimeError, match="simulated failure"):
         run(config(models, data, "gpt2", "demo", tmp_path, prior_tuning="grid"), progress=False)
     for name in report.FINAL_OUTPUTS:

@@ -27,7 +27,7 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,15 +40,16 @@ from flaplace.evidence import tune_prior_evidence, tune_prior_grid
 from flaplace.kfac import fit as fit_kfac
 from flaplace.metrics import classification_metrics
 from flaplace.predictive import (
-    _jacobians_and_logits,
-    predictive_covariance,
-    predictive_precompute,
+    JacobianCache,
+    JacobianMethod,
+    cache_jacobians,
+    cached_covariance,
     predictive_probs,
 )
 from flaplace.typing import Factors, ModelFn, Params, Posterior
 
 #: How per-example Jacobians of token-level weights are computed (see flaplace.predictive).
-JACOBIAN_METHOD = "capture"
+JACOBIAN_METHOD: JacobianMethod = "capture"
 
 
 def training_batches(
@@ -142,21 +143,17 @@ def fit_factors(
         params,
         encoded,
         progress=progress,
-        return_state=True,
         fisher=cast(Any, fisher),
         sharing=cast(Any, sharing),
         n_kfac=n_kfac,
         lr_threshold=lr_threshold,
         generator=torch.Generator(device=device).manual_seed(seed),
     )
-    return cast(Factors, factors), float(cast(Any, state).log_likelihood)
+    return factors, float(state.log_likelihood)
 
 
-class Moments(NamedTuple):
-    """MAP logits of a split and its per-batch Jacobians (kept to score many priors)."""
-
-    logits: Tensor
-    jacobians: list[dict[str, Tensor]]
+#: The logits and per-batch Jacobians of a split (kept to score many priors).
+Moments = JacobianCache
 
 
 def moments(
@@ -166,7 +163,7 @@ def moments(
     *,
     progress: bool,
     desc: str,
-) -> Moments:
+) -> JacobianCache:
     """MAP logits of every batch and the per-batch Jacobians.
 
     The capture method covers the adapters (used at every token) and a classification head
@@ -175,14 +172,9 @@ def moments(
     Examples:
         >>> f_mu, jacobians = moments(f, posterior, test_batches, progress=False, desc="")  # doctest: +SKIP
     """
-    logits, jacobians = [], []
-    for batch in tqdm(encoded, desc=desc, disable=not progress, unit="batch"):
-        jac, f_mu = _jacobians_and_logits(
-            model_fn, posterior.mean, batch, chunk_size=None, method=JACOBIAN_METHOD
-        )
-        logits.append(f_mu.detach())
-        jacobians.append({n: j.detach() for n, j in jac.items()})
-    return Moments(torch.cat(logits), jacobians)
+    return cache_jacobians(
+        model_fn, posterior.mean, encoded, method=JACOBIAN_METHOD, progress=progress, desc=desc
+    )
 
 
 def covariances(posterior: Posterior, jacobians: Sequence[dict[str, Tensor]]) -> Tensor:
@@ -191,8 +183,7 @@ def covariances(posterior: Posterior, jacobians: Sequence[dict[str, Tensor]]) ->
     Examples:
         >>> f_var = covariances(posterior, moments_of_test.jacobians)  # doctest: +SKIP
     """
-    cache = predictive_precompute(posterior)
-    return torch.cat([predictive_covariance(cache, jac) for jac in jacobians]).detach()
+    return cached_covariance(posterior, JacobianCache(torch.empty(0), list(jacobians)))
 
 
 def link_probs(f_mu: Tensor, f_var: Tensor, *, link: str, n_samples: int, seed: int) -> Tensor:

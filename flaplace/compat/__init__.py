@@ -39,7 +39,7 @@ from flaplace.compat.roots import eigen_factors, prior_precision_of, weight_name
 from flaplace.evidence import log_marginal_likelihood
 from flaplace.params import ModelFunction, last_positions, logits_of
 from flaplace.posterior import make_posterior
-from flaplace.predictive import JacobianMethod, _jacobians_and_logits, predictive_covariance
+from flaplace.predictive import JacobianMethod, jacobians_and_logits, predictive_covariance
 from flaplace.typing import Batch, Posterior
 
 __all__ = [
@@ -206,7 +206,7 @@ def jacobian_mean(
             return output_callback(output)
 
     model_fn = ModelFunction(model, params, output_fn)
-    jacobian, f_mu = _jacobians_and_logits(
+    jacobian, f_mu = jacobians_and_logits(
         model_fn, params, batch_inputs, chunk_size=chunk_size, method=method
     )
     return jacobian, f_mu

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 from flaplace.compat.roots import factor_root
 from flaplace.kfac import fit as fit_kfac
 from flaplace.params import token_mask
-from flaplace.typing import Batch, Factors, Params
+from flaplace.typing import Batch, Params
 
 #: ``{module name: (A_root, S_root)}`` with ``A = A_root A_root^T`` (input side) and
 #: ``S = S_root S_root^T`` (output-gradient side); a root is ``(d, d)`` or ``(d, n_kfac)``.
@@ -186,31 +186,21 @@ def calculate_kronecker_factors(
         device = next(iter(params.values())).device
         return torch.ones(shape, dtype=torch.bool, device=device)
 
-    factors = cast(
-        Factors,
-        fit_kfac(
-            model_fn,
-            params,
-            ((batch,) for batch in loader),
-            progress=use_tqdm,
-            sharing="last",
-            fisher=fisher,
-            n_kfac=n_kfac if n_kfac is not None else 1,
-            lr_threshold=lr_threshold if n_kfac is not None else None,
-            transposed=frozenset(),
-            token_mask_fn=token_layout,
-            targets_fn=_no_targets,
-            generator=generator,
-        ),
+    factors, _ = fit_kfac(
+        model_fn,
+        params,
+        ((batch,) for batch in loader),
+        progress=use_tqdm,
+        sharing="last",
+        fisher=fisher,
+        n_kfac=n_kfac if n_kfac is not None else 1,
+        lr_threshold=lr_threshold if n_kfac is not None else None,
+        transposed=frozenset(),
+        token_mask_fn=token_layout,
+        targets_fn=_no_targets,
+        generator=generator,
     )
     return {module_of[name]: (factor_root(f.A), factor_root(f.S)) for name, f in factors.items()}
-
-
-def _looks_like_probabilities(logits: Tensor) -> bool:
-    if logits.shape[-1] < 2 or not bool(torch.isfinite(logits).all()):
-        return False
-    sums = logits.sum(-1)
-    return bool((logits >= 0).all()) and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-5))
 
 
 def _looks_like_probabilities(logits: Tensor) -> bool:
