@@ -2,7 +2,7 @@
 
 Data flows one way: params -> capture -> kfac -> posterior -> evidence / predictive -> metrics.
 
-Example:
+Examples:
     >>> import flaplace
     >>> params = flaplace.select_params(peft_model, "lora")
     >>> model_fn = flaplace.ModelFunction(peft_model, params, flaplace.LastTokenLogits(answer_ids))

@@ -1,7 +1,7 @@
 """Laplace log marginal likelihood (the evidence) and prior precision tuning.
 
 Per block, with posterior precision ``P = S (x) A + lambda I`` and prior precision
-``P0 = lambda I`` (DESIGN.md section 3),
+``P0 = lambda I`` (the Conventions page of the docs),
 
     log Z = LL(theta*) - sum_blocks [ (lambda/2) ||theta*||^2 + 1/2 sum_{i,j} log(1 + s_i a_j / lambda) ]
 
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from flaplace.posterior import PriorPrecision, assign_blocks, num_parameters, with_prior_precision
 from flaplace.typing import Posterior
 
-#: Default grid of prior precisions for :func:`tune_prior_grid`: ``10^-4 ... 10^4``, 4 per decade.
+#: Default grid of prior precisions for `tune_prior_grid`: ``10^-4 ... 10^4``, 4 per decade.
 DEFAULT_GRID: tuple[float, ...] = tuple(10.0 ** (k / 4) for k in range(-16, 17))
 
 
@@ -33,15 +33,15 @@ def log_marginal_likelihood(posterior: Posterior, log_likelihood: Tensor | float
     """The Laplace log marginal likelihood ``log Z`` (the 2 pi terms cancel).
 
     Args:
-        posterior: from :func:`~flaplace.posterior.make_posterior`; full or thin factors.
+        posterior: from [`make_posterior`][flaplace.posterior.make_posterior]; full or thin factors.
         log_likelihood: ``LL(theta*)``, the log-likelihood of the training data at the
-            MAP, SUMMED over examples (the normalisation of the factors, DESIGN.md).
+            MAP, SUMMED over examples (the normalisation of the factors: S sums over the data).
 
     Returns:
         A 0-d tensor in the dtype of the prior precision, differentiable in the
         prior precision tensors (and so in ``log lambda``).
 
-    Example:
+    Examples:
         >>> posterior = make_posterior(factors, params, 1.0)
         >>> log_z = log_marginal_likelihood(posterior, log_likelihood=-1234.5)
     """
@@ -98,7 +98,7 @@ def tune_prior_evidence(
     ``-1/2 softplus(log(s a) - t)``), so its stationary point is the maximum.
 
     Args:
-        posterior: from :func:`~flaplace.posterior.make_posterior`.
+        posterior: from [`make_posterior`][flaplace.posterior.make_posterior].
         log_likelihood: ``LL(theta*)`` summed over the training data.
         steps: maximum number of Adam steps.
         lr: Adam's learning rate on ``log lambda``.
@@ -129,7 +129,7 @@ def tune_prior_evidence(
         ``"all"`` for a shared value). A warning is raised when ``steps`` ran
         out before the gradient fell below ``tol``.
 
-    Example:
+    Examples:
         >>> tuned, history = tune_prior_evidence(posterior, ll, per_block=["lora_A", "lora_B"])
         >>> last = history[-1]
         >>> last["log_evidence"], last["prior_precision"]
@@ -213,10 +213,10 @@ def tune_prior_grid(
     """Choose one prior precision for all blocks by the lowest validation NLL on a grid.
 
     Args:
-        posterior: from :func:`~flaplace.posterior.make_posterior`.
+        posterior: from [`make_posterior`][flaplace.posterior.make_posterior].
         nll_fn: evaluates a candidate posterior, e.g. the mean negative log
             predictive probability on a validation set.
-        grid: candidate prior precisions (positive); default :data:`DEFAULT_GRID`
+        grid: candidate prior precisions (positive); default `DEFAULT_GRID`
             (``10^-4 ... 10^4``, four per decade).
         progress: show a tqdm progress bar.
 
@@ -228,7 +228,7 @@ def tune_prior_grid(
     Raises:
         ValueError: an empty or non-positive grid, or no candidate with a finite NLL.
 
-    Example:
+    Examples:
         >>> tuned, table = tune_prior_grid(posterior, lambda p: validation_nll(p, val_loader))
     """
     candidates = DEFAULT_GRID if grid is None else [float(g) for g in grid]
@@ -251,7 +251,7 @@ def tune_prior_grid(
 def evidence_gradient(posterior: Posterior, log_likelihood: Tensor | float) -> dict[str, float]:
     """``d log Z / d log lambda`` for each block at the posterior's prior precision.
 
-    Example:
+    Examples:
         >>> evidence_gradient(posterior, ll)  # ~0 for every block after per-block tuning
     """
     names = list(posterior.mean)

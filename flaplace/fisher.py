@@ -60,7 +60,7 @@ def fisher_cotangents(
         sigma: the Gaussian noise standard deviation.
         generator: the random generator for ``mc`` (reproducible draws).
 
-    Example:
+    Examples:
         >>> v = fisher_cotangents(torch.randn(4, 3), "categorical", "exact")  # (2, 4, 3)
     """
     check_likelihood(likelihood, logits.shape[-1])
@@ -147,8 +147,9 @@ def log_likelihood(
 ) -> Float[Tensor, ""]:
     """Summed log-likelihood of ``targets`` under ``logits``.
 
-    Example:
+    Examples:
         >>> log_likelihood(torch.zeros(2, 2), torch.tensor([0, 1]), "categorical")  # 2 log(1/2)
+        tensor(-1.3863)
     """
     check_likelihood(likelihood, logits.shape[-1])
     if likelihood == "categorical":

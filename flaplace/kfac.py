@@ -1,21 +1,19 @@
 """K-FAC factors of adapter weights as a pure ``(init, update)`` pair.
 
 For each selected weight ``W`` (``o x i``) the block of the Fisher/GGN is
-approximated as ``S (x) A`` with DESIGN.md's normalisation: ``S`` sums over
+approximated as ``S (x) A`` with the project's normalisation: ``S`` sums over
 the data, ``A`` averages, so that ``S (x) A`` approximates the curvature of the
 *summed* loss (as laplace-torch and curvlinops do).
 
-=========  ==================================  ==========================================
-sharing    ``S``                               ``A``
-=========  ==================================  ==========================================
-expand     ``sum_{n,t} g g^T``                 ``(1/N_tokens) sum_{n,t} a a^T``
-reduce     ``sum_n (sum_t g)(sum_t g)^T``      ``(1/N) sum_n (mean_t a)(mean_t a)^T``
-last       ``sum_n g_last g_last^T``           ``(1/N) sum_n a_last a_last^T``
-=========  ==================================  ==========================================
+| sharing | ``S`` | ``A`` |
+|---|---|---|
+| expand | ``sum_{n,t} g g^T`` | ``(1/N_tokens) sum_{n,t} a a^T`` |
+| reduce | ``sum_n (sum_t g)(sum_t g)^T`` | ``(1/N) sum_n (mean_t a)(mean_t a)^T`` |
+| last | ``sum_n g_last g_last^T`` | ``(1/N) sum_n a_last a_last^T`` |
 
 Padded positions (``attention_mask == 0``) are excluded everywhere.
 
-Example:
+Examples:
     >>> init, update = build(model_fn, fisher="exact", sharing="expand")
     >>> state = init(params)
     >>> for batch in loader:
@@ -59,7 +57,7 @@ class KFACState(NamedTuple):
     """Running K-FAC statistics: a pytree of tensors.
 
     ``S[name]`` and ``A[name]`` are unnormalised sums, either dense ``(d, d)``
-    matrices or low-rank sketches (:class:`~flaplace.typing.Eigen` with
+    matrices or low-rank sketches ([`Eigen`][flaplace.typing.Eigen] with
     ``m`` columns). ``n_examples`` counts examples; ``a_count[name]`` counts the rows
     averaged into ``A`` (real tokens for ``expand``, examples otherwise, and examples
     for a layer that sees one row per example, such as a pooled classifier head).
@@ -80,7 +78,7 @@ class KFACState(NamedTuple):
 
 
 class KFAC(NamedTuple):
-    """The pure pair returned by :func:`build`."""
+    """The pure pair returned by `build`."""
 
     init: Callable[[Params], KFACState]
     update: Callable[..., KFACState]
@@ -108,7 +106,7 @@ def build(
 
     Args:
         model_fn: ``f(params, batch) -> logits (batch, C)``, e.g. a
-            :class:`~flaplace.params.ModelFunction`.
+            [`ModelFunction`][flaplace.params.ModelFunction].
         likelihood: ``categorical``, ``bernoulli`` (one logit) or ``gaussian``.
         fisher: ``mc`` (``n_samples`` draws), ``exact`` (GGN) or ``empirical``.
         sharing: ``expand``, ``reduce`` or ``last`` (how positions are combined).
@@ -130,7 +128,7 @@ def build(
         ``KFAC(init, update)``: ``init(params) -> state`` and
         ``update(state, params, batch) -> state``, both pure.
 
-    Example:
+    Examples:
         >>> init, update = build(model_fn, fisher="exact", sharing="last", lr_threshold=None)
     """
     if fisher not in FISHER_TYPES:
@@ -329,7 +327,7 @@ def kfac_factors(state: KFACState) -> Factors:
     (``expand``) or examples (``reduce``, ``last``). Dense factors are
     decomposed exactly; low-rank ones keep their top ``n_kfac`` pairs.
 
-    Example:
+    Examples:
         >>> factors = kfac_factors(state)
         >>> factors[name].S.values  # eigenvalues, descending
     """
@@ -367,7 +365,7 @@ def reduce_across_ranks(state: KFACState, group: dist.ProcessGroup | None = None
     Dense factors and counts are all-reduced; low-rank sketches are
     all-gathered and merged into the top eigenpairs of their sum.
 
-    Example:
+    Examples:
         >>> state = reduce_across_ranks(state)  # after each rank saw its shard of the data
     """
     if not (dist.is_available() and dist.is_initialized()):
@@ -440,7 +438,7 @@ def fit(
         A [`KFACFit`][flaplace.kfac.KFACFit] ``(factors, state)``; the state's
         ``log_likelihood`` is the training log-likelihood the evidence needs.
 
-    Example:
+    Examples:
         >>> factors, state = fit(model_fn, params, loader, fisher="exact")
     """
     if options.pop("return_state", None) is not None:
@@ -466,7 +464,7 @@ def fit(
 def dense_block(factor: KronFactor) -> Float[Tensor, "oi oi"]:
     """``S (x) A`` as a dense matrix (small blocks only: tests and debugging).
 
-    Example:
+    Examples:
         >>> H = dense_block(factors[name])  # (o*i, o*i) in row-major vec(W)
     """
 

@@ -2,7 +2,7 @@
 
 The network is linearised around the MAP ``theta*``: ``f(theta, x) ~ N(f_mu, f_var)`` with
 ``f_mu = f(theta*, x)`` and ``f_var = J Sigma J^T``, ``Sigma`` the Laplace posterior covariance
-(DESIGN.md section 4). For one Kronecker block ``P = S (x) A + lambda I`` with Jacobian slices
+(the Conventions page of the docs). For one Kronecker block ``P = S (x) A + lambda I`` with Jacobian slices
 ``G_c`` (shape ``o x i``) and ``R_c = Q_S^T G_c Q_A``::
 
     (J Sigma J^T)[c, c'] = (1/lambda) <G_c, G_c'>
@@ -10,7 +10,7 @@ The network is linearised around the MAP ``theta*``: ``f(theta, x) ~ N(f_mu, f_v
 
 summed over blocks. No matrix is inverted: the eigen-decomposition of the factors does the work,
 and everything that depends only on the posterior is computed once by
-:func:`predictive_precompute`.
+`predictive_precompute`.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def per_example_jacobians(
 
     Args:
         model_fn: ``f(params, batch) -> logits (B, C)``, e.g. a
-            :class:`flaplace.params.ModelFunction`.
+            [`flaplace.params.ModelFunction`][flaplace.params.ModelFunction].
         params: the point to differentiate at (a dict of tensors).
         batch: a mapping of tensors or a tuple ``(inputs, targets)``.
         chunk_size: examples per vectorised chunk (``vmap``'s ``chunk_size``); ``None`` does the
@@ -88,7 +88,7 @@ def per_example_jacobians(
             example after another. Use ``"loop"`` for models whose forward pass branches on
             tensor values, which ``vmap`` cannot trace (e.g. Hugging Face encoders such as BERT
             given a 2-D ``attention_mask``; see docs/predictive.md). ``"capture"`` uses the
-            K-FAC capture mechanism (:func:`flaplace.capture.capture`): one forward pass of the
+            K-FAC capture mechanism ([`flaplace.capture.capture`][flaplace.capture.capture]): one forward pass of the
             whole batch and ``C`` pull-backs give every example's ``G_c = sum_t g_t a_t^T``;
             no ``vmap`` over the model, so any attention implementation works. It needs every
             parameter to be a weight matrix used through ``F.linear``/``addmm``, and examples
@@ -103,7 +103,7 @@ def per_example_jacobians(
             does not return ``(1, C)`` logits for one example.
         RuntimeError: ``vmap`` could not trace the model (the message suggests fixes).
 
-    Example:
+    Examples:
         >>> f = ModelFunction(model, select_params(model, "lora"), LastTokenLogits([id_a, id_b]))
         >>> jac = per_example_jacobians(f, params, {"input_ids": ids, "attention_mask": mask})
         >>> jac["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"].shape
@@ -350,13 +350,13 @@ def predictive_precompute(posterior: Posterior) -> PredictiveCache:
         posterior: ``Posterior(mean, factors, prior_precision)`` with the same keys in all three.
 
     Returns:
-        A :class:`PredictiveCache` pytree, accepted wherever a posterior is.
+        A `PredictiveCache` pytree, accepted wherever a posterior is.
 
     Raises:
         ValueError: missing or extra names, a factor whose sides do not match its parameter,
             or a prior precision that is not a positive finite scalar.
 
-    Example:
+    Examples:
         >>> cache = predictive_precompute(posterior)
         >>> for batch in loader:
         ...     f_mu, f_var = linearised_predictive(f, cache, batch)
@@ -432,15 +432,15 @@ def predictive_covariance(
     posterior: Posterior | PredictiveCache,
     jacobians: dict[str, Tensor],
 ) -> Float[Tensor, "batch classes classes"]:
-    """``J Sigma J^T`` per example, by the DESIGN.md block formula (no matrix inverse).
+    """``J Sigma J^T`` per example, by the block formula of the Conventions page (no matrix inverse).
 
     For each block, ``R_c = Q_S^T G_c Q_A`` and the covariance gets
     ``sum_ij R_c[i,j] R_c'[i,j] w[i,j]`` plus, for thin bases, ``(1/lambda) <G_c, G_c'>``.
 
     Args:
-        posterior: a :class:`~flaplace.typing.Posterior` or, to reuse the per-posterior work
-            across batches, the :class:`PredictiveCache` from :func:`predictive_precompute`.
-        jacobians: ``{name: (B, C, *weight shape)}`` from :func:`per_example_jacobians`, with
+        posterior: a [`Posterior`][flaplace.typing.Posterior] or, to reuse the per-posterior work
+            across batches, the `PredictiveCache` from `predictive_precompute`.
+        jacobians: ``{name: (B, C, *weight shape)}`` from `per_example_jacobians`, with
             exactly the posterior's names. Weights stored ``(i, o)`` (``transposed`` factors)
             keep their stored orientation here.
 
@@ -451,7 +451,7 @@ def predictive_covariance(
         ValueError: names that differ from the posterior's, shapes that do not fit the factors,
             or non-finite Jacobians.
 
-    Example:
+    Examples:
         >>> jac = per_example_jacobians(f, posterior.mean, batch)
         >>> f_var = predictive_covariance(posterior, jac)  # (B, C, C)
     """
@@ -498,15 +498,15 @@ def linearised_predictive(
 
     Args:
         model_fn: ``f(params, batch) -> logits (B, C)``.
-        posterior: a Posterior or its :class:`PredictiveCache` (precompute once, reuse).
+        posterior: a Posterior or its `PredictiveCache` (precompute once, reuse).
         batch: the inputs.
-        chunk_size: examples per vectorised Jacobian chunk (see :func:`per_example_jacobians`).
-        method: ``"vmap"``, ``"loop"`` or ``"capture"`` (see :func:`per_example_jacobians`).
+        chunk_size: examples per vectorised Jacobian chunk (see `per_example_jacobians`).
+        method: ``"vmap"``, ``"loop"`` or ``"capture"`` (see `per_example_jacobians`).
 
     Returns:
         ``(f_mu (B, C), f_var (B, C, C))``.
 
-    Example:
+    Examples:
         >>> cache = predictive_precompute(posterior)
         >>> f_mu, f_var = linearised_predictive(f, cache, batch, chunk_size=16)
         >>> probs = predictive_probs(f_mu, f_var, link="probit")
@@ -563,7 +563,7 @@ def mc_probs(
     Returns:
         Probabilities ``(B, C)``, or ``(B, 2)`` for the bernoulli likelihood.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> probs = mc_probs(f_mu, f_var, n_samples=10_000, generator=g)
     """
@@ -599,7 +599,7 @@ def probit_probs(
     Returns:
         Probabilities ``(B, C)``, or ``(B, 2)`` for the bernoulli likelihood.
 
-    Example:
+    Examples:
         >>> probs = probit_probs(f_mu, f_var)
     """
     _check_moments(f_mu, f_var, likelihood)
@@ -636,7 +636,7 @@ def laplace_bridge_probs(
     Returns:
         Probabilities ``(B, C)``, or ``(B, 2)`` for the bernoulli likelihood.
 
-    Example:
+    Examples:
         >>> probs = laplace_bridge_probs(f_mu, f_var)
     """
     _check_moments(f_mu, f_var, likelihood)
@@ -675,7 +675,7 @@ def gaussian_predictive(
     Returns:
         ``(mean (B, C), covariance (B, C, C))``.
 
-    Example:
+    Examples:
         >>> mean, cov = gaussian_predictive(f_mu, f_var, sigma=0.1)
     """
     _check_moments(f_mu, f_var, "gaussian")
@@ -702,17 +702,17 @@ def predictive_probs(
     Args:
         f_mu: mean logits ``(B, C)``.
         f_var: logit covariance ``(B, C, C)``.
-        link: ``"probit"`` (:func:`probit_probs`), ``"mc"`` (:func:`mc_probs`) or ``"bridge"``
-            (:func:`laplace_bridge_probs`).
+        link: ``"probit"`` (`probit_probs`), ``"mc"`` (`mc_probs`) or ``"bridge"``
+            (`laplace_bridge_probs`).
         likelihood: ``"categorical"`` or ``"bernoulli"`` (one logit; returns ``(B, 2)``
-            probabilities ``[1 - p, p]``). For ``"gaussian"`` use :func:`gaussian_predictive`.
+            probabilities ``[1 - p, p]``). For ``"gaussian"`` use `gaussian_predictive`.
         n_samples: samples for ``link="mc"``.
         generator: random generator for ``link="mc"``.
 
     Returns:
         Probabilities ``(B, C)``, or ``(B, 2)`` for the bernoulli likelihood.
 
-    Example:
+    Examples:
         >>> f_mu, f_var = linearised_predictive(f, posterior, batch)
         >>> probs = predictive_probs(f_mu, f_var, link="mc", n_samples=2000)
     """

@@ -55,7 +55,7 @@ class KronFactor(NamedTuple):
     """The K-FAC block of one weight matrix: ``H_W ~ S (x) A``.
 
     ``S`` is the output-gradient factor (side ``o``), ``A`` the input factor
-    (side ``i``), following DESIGN.md's normalisation (``S`` sums over the data,
+    (side ``i``), following the project's normalisation (``S`` sums over the data,
     ``A`` averages). ``transposed`` is a 0-d bool tensor: ``True`` when the
     parameter is stored as ``(i, o)`` and used as ``y = x W`` (GPT-2's
     ``Conv1D``); its gradients must then be transposed to ``(o, i)`` before
@@ -67,7 +67,7 @@ class KronFactor(NamedTuple):
     transposed: Bool[Tensor, ""]
 
 
-#: K-FAC factors keyed by parameter name (the same keys as :data:`Params`).
+#: K-FAC factors keyed by parameter name (the same keys as `Params`).
 Factors: TypeAlias = dict[str, KronFactor]
 
 

@@ -3,7 +3,7 @@
 Options are read, in increasing priority, from the defaults, a TOML file given with
 ``--config`` (keys are the option names, with ``_`` or ``-``), and the command line.
 
-Example:
+Examples:
     $ flaplace demo
     $ flaplace run --model gpt2 --task arc_easy --data-path ../shared/data/arc_easy --lora-targets c_attn
 """
@@ -53,7 +53,7 @@ def demo_model_path() -> str:
     Raises:
         ImportError: the package is not installed (with the command that installs it).
 
-    Example:
+    Examples:
         >>> Path(demo_model_path(), "config.json").is_file()
         True
     """
@@ -142,8 +142,8 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises:
         FileNotFoundError, ValueError: a missing or malformed file, or an unknown key.
 
-    Example:
-        >>> read_config_file("run.toml")
+    Examples:
+        >>> read_config_file("run.toml")  # doctest: +SKIP
         {'model': 'gpt2', 'steps': 100}
     """
     try:
@@ -175,7 +175,7 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Combine defaults (the demo's for ``demo``), the ``--config`` file and the command line.
 
-    Example:
+    Examples:
         >>> config_from_args(build_parser().parse_args(["demo", "--steps", "5"])).steps
         5
     """
@@ -199,8 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Errors in the input (configuration, data, model) are reported as one line on
     stderr with exit status 2, without a traceback.
 
-    Example:
-        >>> main(["demo", "--output-dir", "outputs/demo"])
+    Examples:
+        >>> main(["demo", "--output-dir", "outputs/demo"])  # doctest: +SKIP
         0
     """
     parser = build_parser()

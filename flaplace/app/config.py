@@ -80,7 +80,7 @@ class RunConfig:
     """Everything a run depends on. Field names are the command line's option names.
 
     Examples:
-        >>> RunConfig(model="gpt2", lora_targets=["c_attn"]).lora_targets
+        >>> RunConfig(model="gpt2", lora_targets=("c_attn",)).lora_targets
         ('c_attn',)
     """
 

@@ -30,9 +30,9 @@ def reliability_bins(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per equal-width bin of top-class confidence: ``(mean confidence, accuracy, count)``.
 
-    Bins follow :func:`flaplace.metrics.ece` (``((m-1)/M, m/M]``); empty bins hold NaN.
+    Bins follow [`flaplace.metrics.ece`][flaplace.metrics.ece] (``((m-1)/M, m/M]``); empty bins hold NaN.
 
-    Example:
+    Examples:
         >>> confidence, accuracy, count = reliability_bins(probs, labels)
     """
     p, y = as_class_probs(probs, labels)
@@ -65,7 +65,7 @@ def reliability_diagram(
     Raises:
         ImportError: matplotlib is not installed (with the command that installs it).
 
-    Example:
+    Examples:
         >>> reliability_diagram({"MAP": map_probs, "Laplace": la_probs}, labels, "reliability.png")
     """
     if not probs_by_method:

@@ -3,7 +3,7 @@
 Code written against ``bayesian_lora`` (``calculate_kronecker_factors``, ``model_evidence``,
 ``jacobian_mean``, ``variance``, ``stable_cholesky``) can switch its import to
 ``flaplace.compat`` and get flaplace's maths: K-FAC without hooks, the Laplace evidence as
-DESIGN.md section 3 defines it, per-example Jacobians and the block formula for ``J Sigma J^T``.
+the Conventions page of the docs defines it, per-example Jacobians and the block formula for ``J Sigma J^T``.
 Every behavioural difference from bayesian-lora is listed, with the reason, in ``docs/compat.md``.
 
 **The factor dictionary.** As in bayesian-lora, ``calculate_kronecker_factors`` returns
@@ -15,7 +15,7 @@ itself and expects them Cholesky-decomposed (``cholesky_decompose_small_factors`
 The normalisation is flaplace's: ``S`` sums over the examples and ``A`` averages, so that
 ``S (x) A`` approximates the curvature of the *summed* negative log-likelihood.
 
-Example:
+Examples:
     >>> from flaplace import compat
     >>> factors = compat.calculate_kronecker_factors(model, fwd_call, loader, 8, 64, ["lora"])
     >>> s2 = torch.tensor(0.1, requires_grad=True)
@@ -70,14 +70,14 @@ def model_evidence(
 
     ``log Z = LL - |theta|^2 / (2 s2) - 1/2 sum_blocks sum_ij log(1 + s2 s_i a_j)``, which is
     ``LL - 1/2 theta^T P0 theta - 1/2 (logdet P - logdet P0)`` with ``P0 = I / s2`` and
-    ``P = S (x) A + P0`` per block (:func:`flaplace.evidence.log_marginal_likelihood`).
+    ``P = S (x) A + P0`` per block ([`flaplace.evidence.log_marginal_likelihood`][flaplace.evidence.log_marginal_likelihood]).
     ``theta`` is the current value of each factor's weight (``<module name>.weight``).
 
     Args:
         model: the model at the MAP; the weights are read from it.
         LL: the log-likelihood at the MAP SUMMED over the examples the factors were computed on
             (not a mean, not a held-out set).
-        factors: from :func:`calculate_kronecker_factors` (roots, ``{module: (A, S)}``).
+        factors: from `calculate_kronecker_factors` (roots, ``{module: (A, S)}``).
         n_lora: LoRA rank. Kept for bayesian-lora's signature; the shapes of the factors carry it.
         n_kfac: K-FAC rank. Kept for the signature, likewise unused.
         s2: prior variance, a positive number or one-element tensor (``requires_grad`` to tune it).
@@ -89,7 +89,7 @@ def model_evidence(
         ValueError: a factor key that names no weight, factor shapes that do not fit the weight,
             a non-positive ``s2`` or a non-finite ``LL``.
 
-    Example:
+    Examples:
         >>> s2 = torch.tensor(0.1, requires_grad=True)
         >>> opt = torch.optim.Adam([s2], lr=1e-2)
         >>> for _ in range(100):
@@ -161,7 +161,7 @@ def jacobian_mean(
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Per-example Jacobians of the logits w.r.t. every parameter that requires grad, and the logits.
 
-    Runs :func:`flaplace.predictive.per_example_jacobians`: the cost grows linearly with the
+    Runs [`flaplace.predictive.per_example_jacobians`][flaplace.predictive.per_example_jacobians]: the cost grows linearly with the
     batch (bayesian-lora differentiates the whole batch at once, quadratic in the batch).
 
     Args:
@@ -179,7 +179,7 @@ def jacobian_mean(
             2-D logits as they are; then ``target_ids``.
         method: ``"capture"`` (default: one forward of the batch and ``C`` pull-backs; every
             differentiated parameter must be a weight used through ``F.linear``, as LoRA's are),
-            ``"vmap"`` or ``"loop"`` (see :func:`flaplace.predictive.per_example_jacobians`).
+            ``"vmap"`` or ``"loop"`` (see [`flaplace.predictive.per_example_jacobians`][flaplace.predictive.per_example_jacobians]).
         chunk_size: examples per chunk, to bound memory.
 
     Returns:
@@ -188,7 +188,7 @@ def jacobian_mean(
     Raises:
         ValueError: no parameter requires grad, or the callback does not return ``(B, C)`` logits.
 
-    Example:
+    Examples:
         >>> with torch.no_grad():
         ...     jacobian, f_mu = jacobian_mean(model, tokenizer(prompts, return_tensors="pt", padding=True), [354, 355])
     """
@@ -226,13 +226,13 @@ def variance(
 
     ``Sigma`` is the Laplace posterior covariance with precision ``S (x) A + I / s2`` per block,
     applied by flaplace's block formula from the eigen-decomposition of the factors
-    (:func:`flaplace.predictive.predictive_covariance`); no matrix is inverted.
+    ([`flaplace.predictive.predictive_covariance`][flaplace.predictive.predictive_covariance]); no matrix is inverted.
 
     Args:
         inputs: the batch inputs; only used to check the batch size (may be ``None``).
-        jacobian: ``{parameter name: (B, C, o, i)}`` from :func:`jacobian_mean`; entries without
+        jacobian: ``{parameter name: (B, C, o, i)}`` from `jacobian_mean`; entries without
             a factor are ignored (those weights are fixed).
-        factors: from :func:`calculate_kronecker_factors` (roots, ``{module: (A, S)}``).
+        factors: from `calculate_kronecker_factors` (roots, ``{module: (A, S)}``).
         s2: prior variance (number or one-element tensor; the result is differentiable in it).
         n_logits: number of logits ``C`` (checked against the Jacobians).
         n_lora: kept for bayesian-lora's signature; unused.
@@ -246,7 +246,7 @@ def variance(
         ValueError: a factor without a Jacobian, shapes that do not fit, a wrong ``n_logits``
             or batch size, a non-positive ``s2``.
 
-    Example:
+    Examples:
         >>> f_var = variance(batch_inputs, jacobian, factors, s2, 3, 8, 8, "cpu")
     """
     if not factors:

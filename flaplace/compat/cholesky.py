@@ -34,7 +34,7 @@ def stable_cholesky(
             matrix is still not positive definite after ``max_tries`` attempts (the message
             gives how many and the largest jitter tried).
 
-    Example:
+    Examples:
         >>> L = stable_cholesky(f_var)  # f_var (B, C, C)
         >>> samples = f_mu[..., None] + L @ torch.randn(n, *f_mu.shape, 1)
     """

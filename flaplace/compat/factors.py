@@ -103,9 +103,9 @@ def calculate_kronecker_factors(
 ) -> KFACFactors:
     """K-FAC factors of the targeted ``nn.Linear`` weights, in bayesian-lora's dictionary layout.
 
-    ``forward_call(model, batch)`` is run under :func:`torch.func.functional_call` (through a
+    ``forward_call(model, batch)`` is run under `torch.func.functional_call` (through a
     wrapper module, so the tensors flaplace differentiates are the ones the layers use) and
-    flaplace's hook-free K-FAC (:func:`flaplace.kfac.fit`) accumulates the factors with
+    flaplace's hook-free K-FAC ([`flaplace.kfac.fit`][flaplace.kfac.fit]) accumulates the factors with
     ``sharing="last"``: the last real position of each sequence (read from the batch's
     ``attention_mask`` when the batch is a mapping that has one, otherwise the last position,
     as bayesian-lora does). When the batch carries no token tensors (e.g. a list of prompts that
@@ -133,7 +133,7 @@ def calculate_kronecker_factors(
         ValueError: no module matches, a targeted layer has a bias, an empty loader, bad ranks,
             or a ``forward_call`` that does not return ``(batch, classes)`` logits.
 
-    Example:
+    Examples:
         >>> def fwd_call(model, prompts):
         ...     inputs = tokenizer(prompts, padding=True, return_tensors="pt")
         ...     return model(**inputs).logits[:, -1, target_ids]

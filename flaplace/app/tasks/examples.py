@@ -33,7 +33,7 @@ class Example(NamedTuple):
     else ``None``. ``choices`` are the answer strings, ``label`` the index of the
     correct one.
 
-    Example:
+    Examples:
         >>> ex = Example("Is water wet? Answer:", ("False", "True"), 1)
         >>> ex.choices[ex.label]
         'True'
@@ -55,7 +55,7 @@ class Task:
     out because their number of options differed from ``n_classes``; ``source`` says where
     the data was read from.
 
-    Example:
+    Examples:
         >>> task = Task("toy", "classification", 2, {"train": [Example("good", ("neg", "pos"), 1)]},
         ...             choices=("neg", "pos"))
         >>> len(task.split("train"))
@@ -96,7 +96,7 @@ class Task:
     def split(self, name: str) -> list[Example]:
         """Return the examples of split ``name``; ``KeyError`` lists the available splits.
 
-        Example:
+        Examples:
             >>> task = load_task("demo")
             >>> len(task.split("test"))
             200
@@ -114,7 +114,7 @@ def batches(
 ) -> Iterator[list[Example]]:
     """Yield lists of at most ``batch_size`` examples (the last one may be shorter).
 
-    Example:
+    Examples:
         >>> [len(b) for b in batches(load_task("demo").split("test"), 64)]
         [64, 64, 64, 8]
     """

@@ -19,7 +19,7 @@ TRUE_FALSE_INSTRUCTION = "Answer the question with only True or False:"
 def multiple_choice_prompt(question: str, options: Sequence[str]) -> str:
     """The Laplace-LoRA multiple-choice prompt; the answers are the option letters.
 
-    Example:
+    Examples:
         >>> multiple_choice_prompt("2 + 2 = ?", ["3", "4"])
         'Select one of the choices that answers the following question: 2 + 2 = ? Choices: A. 3 B. 4 Answer:'
     """
@@ -32,7 +32,7 @@ def multiple_choice_prompt(question: str, options: Sequence[str]) -> str:
 def true_false_prompt(question: str, passage: str | None = None) -> str:
     """The BoolQ-style prompt; the answers are ``"False"`` and ``"True"``.
 
-    Example:
+    Examples:
         >>> true_false_prompt("is the sky blue", "The sky is blue")
         'Answer the question with only True or False: is the sky blue? Context: The sky is blue. Answer:'
     """
@@ -54,7 +54,7 @@ def format_prompt(fields: Mapping[str, Any], kind: TaskKind) -> str:
     ``question`` and optionally ``passage``; ``classification`` returns
     ``text`` unchanged.
 
-    Example:
+    Examples:
         >>> format_prompt({"question": "is ice cold", "passage": None}, "binary")
         'Answer the question with only True or False: is ice cold? Answer:'
         >>> format_prompt({"text": "a fine film"}, "classification")

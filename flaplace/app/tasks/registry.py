@@ -70,14 +70,14 @@ _TASKS: dict[str, _Spec] = {
     "demo": _Spec("classification", SST2_CHOICES, demo_local, None, "demo_train.jsonl"),
 }
 
-#: Names accepted by :func:`load_task`.
+#: Names accepted by `load_task`.
 KNOWN_TASKS: tuple[str, ...] = tuple(_TASKS)
 
 
 def demo_data_dir() -> Path:
     """The folder holding the bundled ``demo`` task files.
 
-    Example:
+    Examples:
         >>> (demo_data_dir() / "demo_train.jsonl").is_file()
         True
     """
@@ -158,11 +158,11 @@ def load_task(
     deterministic carving of splits that the files do not provide.
 
     Raises ``ValueError`` for an unknown task, ``FileNotFoundError`` for a
-    missing file or source, and :class:`TaskDataError` (a ``ValueError``)
+    missing file or source, and `TaskDataError` (a ``ValueError``)
     naming the file and line for malformed records or labels outside the
     classes.
 
-    Example:
+    Examples:
         >>> task = load_task("demo", max_examples={"train": 100})
         >>> task.kind, task.n_classes, len(task.split("train"))
         ('classification', 2, 100)
