@@ -62,7 +62,8 @@ def make_plots(results: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     stages = ("kfac_fit", "evidence", "prior_tuning", "predictive")
-    fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 4.2))
+    fig, grid = plt.subplots(2, 2, figsize=(11, 9))
+    axes = grid.ravel()
     colours = {"flaplace": "tab:blue", "laplace-torch": "tab:orange", "bayesian-lora": "tab:green"}
     styles = ["-", "--", ":", "-."]
     for ax, stage in zip(axes, stages, strict=True):
@@ -84,12 +85,17 @@ def make_plots(results: dict[str, Any]) -> None:
         ax.set_xticks([256, 1024, 2048], ["256", "1024", "2048"])
         ax.set_xlabel("hidden size")
         ax.set_ylabel("median time (s)")
-        ax.set_title(stage)
-        ax.legend(fontsize=6)
+        ax.set_title(stage, fontsize=12)
         ax.grid(True, alpha=0.3)
-    fig.tight_layout()
+    # one legend for all panels, below them, so that no line is covered
+    legend: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=3, fontsize=10, frameon=False)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     IMAGES.mkdir(parents=True, exist_ok=True)
-    fig.savefig(IMAGES / "peers_time.png", dpi=80)
+    fig.savefig(IMAGES / "peers_time.png", dpi=100)
     plt.close(fig)
 
 
