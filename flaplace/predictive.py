@@ -16,7 +16,7 @@ and everything that depends only on the posterior is computed once by
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple, TypeAlias, get_args
 
 import optree
@@ -24,7 +24,6 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 from torch.func import jacrev, vmap
-from tqdm.auto import tqdm
 
 from flaplace.capture import capture
 from flaplace.params import token_mask
@@ -36,11 +35,8 @@ Link: TypeAlias = Literal["probit", "mc", "bridge"]
 JACOBIAN_METHODS: tuple[str, ...] = get_args(JacobianMethod)
 
 __all__ = [
-    "JacobianCache",
     "PredictiveBlock",
     "PredictiveCache",
-    "cache_jacobians",
-    "cached_covariance",
     "gaussian_predictive",
     "laplace_bridge_probs",
     "linearised_predictive",
@@ -132,59 +128,6 @@ def jacobians_and_logits(
         (torch.Size([2, 3, 3, 4]), torch.Size([2, 3]))
     """
     return _jacobians_and_logits(model_fn, params, batch, chunk_size=chunk_size, method=method)
-
-
-class JacobianCache(NamedTuple):
-    """The logits and per-batch Jacobians of a data set at the MAP.
-
-    The Jacobians do not depend on the prior, so one cache serves every prior precision
-    that is scored (e.g. by [`tune_prior_grid`][flaplace.evidence.tune_prior_grid]) through
-    [`cached_covariance`][flaplace.predictive.cached_covariance].
-    """
-
-    logits: Float[Tensor, "n classes"]
-    jacobians: list[dict[str, Tensor]]
-
-
-def cache_jacobians(
-    model_fn: ModelFn,
-    params: Params,
-    batches: Iterable[Batch],
-    *,
-    method: JacobianMethod = "vmap",
-    chunk_size: int | None = None,
-    progress: bool = False,
-    desc: str = "Jacobians",
-) -> JacobianCache:
-    """The (detached) logits and Jacobians of every batch, to score many priors without recomputing them.
-
-    Examples:
-        >>> import torch
-        >>> f = lambda p, b: b[0] @ p["W"].T
-        >>> cache = cache_jacobians(f, {"W": torch.randn(3, 4)}, [(torch.randn(2, 4),), (torch.randn(1, 4),)])
-        >>> cache.logits.shape, len(cache.jacobians)
-        (torch.Size([3, 3]), 2)
-    """
-    logits, jacobians = [], []
-    for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-        jac, f_mu = _jacobians_and_logits(model_fn, params, batch, chunk_size=chunk_size, method=method)
-        logits.append(f_mu.detach())
-        jacobians.append({name: j.detach() for name, j in jac.items()})
-    if not logits:
-        raise ValueError("cache_jacobians got no batches")
-    return JacobianCache(torch.cat(logits), jacobians)
-
-
-def cached_covariance(
-    posterior: Posterior | PredictiveCache, cache: JacobianCache
-) -> Float[Tensor, "n classes classes"]:
-    """``f_var = J Sigma J^T`` of every cached example under ``posterior`` (detached).
-
-    Examples:
-        >>> f_var = cached_covariance(posterior, cache)  # doctest: +SKIP
-    """
-    prepared = _as_cache(posterior)
-    return torch.cat([predictive_covariance(prepared, jac) for jac in cache.jacobians]).detach()
 
 
 class _SplitBatch(NamedTuple):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flaplace
-from flaplace import fisher, kfac, predictive
+from flaplace import fisher, jacobian_cache, kfac, predictive
 from flaplace.typing import Eigen, FisherType, Likelihood, Sharing
 
 
@@ -62,12 +62,12 @@ def test_fit_returns_factors_and_state():
 def test_cached_covariance_equals_the_dense_predictive_for_every_prior():
     params, model_fn, data, calls = _linear_problem()
     factors, _ = flaplace.fit_kfac(model_fn, params, data, fisher="exact", lr_threshold=None, progress=False)
-    cache = predictive.cache_jacobians(model_fn, params, data, method="loop")
+    cache = jacobian_cache.cache_jacobians(model_fn, params, data, method="loop")
     n_calls = len(calls)
     x = torch.cat([b[0] for b in data])
     for lam in (0.3, 2.0, 50.0):
         posterior = flaplace.make_posterior(factors, params, lam)
-        f_var = predictive.cached_covariance(posterior, cache)
+        f_var = jacobian_cache.cached_covariance(posterior, cache)
         # independent reference: dense precision S (x) A + lam I, J = d(x W^T)/d vec(W) row-major
         precision = kfac.dense_block(factors["w"]) + lam * torch.eye(12, dtype=torch.float64)
         covariance = torch.linalg.inv(precision)

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCTESTED = (
     "flaplace.typing",
     "flaplace.fisher",
+    "flaplace.jacobian_cache",
     "flaplace.app.config",
     "flaplace.app.checkpoints",
     "flaplace.app.stages",

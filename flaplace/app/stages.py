@@ -27,7 +27,7 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 import torch
 import torch.nn.functional as F
@@ -37,15 +37,10 @@ from tqdm.auto import tqdm
 from flaplace.app.hf import LoadedModel, encode
 from flaplace.app.tasks import Example, Task, batches
 from flaplace.evidence import tune_prior_evidence, tune_prior_grid
+from flaplace.jacobian_cache import JacobianCache, cache_jacobians, cached_covariance
 from flaplace.kfac import fit as fit_kfac
 from flaplace.metrics import classification_metrics
-from flaplace.predictive import (
-    JacobianCache,
-    JacobianMethod,
-    cache_jacobians,
-    cached_covariance,
-    predictive_probs,
-)
+from flaplace.predictive import JacobianMethod, predictive_probs
 from flaplace.typing import Factors, ModelFn, Params, Posterior
 
 #: How per-example Jacobians of token-level weights are computed (see flaplace.predictive).
@@ -153,7 +148,7 @@ def fit_factors(
 
 
 #: The logits and per-batch Jacobians of a split (kept to score many priors).
-Moments = JacobianCache
+Moments: TypeAlias = JacobianCache
 
 
 def moments(
