@@ -134,8 +134,9 @@ def classification_metrics(
     """All four metrics at once: ``{"accuracy", "nll", "ece", "brier"}``.
 
     Examples:
-        >>> classification_metrics(probs, labels)
-        {'accuracy': 0.81, 'nll': 0.47, 'ece': 0.03, 'brier': 0.27}
+        >>> probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+        >>> {k: round(v, 4) for k, v in classification_metrics(probs, torch.tensor([0, 1])).items()}
+        {'accuracy': 1.0, 'nll': 0.1643, 'ece': 0.15, 'brier': 0.05}
     """
     return {
         "accuracy": accuracy(probs, labels),

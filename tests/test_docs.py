@@ -22,6 +22,7 @@ DOCTESTED = (
     "flaplace.typing",
     "flaplace.fisher",
     "flaplace.jacobian_cache",
+    "flaplace.metrics",
     "flaplace.app.config",
     "flaplace.app.checkpoints",
     "flaplace.app.stages",
