@@ -40,8 +40,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS_PAGE = ROOT / "docs" / "benchmarks.md"
-if str(ROOT) not in sys.path:  # run from a checkout without installing flaplace
-    sys.path.append(str(ROOT))
+for _folder in (ROOT, ROOT / "tests"):  # flaplace from the checkout; the shared tiny models
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
+
+from tiny_models import llama_lora_model  # noqa: E402,F401  (re-exported for the benchmarks)
 
 #: Environment of the memory workers (see the module docstring).
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -65,48 +68,6 @@ def quiet() -> None:
         hf_logging.set_verbosity_error()
     except ImportError:  # pragma: no cover - transformers is a bench dependency
         pass
-
-
-def llama_lora_model(
-    hidden: int,
-    *,
-    layers: int = 2,
-    vocab: int = 1024,
-    rank: int = 8,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
-    attn_implementation: str | None = None,
-) -> torch.nn.Module:
-    """A randomly initialised Llama (``layers`` blocks) with PEFT LoRA of rank ``rank`` on q/v.
-
-    The intermediate size is ``2.6875 * hidden`` (Llama-7B's ratio), one head per 64 features.
-    PEFT initialises ``lora_B`` to zero, which would make every ``lora_A`` gradient zero; it is
-    drawn from ``N(0, 0.02^2)`` instead, as after some training.
-    """
-    import peft
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=int(hidden * 2.6875),
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64),
-        num_key_value_heads=max(1, hidden // 64),
-        vocab_size=vocab,
-        max_position_embeddings=512,
-    )
-    if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
-    model = LlamaForCausalLM(config)
-    lora = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-    model = peft.get_peft_model(model, lora)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.02)
-    return model.to(device=device, dtype=dtype).eval()
 
 
 def token_batch(

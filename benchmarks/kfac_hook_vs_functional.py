@@ -206,7 +206,7 @@ def bayesian_lora_dense(factors: dict) -> dict[str, tuple[torch.Tensor, torch.Te
 def _dense_flaplace(state) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     import flaplace
 
-    full = lambda e: (e.vectors * e.values) @ e.vectors.T  # noqa: E731
+    full = lambda e: e.dense()  # noqa: E731
     return {
         name.removesuffix(".weight"): (full(f.S), full(f.A))
         for name, f in flaplace.kfac_factors(state).items()

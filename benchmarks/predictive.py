@@ -57,7 +57,7 @@ def _setup(device: str):
         }
         for i in range(KFAC_BATCHES)
     ]
-    factors = flaplace.fit_kfac(
+    factors, _ = flaplace.fit_kfac(
         model_fn, params, train, progress=False, n_kfac=N_KFAC, lr_threshold=LR_THRESHOLD
     )
     posterior = flaplace.make_posterior(factors, params, PRIOR_PRECISION)

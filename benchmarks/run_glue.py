@@ -39,8 +39,8 @@ def main() -> int:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--output-root", default="runs")
     args = parser.parse_args()
-    from flaplace.cli import demo_model_path
-    from flaplace.workflow import format_markdown
+    from flaplace.app.cli import demo_model_path
+    from flaplace.app.report import format_markdown
 
     model = demo_model_path()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")

@@ -2,11 +2,11 @@
 
 Data flows one way: params -> capture -> kfac -> posterior -> evidence / predictive -> metrics.
 
-Example:
+Examples:
     >>> import flaplace
     >>> params = flaplace.select_params(peft_model, "lora")
     >>> model_fn = flaplace.ModelFunction(peft_model, params, flaplace.LastTokenLogits(answer_ids))
-    >>> factors, state = flaplace.fit_kfac(model_fn, params, train_batches, return_state=True)
+    >>> factors, state = flaplace.fit_kfac(model_fn, params, train_batches)
     >>> posterior = flaplace.make_posterior(factors, params, prior_precision=1.0)
     >>> posterior, _ = flaplace.tune_prior_evidence(posterior, state.log_likelihood)
     >>> f_mu, f_var = flaplace.linearised_predictive(model_fn, posterior, test_batch)  # method="auto"

@@ -1,7 +1,7 @@
-"""``python -m flaplace``: the command line (see :mod:`flaplace.cli`)."""
+"""``python -m flaplace``: the command line (see [`flaplace.app.cli`][flaplace.app.cli])."""
 
 import sys
 
-from flaplace.cli import main
+from flaplace.app.cli import main
 
 sys.exit(main())

@@ -1,11 +1,11 @@
 """Layer inputs and output gradients of selected weights, captured without hooks.
 
 The mechanism is kfac-jax's, carried to PyTorch. Inside the function being
-transformed, a :class:`~torch.overrides.TorchFunctionMode` watches every
+transformed, a `torch.overrides.TorchFunctionMode` watches every
 ``F.linear`` (and ``torch.addmm``, the form of GPT-2's ``Conv1D``). When the
 weight of the call *is* one of the selected tensors (by identity), it records
 the layer input and adds a zero "probe" to the output. The forward is run under
-:func:`torch.func.vjp` with respect to the probes, so pulling a cotangent of the
+`torch.func.vjp` with respect to the probes, so pulling a cotangent of the
 logits back gives ``dL/dy`` at every selected layer. The recorded inputs leave
 the transformed function as its auxiliary output, never through global state.
 """
@@ -182,7 +182,7 @@ def capture(
     Raises:
         CaptureError: a target is never used, used twice, or used in the wrong layout.
 
-    Example:
+    Examples:
         >>> logits, output_grads, inputs = capture(f, params, batch, tuple(token_mask(batch).shape))
         >>> grads = output_grads(torch.ones_like(logits))
     """

@@ -1,7 +1,7 @@
 """Laplace log marginal likelihood (the evidence) and prior precision tuning.
 
 Per block, with posterior precision ``P = S (x) A + lambda I`` and prior precision
-``P0 = lambda I`` (DESIGN.md section 3),
+``P0 = lambda I`` (the Conventions page of the docs),
 
     log Z = LL(theta*) - sum_blocks [ (lambda/2) ||theta*||^2 + 1/2 sum_{i,j} log(1 + s_i a_j / lambda) ]
 
@@ -31,7 +31,7 @@ from flaplace.posterior import (
 )
 from flaplace.typing import Posterior
 
-#: Default grid of prior precisions for :func:`tune_prior_grid`: ``10^-4 ... 10^4``, 4 per decade.
+#: Default grid of prior precisions for `tune_prior_grid`: ``10^-4 ... 10^4``, 4 per decade.
 DEFAULT_GRID: tuple[float, ...] = tuple(10.0 ** (k / 4) for k in range(-16, 17))
 
 
@@ -39,9 +39,9 @@ def log_marginal_likelihood(posterior: Posterior, log_likelihood: Tensor | float
     """The Laplace log marginal likelihood ``log Z`` (the 2 pi terms cancel).
 
     Args:
-        posterior: from :func:`~flaplace.posterior.make_posterior`; full or thin factors.
+        posterior: from [`make_posterior`][flaplace.posterior.make_posterior]; full or thin factors.
         log_likelihood: ``LL(theta*)``, the log-likelihood of the training data at the
-            MAP, SUMMED over examples (the normalisation of the factors, DESIGN.md).
+            MAP, SUMMED over examples (the normalisation of the factors: S sums over the data).
 
     Returns:
         A 0-d tensor in the dtype of the prior precision, differentiable in the
@@ -52,7 +52,7 @@ def log_marginal_likelihood(posterior: Posterior, log_likelihood: Tensor | float
             (e.g. a NaN or non-positive prior precision), or a log-likelihood that is not
             finite (NaN from K-FAC batches without labels: the message says so).
 
-    Example:
+    Examples:
         >>> posterior = make_posterior(factors, params, 1.0)
         >>> log_z = log_marginal_likelihood(posterior, log_likelihood=-1234.5)
     """
@@ -90,8 +90,15 @@ def _not_finite_log_likelihood(value: float) -> str:
     return f"log_likelihood must be finite, got {value}{hint}"
 
 
-def _free_parameter_groups(names: Sequence[str], per_block: bool | Sequence[str]) -> dict[str, list[str]]:
-    """Which blocks share each tuned prior precision: ``{group: [block names]}``."""
+def free_parameter_groups(names: Sequence[str], per_block: bool | Sequence[str]) -> dict[str, list[str]]:
+    """Which blocks share each tuned prior precision: ``{group: [block names]}``.
+
+    Examples:
+        >>> free_parameter_groups(["a.lora_A", "a.lora_B"], per_block=False)
+        {'all': ['a.lora_A', 'a.lora_B']}
+        >>> free_parameter_groups(["a.lora_A", "a.lora_B"], per_block=True)
+        {'a.lora_A': ['a.lora_A'], 'a.lora_B': ['a.lora_B']}
+    """
     if per_block is True:
         return {name: [name] for name in names}
     if per_block is False:
@@ -121,7 +128,7 @@ def tune_prior_evidence(
     ``-1/2 softplus(log(s a) - t)``), so its stationary point is the maximum.
 
     Args:
-        posterior: from :func:`~flaplace.posterior.make_posterior`.
+        posterior: from [`make_posterior`][flaplace.posterior.make_posterior].
         log_likelihood: ``LL(theta*)`` summed over the training data.
         steps: maximum number of Adam steps.
         lr: Adam's learning rate on ``log lambda``.
@@ -152,7 +159,7 @@ def tune_prior_evidence(
         ``"all"`` for a shared value). A warning is raised when ``steps`` ran
         out before the gradient fell below ``tol``.
 
-    Example:
+    Examples:
         >>> tuned, history = tune_prior_evidence(posterior, ll, per_block=["lora_A", "lora_B"])
         >>> last = history[-1]
         >>> last["log_evidence"], last["prior_precision"]
@@ -169,7 +176,7 @@ def tune_prior_evidence(
         raise ValueError(_not_finite_log_likelihood(float(log_likelihood)))
     names = list(posterior.mean)
     start = posterior if init is None else with_prior_precision(posterior, init)
-    groups = _free_parameter_groups(names, per_block)
+    groups = free_parameter_groups(names, per_block)
     reference = next(iter(start.prior_precision.values()))
     initial = [
         torch.stack([start.prior_precision[n].detach().log() for n in members]).mean()
@@ -240,10 +247,10 @@ def tune_prior_grid(
     """Choose one prior precision for all blocks by the lowest validation NLL on a grid.
 
     Args:
-        posterior: from :func:`~flaplace.posterior.make_posterior`.
+        posterior: from [`make_posterior`][flaplace.posterior.make_posterior].
         nll_fn: evaluates a candidate posterior, e.g. the mean negative log
             predictive probability on a validation set.
-        grid: candidate prior precisions (positive); default :data:`DEFAULT_GRID`
+        grid: candidate prior precisions (positive); default `DEFAULT_GRID`
             (``10^-4 ... 10^4``, four per decade).
         progress: show a tqdm progress bar.
 
@@ -255,7 +262,7 @@ def tune_prior_grid(
     Raises:
         ValueError: an empty or non-positive grid, or no candidate with a finite NLL.
 
-    Example:
+    Examples:
         >>> tuned, table = tune_prior_grid(posterior, lambda p: validation_nll(p, val_loader))
     """
     candidates = DEFAULT_GRID if grid is None else [float(g) for g in grid]
@@ -278,7 +285,7 @@ def tune_prior_grid(
 def evidence_gradient(posterior: Posterior, log_likelihood: Tensor | float) -> dict[str, float]:
     """``d log Z / d log lambda`` for each block at the posterior's prior precision.
 
-    Example:
+    Examples:
         >>> evidence_gradient(posterior, ll)  # ~0 for every block after per-block tuning
     """
     names = list(posterior.mean)

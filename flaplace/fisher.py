@@ -14,6 +14,7 @@ unbiased estimate of) the matrix the Fisher type asks for:
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,9 @@ from torch import Tensor
 
 from flaplace.typing import FisherType, Likelihood
 
-LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
-FISHER_TYPES = ("mc", "exact", "empirical")
+#: The accepted values of ``likelihood`` and ``fisher`` (from the `Likelihood` and `FisherType` types).
+LIKELIHOODS: tuple[str, ...] = get_args(Likelihood)
+FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
 
 
 def check_likelihood(likelihood: str, n_outputs: int) -> None:
@@ -58,7 +60,7 @@ def fisher_cotangents(
         sigma: the Gaussian noise standard deviation.
         generator: the random generator for ``mc`` (reproducible draws).
 
-    Example:
+    Examples:
         >>> v = fisher_cotangents(torch.randn(4, 3), "categorical", "exact")  # (2, 4, 3)
     """
     check_likelihood(likelihood, logits.shape[-1])
@@ -145,8 +147,9 @@ def log_likelihood(
 ) -> Float[Tensor, ""]:
     """Summed log-likelihood of ``targets`` under ``logits``.
 
-    Example:
+    Examples:
         >>> log_likelihood(torch.zeros(2, 2), torch.tensor([0, 1]), "categorical")  # 2 log(1/2)
+        tensor(-1.3863)
     """
     check_likelihood(likelihood, logits.shape[-1])
     if likelihood == "categorical":

@@ -1,21 +1,19 @@
 """K-FAC factors of adapter weights as a pure ``(init, update)`` pair.
 
 For each selected weight ``W`` (``o x i``) the block of the Fisher/GGN is
-approximated as ``S (x) A`` with DESIGN.md's normalisation: ``S`` sums over
+approximated as ``S (x) A`` with the project's normalisation: ``S`` sums over
 the data, ``A`` averages, so that ``S (x) A`` approximates the curvature of the
 *summed* loss (as laplace-torch and curvlinops do).
 
-=========  ==================================  ==========================================
-sharing    ``S``                               ``A``
-=========  ==================================  ==========================================
-expand     ``sum_{n,t} g g^T``                 ``(1/N_tokens) sum_{n,t} a a^T``
-reduce     ``sum_n (sum_t g)(sum_t g)^T``      ``(1/N) sum_n (mean_t a)(mean_t a)^T``
-last       ``sum_n g_last g_last^T``           ``(1/N) sum_n a_last a_last^T``
-=========  ==================================  ==========================================
+| sharing | ``S`` | ``A`` |
+|---|---|---|
+| expand | ``sum_{n,t} g g^T`` | ``(1/N_tokens) sum_{n,t} a a^T`` |
+| reduce | ``sum_n (sum_t g)(sum_t g)^T`` | ``(1/N) sum_n (mean_t a)(mean_t a)^T`` |
+| last | ``sum_n g_last g_last^T`` | ``(1/N) sum_n a_last a_last^T`` |
 
 Padded positions (``attention_mask == 0``) are excluded everywhere.
 
-Example:
+Examples:
     >>> init, update = build(model_fn, fisher="exact", sharing="expand")
     >>> state = init(params)
     >>> for batch in loader:
@@ -26,8 +24,9 @@ Example:
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Collection, Iterable, Sized
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import torch
 import torch.distributed as dist
@@ -52,18 +51,19 @@ from flaplace.typing import (
     Sharing,
 )
 
-SHARINGS = ("expand", "reduce", "last")
+#: The accepted values of ``sharing`` (from the `Sharing` type).
+SHARINGS: tuple[str, ...] = get_args(Sharing)
 
 
 class KFACState(NamedTuple):
     """Running K-FAC statistics: a pytree of tensors.
 
     ``S[name]`` and ``A[key]`` are unnormalised sums, either dense ``(d, d)``
-    matrices or low-rank sketches (:class:`~flaplace.typing.Eigen` with
+    matrices or low-rank sketches ([`Eigen`][flaplace.typing.Eigen] with
     ``m`` columns). Layers fed the same input tensor (q_proj and v_proj of one attention
     block) share one input factor, stored once: the key of a shared ``A`` joins its layers'
     names with ``"|"`` (``"l0.q.weight|l0.v.weight"``); an unshared layer's key is its name.
-    :func:`input_factor_keys` maps each layer to its key. The sharing is plain structure (dict
+    [`input_factor_keys`][flaplace.kfac.input_factor_keys] maps each layer to its key. The sharing is plain structure (dict
     keys), so ``tree_map``, saving and loading keep it, and ``torch.compile`` guards on it. ``n_examples`` counts examples; ``a_count[name]`` counts the rows
     averaged into ``A`` (real tokens for ``expand``, examples otherwise, and examples
     for a layer that sees one row per example, such as a pooled classifier head).
@@ -99,7 +99,7 @@ def input_factor_keys(state: KFACState) -> dict[str, str]:
 
 
 class KFAC(NamedTuple):
-    """The pure pair returned by :func:`build`."""
+    """The pure pair returned by `build`."""
 
     init: Callable[..., KFACState]  # (params, batch=None) -> state
     update: Callable[..., KFACState]
@@ -127,7 +127,7 @@ def build(
 
     Args:
         model_fn: ``f(params, batch) -> logits (batch, C)``, e.g. a
-            :class:`~flaplace.params.ModelFunction`.
+            [`ModelFunction`][flaplace.params.ModelFunction].
         likelihood: ``categorical``, ``bernoulli`` (one logit) or ``gaussian``.
         fisher: ``mc`` (``n_samples`` draws), ``exact`` (GGN) or ``empirical``.
         sharing: ``expand``, ``reduce`` or ``last`` (how positions are combined).
@@ -157,7 +157,7 @@ def build(
     ``generator`` (for ``fisher="mc"`` seed the global RNG with ``torch.manual_seed``
     instead: dynamo cannot trace ``torch.Generator`` objects).
 
-    Example:
+    Examples:
         >>> init, update = build(model_fn, fisher="exact", sharing="last", lr_threshold=None)
     """
     if fisher not in FISHER_TYPES:
@@ -387,7 +387,7 @@ def kfac_factors(state: KFACState) -> Factors:
     (``expand``) or examples (``reduce``, ``last``). Dense factors are
     decomposed exactly; low-rank ones keep their top ``n_kfac`` pairs.
 
-    Example:
+    Examples:
         >>> factors = kfac_factors(state)
         >>> factors[name].S.values  # eigenvalues, descending
     """
@@ -425,7 +425,7 @@ def reduce_across_ranks(state: KFACState, group: dist.ProcessGroup | None = None
     Dense factors and counts are all-reduced; low-rank sketches are
     all-gathered and merged into the top eigenpairs of their sum.
 
-    Example:
+    Examples:
         >>> state = reduce_across_ranks(state)  # after each rank saw its shard of the data
     """
     if not (dist.is_available() and dist.is_initialized()):
@@ -457,6 +457,16 @@ def reduce_across_ranks(state: KFACState, group: dist.ProcessGroup | None = None
     )
 
 
+class KFACFit(NamedTuple):
+    """What [`fit`][flaplace.kfac.fit] returns: the factors and the final statistics.
+
+    Unpacks as ``factors, state = fit(...)``.
+    """
+
+    factors: Factors
+    state: KFACState
+
+
 def fit(
     model_fn: ModelFn,
     params: Params,
@@ -464,9 +474,8 @@ def fit(
     *,
     distributed: bool = False,
     progress: bool = True,
-    return_state: bool = False,
     **options,
-) -> Factors | tuple[Factors, KFACState]:
+) -> KFACFit:
     """K-FAC factors over every batch of ``batches`` (any iterable, e.g. a DataLoader).
 
     Args:
@@ -476,20 +485,28 @@ def fit(
         distributed: sum the statistics over ``torch.distributed`` ranks, each
             of which passes its own shard of the data.
         progress: show a tqdm progress bar.
-        return_state: also return the final :class:`KFACState` (its
-            ``log_likelihood`` is the training log-likelihood the evidence needs).
-        **options: forwarded to :func:`build` (``fisher``, ``sharing``, ``n_kfac``, ...).
+        **options: forwarded to [`build`][flaplace.kfac.build] (``fisher``, ``sharing``, ``n_kfac``, ...).
 
     The first batch also goes to ``init`` (to find the layers that share an input factor).
+
+    Returns:
+        A [`KFACFit`][flaplace.kfac.KFACFit] ``(factors, state)``; the state's
+        ``log_likelihood`` is the training log-likelihood the evidence needs.
 
     Raises:
         RuntimeError: ``distributed=True`` without an initialised process group.
         ValueError, FloatingPointError: a bad batch (no rows, an all-padding row, non-finite
             logits), with its index: ``"K-FAC batch k: ..."``.
 
-    Example:
-        >>> factors, state = fit(model_fn, params, loader, fisher="exact", return_state=True)
+    Examples:
+        >>> factors, state = fit(model_fn, params, loader, fisher="exact")
     """
+    if options.pop("return_state", None) is not None:
+        warnings.warn(
+            "fit(return_state=...) is no longer needed: fit always returns (factors, state)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     if distributed and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "fit_kfac(distributed=True) needs an initialised torch.distributed process group: call "
@@ -516,17 +533,17 @@ def fit(
     if distributed:
         state = reduce_across_ranks(state)
     factors = kfac_factors(state)
-    return (factors, state) if return_state else factors
+    return KFACFit(factors, state)
 
 
 def dense_block(factor: KronFactor) -> Float[Tensor, "oi oi"]:
     """``S (x) A`` as a dense matrix (small blocks only: tests and debugging).
 
-    Example:
+    Examples:
         >>> H = dense_block(factors[name])  # (o*i, o*i) in row-major vec(W)
     """
 
     def full(e: Eigen) -> Tensor:
-        return (e.vectors * e.values) @ e.vectors.T
+        return e.dense()
 
     return torch.kron(full(factor.S), full(factor.A))

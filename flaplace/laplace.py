@@ -155,8 +155,8 @@ class LaplaceLoRA:
             :func:`~flaplace.posterior.make_posterior`).
         batch_fn: applied to every batch before use (e.g. moving it to the device, or turning
             token labels into class indices); default: move tensors to the weights' device.
-        jacobian_method: how the linearised predictive computes Jacobians (``"vmap"``,
-            ``"loop"`` or ``"capture"``, see :func:`~flaplace.predictive.per_example_jacobians`).
+        jacobian_method: how the linearised predictive computes Jacobians (``"auto"``,
+            ``"vmap"``, ``"loop"`` or ``"capture"``, see :func:`~flaplace.predictive.per_example_jacobians`).
         **kfac_options: passed to :func:`~flaplace.kfac.build` (``fisher``, ``sharing``,
             ``n_kfac``, ``lr_threshold``, ``generator``, ...).
 
@@ -175,7 +175,7 @@ class LaplaceLoRA:
         likelihood: Likelihood = "categorical",
         prior_precision: PriorPrecision = 1.0,
         batch_fn: Callable[[Batch], Batch] | None = None,
-        jacobian_method: JacobianMethod = "vmap",
+        jacobian_method: JacobianMethod = "auto",
         **kfac_options: Any,
     ):
         if likelihood not in ("categorical", "bernoulli"):

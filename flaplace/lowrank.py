@@ -29,7 +29,7 @@ from flaplace.typing import Eigen
 def empty_sketch(dim: int, rank: int, *, dtype: torch.dtype, device: torch.device | None = None) -> Eigen:
     """A rank-``rank`` sketch of the zero ``dim x dim`` matrix.
 
-    Example:
+    Examples:
         >>> sketch = empty_sketch(4096, 20, dtype=torch.float32)  # vectors (4096, 20), no 4096 x 4096
     """
     if not rank >= 1:
@@ -49,7 +49,7 @@ def merge_rows(sketch: Eigen, rows: Float[Tensor, "n d"], *, power_steps: int = 
         power_steps: extra power iterations of the range finder (more accuracy on slowly
             decaying spectra).
 
-    Example:
+    Examples:
         >>> sketch = empty_sketch(512, 10, dtype=torch.float64)
         >>> sketch = merge_rows(sketch, torch.randn(64, 512, dtype=torch.float64))
     """
@@ -80,7 +80,7 @@ def merge_sketches(sketches: list[Eigen], rank: int) -> Eigen:
 
     Exact: the sum of sketches has rank at most the total number of their columns.
 
-    Example:
+    Examples:
         >>> total = merge_sketches([s1, s2], rank=20)
     """
     roots = torch.cat([s.vectors * s.values.clamp_min(0).sqrt() for s in sketches], dim=1)
@@ -104,7 +104,7 @@ def dense_eigen(matrix: Float[Tensor, "d d"], rank: int | None = None) -> Eigen:
 
     Negative eigenvalues from round-off are clamped to zero.
 
-    Example:
+    Examples:
         >>> eig = dense_eigen(torch.eye(3))
     """
     values, vectors = torch.linalg.eigh(matrix)

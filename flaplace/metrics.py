@@ -28,7 +28,7 @@ def as_class_probs(
             outside ``[0, 1]`` or whose rows do not sum to one, labels that are not
             integers in ``[0, C)``.
 
-    Example:
+    Examples:
         >>> p, y = as_class_probs(torch.tensor([0.2, 0.9]), torch.tensor([0, 1]))  # p: (2, 2)
     """
     if probs.ndim == 2 and probs.shape[1] == 1:
@@ -68,7 +68,7 @@ def as_class_probs(
 def accuracy(probs: Float[Tensor, " batch *classes"], labels: Shaped[Tensor, " batch"]) -> float:
     """Fraction of examples whose most probable class (first one on ties) is the label.
 
-    Example:
+    Examples:
         >>> accuracy(torch.tensor([[0.7, 0.3], [0.4, 0.6]]), torch.tensor([0, 0]))
         0.5
     """
@@ -82,7 +82,7 @@ def nll(probs: Float[Tensor, " batch *classes"], labels: Shaped[Tensor, " batch"
     Probabilities are clamped below at the smallest normal number of the input's
     dtype, so a zero probability gives a large finite value, not infinity.
 
-    Example:
+    Examples:
         >>> nll(torch.tensor([[0.5, 0.5]]), torch.tensor([1]))  # log 2
         0.6931471805599453
     """
@@ -98,8 +98,9 @@ def ece(probs: Float[Tensor, " batch *classes"], labels: Shaped[Tensor, " batch"
     Bin ``m`` (1-based) holds the confidences in ``((m-1)/M, m/M]``;
     ``ECE = sum_m (|B_m| / N) |accuracy(B_m) - mean confidence(B_m)|``.
 
-    Example:
-        >>> ece(torch.tensor([[0.9, 0.1], [0.3, 0.7]]), torch.tensor([0, 0]))
+    Examples:
+        >>> round(ece(torch.tensor([[0.9, 0.1], [0.3, 0.7]]), torch.tensor([0, 0])), 4)
+        0.4
     """
     # Kept rather than torchmetrics' multiclass_calibration_error, which it equals on data without
     # ties at bin edges (tests/test_metrics_reference.py): this one takes binary (B,) inputs and
@@ -123,7 +124,7 @@ def ece(probs: Float[Tensor, " batch *classes"], labels: Shaped[Tensor, " batch"
 def brier(probs: Float[Tensor, " batch *classes"], labels: Shaped[Tensor, " batch"]) -> float:
     """Brier score: mean over examples of ``sum_c (p_c - 1[c = y])^2``.
 
-    Example:
+    Examples:
         >>> brier(torch.tensor([[0.75, 0.25]]), torch.tensor([0]))  # 0.25^2 + 0.25^2
         0.125
     """
@@ -137,9 +138,10 @@ def classification_metrics(
 ) -> dict[str, float]:
     """All four metrics at once: ``{"accuracy", "nll", "ece", "brier"}``.
 
-    Example:
-        >>> classification_metrics(probs, labels)
-        {'accuracy': 0.81, 'nll': 0.47, 'ece': 0.03, 'brier': 0.27}
+    Examples:
+        >>> probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+        >>> {k: round(v, 4) for k, v in classification_metrics(probs, torch.tensor([0, 1])).items()}
+        {'accuracy': 1.0, 'nll': 0.1643, 'ece': 0.15, 'brier': 0.05}
     """
     return {
         "accuracy": accuracy(probs, labels),

@@ -62,7 +62,7 @@ def select_params(
     Raises:
         ValueError: nothing is selected, or a keyword matches no parameter.
 
-    Example:
+    Examples:
         >>> params = select_params(peft_model, "lora")  # lora_A and lora_B weights
     """
     model = unwrap_model(model)
@@ -110,7 +110,7 @@ def model_inputs(batch: Batch) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
     """Split a batch into the model's positional and keyword arguments.
 
     A mapping is passed as keyword arguments without its target keys
-    (:data:`NON_INPUT_KEYS`); a tuple ``(inputs, targets)`` passes ``inputs``.
+    (`NON_INPUT_KEYS`); a tuple ``(inputs, targets)`` passes ``inputs``.
     """
     if isinstance(batch, Mapping):
         return (), {k: v for k, v in batch.items() if k not in NON_INPUT_KEYS}
@@ -171,7 +171,7 @@ class LastTokenLogits:
     Works with left and right padding: the last position is read from the
     batch's ``attention_mask`` when it has one.
 
-    Example:
+    Examples:
         >>> output_fn = LastTokenLogits([tok(" A").input_ids[-1], tok(" B").input_ids[-1]])
     """
 
@@ -216,10 +216,10 @@ class LastTokenLogits:
     def model_kwargs(self, batch: Batch) -> dict[str, Tensor]:
         """Extra model arguments: Hugging Face's ``logits_to_keep``, the last position of each example.
 
-        A :class:`ModelFunction` passes them to models that accept them, so that the language
+        A `ModelFunction` passes them to models that accept them, so that the language
         model head projects one position per example instead of every position.
 
-        Example:
+        Examples:
             >>> LastTokenLogits([3, 5]).model_kwargs({"input_ids": ids, "attention_mask": mask})
             {'logits_to_keep': tensor([[5], [7]])}  # (batch, 1): each example's last real position
         """
@@ -313,16 +313,16 @@ class ModelFunction:
 
     The model is always evaluated in eval mode (dropout off), whatever mode it is in: each
     call switches the modules that are training to eval and back afterwards. A wrapped model
-    (DDP, ``torch.compile``) is unwrapped (:func:`unwrap_model`).
+    (DDP, ``torch.compile``) is unwrapped ([`unwrap_model`][flaplace.params.unwrap_model]).
 
-    When the output function reads a few positions only (:class:`LastTokenLogits`) and the
+    When the output function reads a few positions only (`LastTokenLogits`) and the
     model is a Hugging Face language model that takes per-example ``logits_to_keep``
     positions, those are passed (``trim_logits=True``): the head then projects one position
     per example instead of all ``tokens``, which saves the ``(batch, tokens, vocab)`` logits,
     their gradient, and the head's matrix products over every position. This is switched
     off when a selected weight belongs to the head itself.
 
-    Example:
+    Examples:
         >>> params = select_params(model, "lora")
         >>> f = ModelFunction(model, params, classifier_logits)
         >>> logits = f(params, {"input_ids": ids, "attention_mask": mask})

@@ -4,7 +4,7 @@ Each adapted weight ``W`` (torch shape ``(o, i)``) is one block with precision
 
     P = S (x) A + lambda I,    S = Q_S diag(s) Q_S^T,  A = Q_A diag(a) Q_A^T,
 
-in row-major ``vec(W)`` (DESIGN.md sections 1-3). The eigenvalues of ``P`` are
+in row-major ``vec(W)`` (see the Conventions page of the docs). The eigenvalues of ``P`` are
 ``s_i a_j + lambda`` on the span of the eigenbases and ``lambda`` outside it
 (thin bases), so everything here works from ``(Q_S, s, Q_A, a, lambda)`` and never
 forms an ``o*i x o*i`` matrix (except in the ``*_dense`` helpers, meant for tests
@@ -31,7 +31,7 @@ from flaplace.typing import Eigen, Factors, KronFactor, Params, Posterior
 #: parameter names or case-insensitive keywords of groups of blocks (e.g. ``"lora_A"``).
 PriorPrecision = float | Tensor | Mapping[str, float | Tensor]
 
-#: Version of the on-disk layout written by :func:`save_posterior`.
+#: Version of the on-disk layout written by `save_posterior`.
 FORMAT_VERSION = "1"
 FORMAT_NAME = "flaplace.posterior"
 #: Separates a block's name from its field in a safetensors key. Torch parameter
@@ -64,7 +64,7 @@ def assign_blocks(names: Sequence[str], keys: Iterable[str]) -> dict[str, str]:
         ValueError: a key covers no block, a block is covered by no key, or by
             more than one.
 
-    Example:
+    Examples:
         >>> assign_blocks(["l0.lora_A.weight", "l0.lora_B.weight"], ["lora_a", "lora_b"])
         {'l0.lora_A.weight': 'lora_a', 'l0.lora_B.weight': 'lora_b'}
     """
@@ -128,11 +128,11 @@ def prior_precision_per_block(
         names: the block names.
         prior_precision: a float or one-element tensor (every block), or a mapping
             from exact parameter names or case-insensitive group keywords to values
-            (see :func:`assign_blocks`).
+            (see `assign_blocks`).
         dtype: the dtype of the returned tensors.
         device: the device of the returned tensors.
 
-    Example:
+    Examples:
         >>> prior_precision_per_block(names, {"lora_A": 1.0, "lora_B": 10.0}, dtype=torch.float64, device="cpu")
     """
     device = torch.device(device)
@@ -173,7 +173,7 @@ def check_blocks(factors: Factors, params: Params) -> None:
     Raises:
         ValueError: naming the first mismatch.
 
-    Example:
+    Examples:
         >>> check_blocks(factors, select_params(model, "lora"))
     """
     if not params:
@@ -261,14 +261,14 @@ def make_posterior(factors: Factors, params: Params, prior_precision: PriorPreci
             be covered by exactly one key.
 
     Returns:
-        A :class:`~flaplace.typing.Posterior`, with the prior precision stored as a
+        A [`Posterior`][flaplace.typing.Posterior], with the prior precision stored as a
         0-d tensor per block in the dtype and device of the factors.
 
     Raises:
         ValueError: names or shapes that do not match, non-finite values, a
             non-positive prior precision, an unknown or ambiguous key.
 
-    Example:
+    Examples:
         >>> params = select_params(model, "lora")
         >>> posterior = make_posterior(factors, params, {"lora_A": 1.0, "lora_B": 10.0})
     """
@@ -291,7 +291,7 @@ def with_prior_precision(posterior: Posterior, prior_precision: PriorPrecision) 
     The evidence of the result is differentiable in ``prior_precision`` when it
     is a tensor (or a mapping of tensors) that requires grad.
 
-    Example:
+    Examples:
         >>> log_lam = torch.zeros((), dtype=torch.float64, requires_grad=True)
         >>> log_z = log_marginal_likelihood(with_prior_precision(posterior, log_lam.exp()), ll)
         >>> log_z.backward()  # log_lam.grad = d log Z / d log lambda
@@ -332,7 +332,7 @@ def sample(posterior: Posterior, n_samples: int, generator: torch.Generator | No
     eigenvalues from round-off are clamped at 0.
 
     Args:
-        posterior: from :func:`make_posterior`.
+        posterior: from `make_posterior`.
         n_samples: number of samples (positive).
         generator: a ``torch.Generator`` on the factors' device, for reproducibility.
 
@@ -340,7 +340,7 @@ def sample(posterior: Posterior, n_samples: int, generator: torch.Generator | No
         A dict with the posterior's names; each leaf has shape ``(n_samples, *param.shape)``
         and the dtype of the MAP parameter.
 
-    Example:
+    Examples:
         >>> draws = sample(posterior, 8, generator=torch.Generator().manual_seed(0))
         >>> draws["model.layers.0.q_proj.lora_A.default.weight"].shape  # (8, r, hidden)
     """
@@ -363,8 +363,7 @@ def sample(posterior: Posterior, n_samples: int, generator: torch.Generator | No
 
 
 def _dense(eigen: Eigen) -> Tensor:
-    vectors, values = eigen
-    return (vectors * values) @ vectors.mT
+    return eigen.dense()
 
 
 def precision_dense(posterior: Posterior, name: str) -> Float[Tensor, "d d"]:
@@ -373,7 +372,7 @@ def precision_dense(posterior: Posterior, name: str) -> Float[Tensor, "d d"]:
     For tests and debugging on small blocks only: it materialises a ``d x d`` matrix.
     For a transposed block the ordering is still that of the ``(o, i)`` matrix.
 
-    Example:
+    Examples:
         >>> P = precision_dense(posterior, "fc.weight")
     """
     factor = posterior.factors[name]
@@ -383,9 +382,9 @@ def precision_dense(posterior: Posterior, name: str) -> Float[Tensor, "d d"]:
 
 
 def covariance_dense(posterior: Posterior, name: str) -> Float[Tensor, "d d"]:
-    """The dense covariance ``P^{-1}`` of one block; small blocks only (see :func:`precision_dense`).
+    """The dense covariance ``P^{-1}`` of one block; small blocks only (see `precision_dense`).
 
-    Example:
+    Examples:
         >>> Sigma = covariance_dense(posterior, "fc.weight")
     """
     return torch.linalg.inv(precision_dense(posterior, name))
@@ -401,7 +400,7 @@ def save_posterior(path: str | PathLike[str], posterior: Posterior) -> None:
     version, the block names in order and their transposed flags. Prior
     precisions are saved detached.
 
-    Example:
+    Examples:
         >>> save_posterior("posterior.safetensors", posterior)
     """
     tensors: dict[str, Tensor] = {}
@@ -433,7 +432,7 @@ def load_posterior(
     params: Params | None = None,
     device: torch.device | str | None = None,
 ) -> Posterior:
-    """Read a posterior written by :func:`save_posterior`, checked against the model's adapter weights.
+    """Read a posterior written by `save_posterior`, checked against the model's adapter weights.
 
     Args:
         path: the safetensors file.
@@ -450,7 +449,7 @@ def load_posterior(
             a prior precision that is not positive and finite, non-finite tensors, or
             (naming the first one) a name, shape or dtype mismatch.
 
-    Example:
+    Examples:
         >>> posterior = load_posterior("posterior.safetensors", select_params(model, "lora"))
     """
     if device is None:
@@ -547,7 +546,7 @@ def _check_against_params(names: list[str], stored: dict[str, Tensor], params: P
 def num_parameters(posterior: Posterior) -> int:
     """The number of scalar weights the posterior covers.
 
-    Example:
+    Examples:
         >>> num_parameters(posterior)
     """
     return sum(math.prod(mean.shape) for mean in posterior.mean.values())

@@ -2,7 +2,7 @@
 
 The network is linearised around the MAP ``theta*``: ``f(theta, x) ~ N(f_mu, f_var)`` with
 ``f_mu = f(theta*, x)`` and ``f_var = J Sigma J^T``, ``Sigma`` the Laplace posterior covariance
-(DESIGN.md section 4). For one Kronecker block ``P = S (x) A + lambda I`` with Jacobian slices
+(the Conventions page of the docs). For one Kronecker block ``P = S (x) A + lambda I`` with Jacobian slices
 ``G_c`` (shape ``o x i``) and ``R_c = Q_S^T G_c Q_A``::
 
     (J Sigma J^T)[c, c'] = (1/lambda) <G_c, G_c'>
@@ -10,14 +10,14 @@ The network is linearised around the MAP ``theta*``: ``f(theta, x) ~ N(f_mu, f_v
 
 summed over blocks. No matrix is inverted: the eigen-decomposition of the factors does the work,
 and everything that depends only on the posterior is computed once by
-:func:`predictive_precompute`.
+`predictive_precompute`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal, NamedTuple, TypeAlias
+from typing import Any, Literal, NamedTuple, TypeAlias, get_args
 
 import optree
 import torch
@@ -29,16 +29,22 @@ from flaplace.capture import CaptureError, capture
 from flaplace.params import check_rows, token_mask
 from flaplace.typing import Batch, Likelihood, ModelFn, Params, Posterior
 
-JacobianMethod: TypeAlias = Literal["vmap", "loop", "capture"]
+JacobianMethod: TypeAlias = Literal["auto", "vmap", "loop", "capture"]
 Link: TypeAlias = Literal["probit", "mc", "bridge"]
+#: The accepted values of ``method`` (from the `JacobianMethod` type).
+JACOBIAN_METHODS: tuple[str, ...] = get_args(JacobianMethod)
 
 __all__ = [
+    "CovarianceFeatures",
     "PredictiveBlock",
     "PredictiveCache",
+    "covariance_features",
+    "covariance_from_features",
     "gaussian_predictive",
     "laplace_bridge_probs",
     "linearised_predictive",
     "mc_probs",
+    "jacobians_and_logits",
     "per_example_jacobians",
     "predictive_covariance",
     "predictive_precompute",
@@ -58,7 +64,7 @@ def per_example_jacobians(
     batch: Batch,
     *,
     chunk_size: int | None = None,
-    method: JacobianMethod = "vmap",
+    method: JacobianMethod = "auto",
 ) -> dict[str, Tensor]:
     """Jacobians of each example's ``C`` logits with respect to every parameter.
 
@@ -72,16 +78,19 @@ def per_example_jacobians(
 
     Args:
         model_fn: ``f(params, batch) -> logits (B, C)``, e.g. a
-            :class:`flaplace.params.ModelFunction`.
+            [`flaplace.params.ModelFunction`][flaplace.params.ModelFunction].
         params: the point to differentiate at (a dict of tensors).
         batch: a mapping of tensors or a tuple ``(inputs, targets)``.
         chunk_size: examples per vectorised chunk (``vmap``'s ``chunk_size``); ``None`` does the
             whole batch at once. Smaller chunks bound the memory of the Jacobian computation.
-        method: ``"vmap"`` (default) vectorises over the examples; ``"loop"`` differentiates one
+        method: ``"auto"`` (default) takes ``"capture"`` and falls back to ``"vmap"``, then
+            ``"loop"``, where the one before cannot run (parameters that are not weight matrices
+            used once by a linear layer; a model ``vmap`` cannot trace); under ``torch.compile``
+            it is ``"vmap"``. ``"vmap"`` vectorises over the examples; ``"loop"`` differentiates one
             example after another. Use ``"loop"`` for models whose forward pass branches on
             tensor values, which ``vmap`` cannot trace (e.g. Hugging Face encoders such as BERT
             given a 2-D ``attention_mask``; see docs/predictive.md). ``"capture"`` uses the
-            K-FAC capture mechanism (:func:`flaplace.capture.capture`): one forward pass of the
+            K-FAC capture mechanism ([`flaplace.capture.capture`][flaplace.capture.capture]): one forward pass of the
             whole batch and ``C`` pull-backs give every example's ``G_c = sum_t g_t a_t^T``;
             no ``vmap`` over the model, so any attention implementation works. It needs every
             parameter to be a weight matrix used through ``F.linear``/``addmm``, and examples
@@ -96,7 +105,7 @@ def per_example_jacobians(
             does not return ``(1, C)`` logits for one example.
         RuntimeError: ``vmap`` could not trace the model (the message suggests fixes).
 
-    Example:
+    Examples:
         >>> f = ModelFunction(model, select_params(model, "lora"), LastTokenLogits([id_a, id_b]))
         >>> jac = per_example_jacobians(f, params, {"input_ids": ids, "attention_mask": mask})
         >>> jac["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"].shape
@@ -104,6 +113,27 @@ def per_example_jacobians(
     """
     jacobians, _ = _jacobians_and_logits(model_fn, params, batch, chunk_size=chunk_size, method=method)
     return jacobians
+
+
+def jacobians_and_logits(
+    model_fn: ModelFn,
+    params: Params,
+    batch: Batch,
+    *,
+    method: JacobianMethod = "auto",
+    chunk_size: int | None = None,
+) -> tuple[dict[str, Tensor], Float[Tensor, "batch classes"]]:
+    """Per-example Jacobians (as [`per_example_jacobians`][flaplace.predictive.per_example_jacobians])
+    and the logits ``f_mu`` at ``params``, which every method computes on the way.
+
+    Examples:
+        >>> import torch
+        >>> W = torch.randn(3, 4)
+        >>> jac, f_mu = jacobians_and_logits(lambda p, b: b[0] @ p["W"].T, {"W": W}, (torch.randn(2, 4),))
+        >>> jac["W"].shape, f_mu.shape
+        (torch.Size([2, 3, 3, 4]), torch.Size([2, 3]))
+    """
+    return _jacobians_and_logits(model_fn, params, batch, chunk_size=chunk_size, method=method)
 
 
 class _SplitBatch(NamedTuple):
@@ -153,8 +183,10 @@ def _jacobians_and_logits(
         raise ValueError("params is empty: there is nothing to differentiate")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
-    if method not in ("vmap", "loop", "capture"):
-        raise ValueError(f"method must be 'vmap', 'loop' or 'capture', got {method!r}")
+    if method not in JACOBIAN_METHODS:
+        raise ValueError(f"method must be one of {JACOBIAN_METHODS}, got {method!r}")
+    if method == "auto":
+        return _auto_jacobians(model_fn, params, batch, chunk_size)
     split = _split_batch(batch)
     if method == "capture":
         chunk = split.size if chunk_size is None else chunk_size
@@ -269,13 +301,13 @@ def predictive_precompute(posterior: Posterior) -> PredictiveCache:
         posterior: ``Posterior(mean, factors, prior_precision)`` with the same keys in all three.
 
     Returns:
-        A :class:`PredictiveCache` pytree, accepted wherever a posterior is.
+        A `PredictiveCache` pytree, accepted wherever a posterior is.
 
     Raises:
         ValueError: missing or extra names, a factor whose sides do not match its parameter,
             or a prior precision that is not a positive finite scalar.
 
-    Example:
+    Examples:
         >>> cache = predictive_precompute(posterior)
         >>> for batch in loader:
         ...     f_mu, f_var = linearised_predictive(f, cache, batch)
@@ -351,15 +383,15 @@ def predictive_covariance(
     posterior: Posterior | PredictiveCache,
     jacobians: dict[str, Tensor],
 ) -> Float[Tensor, "batch classes classes"]:
-    """``J Sigma J^T`` per example, by the DESIGN.md block formula (no matrix inverse).
+    """``J Sigma J^T`` per example, by the block formula of the Conventions page (no matrix inverse).
 
     For each block, ``R_c = Q_S^T G_c Q_A`` and the covariance gets
     ``sum_ij R_c[i,j] R_c'[i,j] w[i,j]`` plus, for thin bases, ``(1/lambda) <G_c, G_c'>``.
 
     Args:
-        posterior: a :class:`~flaplace.typing.Posterior` or, to reuse the per-posterior work
-            across batches, the :class:`PredictiveCache` from :func:`predictive_precompute`.
-        jacobians: ``{name: (B, C, *weight shape)}`` from :func:`per_example_jacobians`, with
+        posterior: a [`Posterior`][flaplace.typing.Posterior] or, to reuse the per-posterior work
+            across batches, the `PredictiveCache` from `predictive_precompute`.
+        jacobians: ``{name: (B, C, *weight shape)}`` from `per_example_jacobians`, with
             exactly the posterior's names. Weights stored ``(i, o)`` (``transposed`` factors)
             keep their stored orientation here.
 
@@ -370,7 +402,7 @@ def predictive_covariance(
         ValueError: names that differ from the posterior's, shapes that do not fit the factors,
             or non-finite Jacobians.
 
-    Example:
+    Examples:
         >>> jac = per_example_jacobians(f, posterior.mean, batch)
         >>> f_var = predictive_covariance(posterior, jac)  # (B, C, C)
     """
@@ -388,19 +420,80 @@ def predictive_covariance(
         bad = [name for name, jac in jacobians.items() if not torch.isfinite(jac).all()]
         if bad:
             raise ValueError(f"non-finite Jacobian entries for {bad[:3]}")
-    (n, c) = shapes.pop()
+    return covariance_from_features(cache, covariance_features(cache, jacobians))
+
+
+class CovarianceFeatures(NamedTuple):
+    """The part of ``J Sigma J^T`` that does not depend on the prior precision, per example.
+
+    ``rotated[name]``: ``(B, C, ks * ka)``, the slices ``R_c = Q_S^T G_c Q_A`` flattened;
+    ``gram[name]``: ``(B, C, C)``, the Gram matrices ``<G_c, G_c'>``, for thin-basis blocks only.
+    Computed once, they give the covariance under any prior precision
+    ([`covariance_from_features`][flaplace.predictive.covariance_from_features]), e.g. while tuning it.
+    """
+
+    rotated: dict[str, Tensor]
+    gram: dict[str, Tensor]
+
+
+def covariance_features(
+    posterior: Posterior | PredictiveCache, jacobians: dict[str, Tensor]
+) -> CovarianceFeatures:
+    """Rotate Jacobian slices into the posterior's eigenbases (and their Gram matrices for thin bases).
+
+    The result depends on the factors' eigenvectors only, not on the prior precision. Half-precision
+    Jacobians (bf16/fp16 weights) are cast to the factors' dtype (float32 or wider) first, so the
+    covariance is accumulated in it.
+
+    Examples:
+        >>> import torch, flaplace
+        >>> unit = lambda d: flaplace.Eigen(torch.eye(d), torch.ones(d))
+        >>> factors = {"W": flaplace.KronFactor(unit(2), unit(3), torch.tensor(False))}
+        >>> post = flaplace.make_posterior(factors, {"W": torch.randn(2, 3)}, prior_precision=1.0)
+        >>> features = covariance_features(post, {"W": torch.randn(4, 2, 2, 3)})
+        >>> features.rotated["W"].shape
+        torch.Size([4, 2, 6])
+    """
+    cache = _as_cache(posterior)
+    rotated: dict[str, Tensor] = {}
+    gram: dict[str, Tensor] = {}
+    for name, block in cache.blocks.items():
+        grads = _oriented(name, block, jacobians[name]).to(block.weights.dtype)
+        n, c = grads.shape[:2]
+        rotated[name] = (block.S_vectors.mT @ grads @ block.A_vectors).reshape(n, c, -1)
+        if not _is_complete(block.S_vectors, block.A_vectors):
+            flat = grads.reshape(n, c, -1)
+            gram[name] = flat @ flat.mT
+    return CovarianceFeatures(rotated, gram)
+
+
+def covariance_from_features(
+    posterior: Posterior | PredictiveCache, features: CovarianceFeatures
+) -> Float[Tensor, "batch classes classes"]:
+    """``J Sigma J^T`` from [`covariance_features`][flaplace.predictive.covariance_features].
+
+    ``sum_ij R_c[i,j] R_c'[i,j] w[i,j]`` per block plus, for thin bases, ``(1/lambda) <G_c, G_c'>``;
+    differentiable in the prior precision.
+
+    Examples:
+        >>> import torch, flaplace
+        >>> unit = lambda d: flaplace.Eigen(torch.eye(d), torch.ones(d))
+        >>> factors = {"W": flaplace.KronFactor(unit(2), unit(3), torch.tensor(False))}
+        >>> post = flaplace.make_posterior(factors, {"W": torch.randn(2, 3)}, prior_precision=4.0)
+        >>> jac = {"W": torch.randn(5, 2, 2, 3)}
+        >>> f_var = covariance_from_features(post, covariance_features(post, jac))
+        >>> torch.allclose(f_var, predictive_covariance(post, jac))
+        True
+    """
+    cache = _as_cache(posterior)
     covariance: Tensor | int = 0
     for name, block in cache.blocks.items():
-        # Half-precision Jacobians (bf16/fp16 weights) meet the factors' dtype (float32 or wider):
-        # the products and sums of the covariance are accumulated in it.
-        grads = _oriented(name, block, jacobians[name]).to(block.weights.dtype)
-        rotated = block.S_vectors.mT @ grads @ block.A_vectors  # (B, C, ks, ka)
-        flat = rotated.reshape(n, c, -1)
+        flat = features.rotated[name].to(block.weights.dtype)
         covariance = covariance + (flat * block.weights.reshape(-1)) @ flat.mT
-        if not _is_complete(block.S_vectors, block.A_vectors):
-            flat_grads = grads.reshape(n, c, -1)
-            covariance = covariance + block.inverse_prior * (flat_grads @ flat_grads.mT)
-    assert isinstance(covariance, Tensor)  # at least one block: checked above
+        if name in features.gram:
+            covariance = covariance + block.inverse_prior * features.gram[name].to(block.weights.dtype)
+    if not isinstance(covariance, Tensor):
+        raise ValueError("the posterior has no blocks")
     return covariance
 
 
@@ -410,7 +503,7 @@ def linearised_predictive(
     batch: Batch,
     *,
     chunk_size: int | None = None,
-    method: JacobianMethod | Literal["auto"] = "auto",
+    method: JacobianMethod = "auto",
 ) -> tuple[Float[Tensor, "batch classes"], Float[Tensor, "batch classes classes"]]:
     """The linearised predictive ``N(f_mu, f_var)`` of the logits for one batch.
 
@@ -419,11 +512,11 @@ def linearised_predictive(
 
     Args:
         model_fn: ``f(params, batch) -> logits (B, C)``.
-        posterior: a Posterior or its :class:`PredictiveCache` (precompute once, reuse).
+        posterior: a Posterior or its `PredictiveCache` (precompute once, reuse).
         batch: the inputs.
-        chunk_size: examples per vectorised Jacobian chunk (see :func:`per_example_jacobians`).
+        chunk_size: examples per vectorised Jacobian chunk (see `per_example_jacobians`).
         method: ``"auto"`` (default), ``"capture"``, ``"vmap"`` or ``"loop"`` (see
-            :func:`per_example_jacobians`). ``"auto"`` uses ``"capture"`` (one forward of the
+            `per_example_jacobians`). ``"auto"`` uses ``"capture"`` (one forward of the
             whole batch; works with any attention implementation of stock Hugging Face models)
             and falls back to ``"vmap"``, then ``"loop"``, when the parameters are not all weight
             matrices used once by a linear layer (e.g. biases, or a weight tied to an embedding)
@@ -438,7 +531,7 @@ def linearised_predictive(
         ValueError: a batch with no rows, with an all-padding row, or whose logits are
             not finite (NaN/inf).
 
-    Example:
+    Examples:
         >>> cache = predictive_precompute(posterior)
         >>> f_mu, f_var = linearised_predictive(f, cache, batch, chunk_size=16)
         >>> probs = predictive_probs(f_mu, f_var, link="probit")
@@ -446,12 +539,7 @@ def linearised_predictive(
     cache = _as_cache(posterior)
     if isinstance(batch, Mapping) and "attention_mask" in batch:
         check_rows(batch["attention_mask"])
-    if method == "auto":
-        jacobians, f_mu = _auto_jacobians(model_fn, cache.mean, batch, chunk_size)
-    else:
-        jacobians, f_mu = _jacobians_and_logits(
-            model_fn, cache.mean, batch, chunk_size=chunk_size, method=method
-        )
+    jacobians, f_mu = _jacobians_and_logits(model_fn, cache.mean, batch, chunk_size=chunk_size, method=method)
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(f_mu).all()):
         raise ValueError(
             "non-finite (NaN/inf) logits in the batch: check the model's weights and inputs "
@@ -529,7 +617,7 @@ def mc_probs(
     Returns:
         Probabilities ``(B, C)``, or ``(B, 2)`` for the bernoulli likelihood.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> probs = mc_probs(f_mu, f_var, n_samples=10_000, generator=g)
     """
@@ -565,7 +653,7 @@ def probit_probs(
     Returns:
         Probabilities ``(B, C)``, or ``(B, 2)`` for the bernoulli likelihood.
 
-    Example:
+    Examples:
         >>> probs = probit_probs(f_mu, f_var)
     """
     _check_moments(f_mu, f_var, likelihood)
@@ -602,7 +690,7 @@ def laplace_bridge_probs(
     Returns:
         Probabilities ``(B, C)``, or ``(B, 2)`` for the bernoulli likelihood.
 
-    Example:
+    Examples:
         >>> probs = laplace_bridge_probs(f_mu, f_var)
     """
     _check_moments(f_mu, f_var, likelihood)
@@ -641,7 +729,7 @@ def gaussian_predictive(
     Returns:
         ``(mean (B, C), covariance (B, C, C))``.
 
-    Example:
+    Examples:
         >>> mean, cov = gaussian_predictive(f_mu, f_var, sigma=0.1)
     """
     _check_moments(f_mu, f_var, "gaussian")
@@ -668,17 +756,17 @@ def predictive_probs(
     Args:
         f_mu: mean logits ``(B, C)``.
         f_var: logit covariance ``(B, C, C)``.
-        link: ``"probit"`` (:func:`probit_probs`), ``"mc"`` (:func:`mc_probs`) or ``"bridge"``
-            (:func:`laplace_bridge_probs`).
+        link: ``"probit"`` (`probit_probs`), ``"mc"`` (`mc_probs`) or ``"bridge"``
+            (`laplace_bridge_probs`).
         likelihood: ``"categorical"`` or ``"bernoulli"`` (one logit; returns ``(B, 2)``
-            probabilities ``[1 - p, p]``). For ``"gaussian"`` use :func:`gaussian_predictive`.
+            probabilities ``[1 - p, p]``). For ``"gaussian"`` use `gaussian_predictive`.
         n_samples: samples for ``link="mc"``.
         generator: random generator for ``link="mc"``.
 
     Returns:
         Probabilities ``(B, C)``, or ``(B, 2)`` for the bernoulli likelihood.
 
-    Example:
+    Examples:
         >>> f_mu, f_var = linearised_predictive(f, posterior, batch)
         >>> probs = predictive_probs(f_mu, f_var, link="mc", n_samples=2000)
     """

@@ -39,12 +39,23 @@ class Eigen(NamedTuple):
     vectors: Float[Tensor, "d k"]
     values: Float[Tensor, " k"]
 
+    def dense(self) -> Float[Tensor, "*batch d d"]:
+        """The matrix ``Q diag(values) Q^T`` itself (a ``d x d`` tensor: small sides only).
+
+        Examples:
+            >>> import torch
+            >>> Eigen(torch.eye(2), torch.tensor([2.0, 3.0])).dense()
+            tensor([[2., 0.],
+                    [0., 3.]])
+        """
+        return (self.vectors * self.values.unsqueeze(-2)) @ self.vectors.mT
+
 
 class KronFactor(NamedTuple):
     """The K-FAC block of one weight matrix: ``H_W ~ S (x) A``.
 
     ``S`` is the output-gradient factor (side ``o``), ``A`` the input factor
-    (side ``i``), following DESIGN.md's normalisation (``S`` sums over the data,
+    (side ``i``), following the project's normalisation (``S`` sums over the data,
     ``A`` averages). ``transposed`` is a 0-d bool tensor: ``True`` when the
     parameter is stored as ``(i, o)`` and used as ``y = x W`` (GPT-2's
     ``Conv1D``); its gradients must then be transposed to ``(o, i)`` before
@@ -56,7 +67,7 @@ class KronFactor(NamedTuple):
     transposed: Bool[Tensor, ""]
 
 
-#: K-FAC factors keyed by parameter name (the same keys as :data:`Params`).
+#: K-FAC factors keyed by parameter name (the same keys as `Params`).
 Factors: TypeAlias = dict[str, KronFactor]
 
 

@@ -25,13 +25,14 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flaplace.evidence import _free_parameter_groups
+from flaplace.evidence import free_parameter_groups
 from flaplace.params import batch_targets
 from flaplace.posterior import PriorPrecision, with_prior_precision
 from flaplace.predictive import (
-    _is_complete,
-    _jacobians_and_logits,
-    _oriented,
+    CovarianceFeatures,
+    covariance_features,
+    covariance_from_features,
+    jacobians_and_logits,
     predictive_precompute,
     predictive_probs,
 )
@@ -45,13 +46,12 @@ DIFFERENTIABLE_LINKS: tuple[str, ...] = ("probit", "bridge")
 class ValidationFeatures(NamedTuple):
     """What the validation NLL needs, independent of the prior precision.
 
-    ``rotated[name]``: ``(N, C, ks * ka)``, the slices ``Q_S^T G_c Q_A`` flattened;
-    ``gram[name]``: ``(N, C, C)`` Gram matrices ``<G_c, G_c'>`` (thin-basis blocks only);
-    ``f_mu``: ``(N, C)`` MAP logits; ``labels``: ``(N,)``.
+    ``covariance``: the rotated Jacobian slices and Gram matrices of every validation example
+    ([`covariance_features`][flaplace.predictive.covariance_features]); ``f_mu``: ``(N, C)`` MAP
+    logits; ``labels``: ``(N,)``.
     """
 
-    rotated: dict[str, Tensor]
-    gram: dict[str, Tensor]
+    covariance: CovarianceFeatures
     f_mu: Tensor
     labels: Tensor
 
@@ -62,7 +62,7 @@ def validation_features(
     batches: Iterable[Batch],
     *,
     chunk_size: int | None = None,
-    method: str = "vmap",
+    method: str = "auto",
 ) -> ValidationFeatures:
     """Per-example Jacobian features of the validation set that do not depend on ``lambda``.
 
@@ -70,30 +70,23 @@ def validation_features(
         >>> features = validation_features(posterior, model_fn, val_batches)
     """
     cache = predictive_precompute(posterior)
-    rotated: dict[str, list[Tensor]] = {n: [] for n in cache.blocks}
-    gram: dict[str, list[Tensor]] = {
-        n: [] for n, b in cache.blocks.items() if not _is_complete(b.S_vectors, b.A_vectors)
-    }
+    parts: list[CovarianceFeatures] = []
     f_mus, labels = [], []
     for batch in batches:
-        jacobians, f_mu = _jacobians_and_logits(
+        jacobians, f_mu = jacobians_and_logits(
             model_fn, cache.mean, batch, chunk_size=chunk_size, method=method
         )
-        n, c = f_mu.shape
-        for name, block in cache.blocks.items():
-            grads = _oriented(name, block, jacobians[name]).detach()
-            rotated[name].append((block.S_vectors.mT @ grads @ block.A_vectors).reshape(n, c, -1))
-            if name in gram:
-                flat = grads.reshape(n, c, -1)
-                gram[name].append(flat @ flat.mT)
+        parts.append(covariance_features(cache, {n: j.detach() for n, j in jacobians.items()}))
         del jacobians
         f_mus.append(f_mu.detach())
         labels.append(batch_targets(batch))
     if not f_mus:
         raise ValueError("the validation batches are empty")
     return ValidationFeatures(
-        rotated={n: torch.cat(v) for n, v in rotated.items()},
-        gram={n: torch.cat(v) for n, v in gram.items()},
+        CovarianceFeatures(
+            rotated={n: torch.cat([p.rotated[n] for p in parts]) for n in parts[0].rotated},
+            gram={n: torch.cat([p.gram[n] for p in parts]) for n in parts[0].gram},
+        ),
         f_mu=torch.cat(f_mus),
         labels=torch.cat(labels),
     )
@@ -119,14 +112,7 @@ def validation_nll(
     """
     if link not in DIFFERENTIABLE_LINKS:
         raise ValueError(f"link must be one of {DIFFERENTIABLE_LINKS} (differentiable), got {link!r}")
-    cache = predictive_precompute(posterior)
-    f_var: Tensor | int = 0
-    for name, block in cache.blocks.items():
-        flat = features.rotated[name].to(block.weights.dtype)
-        f_var = f_var + (flat * block.weights.reshape(-1)) @ flat.mT
-        if name in features.gram:
-            f_var = f_var + block.inverse_prior * features.gram[name].to(block.weights.dtype)
-    assert isinstance(f_var, Tensor)
+    f_var = covariance_from_features(posterior, features.covariance)
     f_mu = features.f_mu.to(f_var.dtype)
     probs = predictive_probs(f_mu, f_var, link, likelihood)  # type: ignore[arg-type]
     labels = features.labels.to(device=probs.device, dtype=torch.long).reshape(-1)
@@ -150,7 +136,7 @@ def tune_prior_nll(
     init: PriorPrecision | None = None,
     per_block: bool | Sequence[str] = False,
     chunk_size: int | None = None,
-    method: str = "vmap",
+    method: str = "auto",
     progress: bool = True,
 ) -> tuple[Posterior, list[dict[str, Any]]]:
     """Minimise the validation NLL of the linearised predictive over ``log lambda`` with Adam.
@@ -199,7 +185,7 @@ def tune_prior_nll(
         )
     start = posterior if init is None else with_prior_precision(posterior, init)
     features = validation_features(start, model_fn, batches, chunk_size=chunk_size, method=method)
-    groups = _free_parameter_groups(list(start.mean), per_block)
+    groups = free_parameter_groups(list(start.mean), per_block)
     reference = next(iter(start.prior_precision.values()))
     initial = [
         torch.stack([start.prior_precision[n].detach().log() for n in members]).mean()

@@ -27,7 +27,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     try:
         params, model_fn, data = _mlp_problem()
         shard = data[rank::world]
-        factors = fit(model_fn, params, shard, distributed=True, **OPTIONS)
+        factors, _ = fit(model_fn, params, shard, distributed=True, **OPTIONS)
         if rank == 0:
             torch.save(factors, out)
     finally:
@@ -35,4 +35,4 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
 
 def _dense(e):
-    return (e.vectors * e.values) @ e.vectors.T
+    return e.dense()

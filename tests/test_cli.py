@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tiny_hf import TARGETS, save_tiny_model, write_demo_files
 
-from flaplace import cli
+from flaplace.app import cli
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ def random_eigen(side: int, rank: int | None, generator: torch.Generator, scale:
 
 def dense(eigen: Eigen) -> torch.Tensor:
     """``Q diag(v) Q^T``: for a thin factor, the truncated reconstruction."""
-    return eigen.vectors @ torch.diag(eigen.values) @ eigen.vectors.T
+    return eigen.dense()
 
 
 def make_blocks(generator: torch.Generator, thin: bool):
@@ -181,7 +181,6 @@ def test_evidence_on_tiny_peft_lora_llama_fitted_kfac(tiny_lora_llama, lr_thresh
         lr_threshold=lr_threshold,
         n_kfac=5,
         progress=False,
-        return_state=True,
     )
     if lr_threshold is not None:
         assert any(f.S.vectors.shape[1] < f.S.vectors.shape[0] for f in factors.values())

@@ -93,7 +93,7 @@ def test_deep_linear_gaussian_is_exact_over_uneven_batches():
     data = [torch.randn(n, 5, dtype=torch.float64) for n in (3, 5, 2)]
     batches = [(x, torch.randn(x.shape[0], 2, dtype=torch.float64)) for x in data]
     sigma = 0.7
-    factors = fit(
+    factors, _ = fit(
         model_fn,
         params,
         batches,
@@ -114,9 +114,9 @@ def test_mc_converges_to_exact():
     params = select_params(net, "weight")
     model_fn = ModelFunction(net, params, lambda out, batch: out)
     batches = [(torch.randn(5, 4, dtype=torch.float64),), (torch.randn(3, 4, dtype=torch.float64),)]
-    exact = fit(model_fn, params, batches, fisher="exact", lr_threshold=None, progress=False)
+    exact, _ = fit(model_fn, params, batches, fisher="exact", lr_threshold=None, progress=False)
     g = torch.Generator().manual_seed(0)
-    mc = fit(
+    mc, _ = fit(
         model_fn,
         params,
         batches,
@@ -140,7 +140,7 @@ def test_empirical_matches_per_example_gradients():
     model_fn = ModelFunction(net, params, lambda out, batch: out)
     x = torch.randn(7, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (7,))
-    factors = fit(
+    factors, _ = fit(
         model_fn,
         params,
         [(x[:4], y[:4]), (x[4:], y[4:])],
@@ -174,10 +174,10 @@ def test_pooled_classifier_head_has_one_row_per_example():
     lora = select_params(model, "lora")
     params = {**lora, head: dict(model.named_parameters())[head].detach()}
     batches = [padded_batch("bert", n=3, seed=1), padded_batch("bert", n=2, length=5, seed=2)]
-    factors = fit(
+    factors, _ = fit(
         ModelFunction(model, params), params, batches, fisher="exact", lr_threshold=None, progress=False
     )
-    only_lora = fit(
+    only_lora, _ = fit(
         ModelFunction(model, lora), lora, batches, fisher="exact", lr_threshold=None, progress=False
     )
 

@@ -12,7 +12,7 @@ from flaplace.params import LastTokenLogits, ModelFunction, classifier_logits, s
 
 
 def _full(eigen):
-    return (eigen.vectors * eigen.values) @ eigen.vectors.T
+    return eigen.dense()
 
 
 def hook_reference(model, names, output_fn, batch, sharing):

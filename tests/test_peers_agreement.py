@@ -9,28 +9,18 @@ settings, is ``python benchmarks/compare_peers.py --part agreement`` (docs/peers
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 
 pytest.importorskip("laplace")
 pytest.importorskip("curvlinops")
 
+import tiny_models  # noqa: E402
+
 import flaplace  # noqa: E402
 from flaplace.params import LastTokenLogits  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-10
-
-
-def _benchmark_module():
-    """benchmarks/compare_peers.py, for its model and data helpers (it is not a package)."""
-    spec = importlib.util.spec_from_file_location("compare_peers", ROOT / "benchmarks" / "compare_peers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -38,26 +28,25 @@ def fitted():
     from laplace import KronLaplace
     from laplace.curvature import CurvlinopsGGN
 
-    cp = _benchmark_module()
-    with cp.rms_norm_in_input_dtype():
-        model, _ = cp.llama_lora(16, vocab=32, rank=2, dtype=torch.float64, seed=0)
+    with tiny_models.float64_rms_norm():
+        model, _ = tiny_models.peer_llama_lora(16, vocab=32, rank=2, dtype=torch.float64, seed=0)
         output_fn = LastTokenLogits([3, 5, 7])
         params = flaplace.select_params(model, "lora")
         model_fn = flaplace.ModelFunction(model, params, output_fn)
-        loader = torch.utils.data.DataLoader(cp.token_data(10, 6, 32, 3, seed=1), batch_size=4)
-        la = KronLaplace(cp.LogitsModule(model, output_fn), "classification", backend=CurvlinopsGGN)
+        loader = torch.utils.data.DataLoader(tiny_models.token_data(10, 6, 32, 3, seed=1), batch_size=4)
+        la = KronLaplace(tiny_models.LogitsModule(model, output_fn), "classification", backend=CurvlinopsGGN)
         la.fit(loader)
         factors, state = flaplace.fit_kfac(
-            model_fn, params, loader, fisher="exact", sharing="expand", lr_threshold=None, return_state=True,
+            model_fn, params, loader, fisher="exact", sharing="expand", lr_threshold=None,
             progress=False,
         )  # fmt: skip
-        batch = torch.utils.data.default_collate(list(cp.token_data(3, 6, 32, 3, seed=2)))
+        batch = torch.utils.data.default_collate(list(tiny_models.token_data(3, 6, 32, 3, seed=2)))
         yield {"la": la, "factors": factors, "state": state, "params": params, "model_fn": model_fn,
                "batch": batch}  # fmt: skip
 
 
 def _dense(eigen: flaplace.Eigen) -> torch.Tensor:
-    return (eigen.vectors * eigen.values) @ eigen.vectors.T
+    return eigen.dense()
 
 
 def _rel(a, b) -> float:

@@ -32,7 +32,7 @@ def random_eigen(side: int, rank: int | None, generator: torch.Generator, scale:
 
 
 def dense(eigen: Eigen) -> torch.Tensor:
-    return eigen.vectors @ torch.diag(eigen.values) @ eigen.vectors.T
+    return eigen.dense()
 
 
 def block(o: int, i: int, generator: torch.Generator, *, thin: bool = False, transposed: bool = False):

@@ -238,7 +238,7 @@ def random_eigen(d: int, k: int, g: torch.Generator) -> Eigen:
 
 
 def dense(e: Eigen) -> torch.Tensor:
-    return e.vectors @ torch.diag(e.values) @ e.vectors.T
+    return e.dense()
 
 
 def dense_covariance(posterior: Posterior) -> torch.Tensor:

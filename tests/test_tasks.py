@@ -1,4 +1,4 @@
-"""Tests for flaplace.tasks: real data files, the bundled demo, prompts and errors."""
+"""Tests for flaplace.app.tasks: real data files, the bundled demo, prompts and errors."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from jaxtyping import TypeCheckError
 
-from flaplace import tasks
-from flaplace.tasks import (
+from flaplace.app import tasks
+from flaplace.app.tasks import (
     SPLITS,
     Example,
     Task,
@@ -22,6 +22,7 @@ from flaplace.tasks import (
     format_prompt,
     load_task,
     multiple_choice_prompt,
+    readers,
     true_false_prompt,
 )
 
@@ -116,8 +117,8 @@ def test_arc_digit_answer_key_maps_to_position() -> None:
 def test_arc_instruction_parser_agrees_with_raw_file() -> None:
     # test.json (instruction format) and ARC-Challenge-Test.jsonl hold the same items in the same order.
     folder = data_folder("arc_challenge")
-    parsed = list(tasks._arc_instruction(folder / "test.json"))
-    raw = list(tasks._arc_raw(folder / "ARC-Challenge-Test.jsonl"))
+    parsed = list(readers._arc_instruction(folder / "test.json"))
+    raw = list(readers._arc_raw(folder / "ARC-Challenge-Test.jsonl"))
     assert len(parsed) == 1172
     assert parsed == raw  # stems, option texts and answer positions all agree
 

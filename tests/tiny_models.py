@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from typing import Any
 
 import peft
 import torch
+from torch import Tensor, nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -18,6 +21,8 @@ from transformers import (
     PhiConfig,
     PhiForCausalLM,
 )
+
+from flaplace.params import model_inputs
 
 VOCAB = 48
 ANSWERS = (3, 5, 7)
@@ -130,3 +135,131 @@ def float64_rms_norm():
     finally:
         for c, f in zip(classes, saved, strict=True):
             c.forward = f
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmark-sized models and data, shared with benchmarks/ (which put this folder on sys.path)
+# --------------------------------------------------------------------------------------------
+
+
+def peer_llama_lora(
+    hidden: int,
+    *,
+    layers: int = 2,
+    vocab: int = 512,
+    rank: int = 8,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A random Llama-architecture causal LM with PEFT LoRA on q_proj and v_proj.
+
+    LoRA ``B`` starts random (not PEFT's zeros) so that every factor is informative.
+    """
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = {
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(hidden // 64, 2),
+        "num_key_value_heads": max(hidden // 64, 2),
+        "vocab_size": vocab,
+        "max_position_embeddings": 256,
+    }
+    base = LlamaForCausalLM(LlamaConfig(**config))
+    lora = peft.LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=["q_proj", "v_proj"],
+        lora_dropout=0.0,
+        init_lora_weights=False,
+    )
+    model = peft.get_peft_model(base, lora).to(dtype).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.1)
+    return model, {**config, "lora_rank": rank, "lora_alpha": 2 * rank, "lora_targets": ["q_proj", "v_proj"]}
+
+
+class LogitsModule(nn.Module):
+    """``forward(batch) -> (B, C)`` logits: the interface laplace-torch's backends need.
+
+    Drops the batch's ``labels`` before calling the Hugging Face model and applies an output
+    function (e.g. `flaplace.params.LastTokenLogits`).
+    """
+
+    def __init__(self, model: nn.Module, output_fn: Callable[[Any, Any], Tensor]):
+        super().__init__()
+        self.model = model
+        self.output_fn = output_fn
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        _, inputs = model_inputs(batch)
+        return self.output_fn(self.model(**inputs), inputs)
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """A list of per-example dicts (so that ``len(loader.dataset)`` is the data size)."""
+
+    def __init__(self, rows: list[dict[str, Tensor]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return self.rows[index]
+
+
+def token_data(n: int, length: int, vocab: int, n_classes: int, seed: int) -> ListDataset:
+    """Random token sequences without padding; the label is a function of the last token."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (n, length), generator=generator)
+    labels = ids[:, -1] % n_classes
+    mask = torch.ones(length, dtype=torch.long)
+    return ListDataset([{"input_ids": ids[i], "attention_mask": mask, "labels": labels[i]} for i in range(n)])
+
+
+def llama_lora_model(
+    hidden: int,
+    *,
+    layers: int = 2,
+    vocab: int = 1024,
+    rank: int = 8,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    attn_implementation: str | None = None,
+) -> torch.nn.Module:
+    """A randomly initialised Llama (``layers`` blocks) with PEFT LoRA of rank ``rank`` on q/v.
+
+    The intermediate size is ``2.6875 * hidden`` (Llama-7B's ratio), one head per 64 features.
+    PEFT initialises ``lora_B`` to zero, which would make every ``lora_A`` gradient zero; it is
+    drawn from ``N(0, 0.02^2)`` instead, as after some training.
+    """
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.6875),
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 64),
+        vocab_size=vocab,
+        max_position_embeddings=512,
+    )
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    model = LlamaForCausalLM(config)
+    lora = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model = peft.get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    return model.to(device=device, dtype=dtype).eval()

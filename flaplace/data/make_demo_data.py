@@ -12,7 +12,7 @@ the label, genuinely mixed reviews whose label is a coin flip, and a few
 randomly flipped labels. A model that fits the training set therefore becomes
 overconfident, which is what the Laplace demo needs to show.
 
-Example:
+Examples:
     Regenerate the committed files (from the repository root)::
 
         python flaplace/data/make_demo_data.py --seed 0

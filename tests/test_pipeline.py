@@ -11,12 +11,14 @@ import pytest
 import torch
 from tiny_hf import TARGETS, save_tiny_model, write_arc_files, write_demo_files
 
-from flaplace import hf, workflow
+from flaplace.app import checkpoints, hf, report, stages
+from flaplace.app import config as config_module
+from flaplace.app.config import RunConfig
+from flaplace.app.pipeline import run
+from flaplace.app.tasks import Example, Task, TaskDataError
 from flaplace.evidence import log_marginal_likelihood
 from flaplace.posterior import load_posterior
 from flaplace.predictive import per_example_jacobians
-from flaplace.tasks import Example, Task, TaskDataError
-from flaplace.workflow import RunConfig, run
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,7 @@ def test_pipeline_end_to_end(models, data, tmp_path, arch, task, kind):
     results = run(config(models, data, arch, task, tmp_path), progress=False)
     n_classes = 4 if task == "arc_easy" else 2
     assert results["model_kind"] == kind
-    assert results["stages"] == dict.fromkeys(workflow.STAGES, "computed")
+    assert results["stages"] == dict.fromkeys(config_module.STAGES, "computed")
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["metrics"] == results["metrics"]
     for method in ("map", "laplace"):
@@ -129,7 +131,7 @@ def test_head_jacobians_match_jacrev_per_example(models, data):
     batch = hf.encode(task.split("test"), loaded, task, max_length=16)
     assert bool((batch["attention_mask"] == 0).any())  # padding is exercised
     assert any("modules_to_save" in n for n in names)  # the classification head is in the posterior
-    ours = per_example_jacobians(f, params, batch, method=workflow.JACOBIAN_METHOD)
+    ours = per_example_jacobians(f, params, batch, method=stages.JACOBIAN_METHOD)
     reference = per_example_jacobians(f, params, batch, method="loop")
     for name in names:
         torch.testing.assert_close(ours[name], reference[name], rtol=1e-9, atol=1e-11)
@@ -153,7 +155,7 @@ def test_map_training_reaches_the_map_of_the_stated_objective():
         return batch["x"] @ params["w"].T
 
     lam = 4.0
-    trained, losses = workflow.train_map(
+    trained, losses = stages.train_map(
         model_fn,
         weight,
         ["w"],
@@ -174,15 +176,15 @@ def test_map_training_reaches_the_map_of_the_stated_objective():
 def test_resume_skips_finished_stages_and_recomputes_changed_ones(models, data, tmp_path):
     first = run(config(models, data, "llama", "arc_easy", tmp_path), progress=False)
     again = run(config(models, data, "llama", "arc_easy", tmp_path), progress=False)
-    assert again["stages"] == dict.fromkeys(workflow.STAGES, "loaded")
+    assert again["stages"] == dict.fromkeys(config_module.STAGES, "loaded")
     assert again["metrics"] == first["metrics"]
     assert again["prior_precision"] == first["prior_precision"]
     seconds = first["stage_seconds_when_computed"]
-    assert all(seconds[stage] > 0 for stage in workflow.STAGES)
+    assert all(seconds[stage] > 0 for stage in config_module.STAGES)
     assert again["stage_seconds_when_computed"] == seconds  # how long the reused stages once took
     # a new link only changes how the stored predictive is turned into probabilities
     mc = run(config(models, data, "llama", "arc_easy", tmp_path, link="mc"), progress=False)
-    assert mc["stages"] == dict.fromkeys(workflow.STAGES, "loaded")
+    assert mc["stages"] == dict.fromkeys(config_module.STAGES, "loaded")
     assert mc["metrics"]["map"] == first["metrics"]["map"]
     # another Fisher recomputes K-FAC and everything after it, not the MAP
     exact = run(config(models, data, "llama", "arc_easy", tmp_path, fisher="exact"), progress=False)
@@ -194,7 +196,7 @@ def test_resume_skips_finished_stages_and_recomputes_changed_ones(models, data, 
     }
     # more steps recompute everything
     longer = run(config(models, data, "llama", "arc_easy", tmp_path, steps=7), progress=False)
-    assert longer["stages"] == dict.fromkeys(workflow.STAGES, "computed")
+    assert longer["stages"] == dict.fromkeys(config_module.STAGES, "computed")
 
 
 def test_failed_run_leaves_no_result_that_looks_complete(models, data, tmp_path, monkeypatch):
@@ -204,10 +206,10 @@ def test_failed_run_leaves_no_result_that_looks_complete(models, data, tmp_path,
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure in the predictive")
 
-    monkeypatch.setattr(workflow, "predictive_covariance", broken)
+    monkeypatch.setattr(stages, "cached_covariance", broken)
     with pytest.raises(RuntimeError, match="simulated failure"):
         run(config(models, data, "gpt2", "demo", tmp_path, prior_tuning="grid"), progress=False)
-    for name in workflow.FINAL_OUTPUTS:
+    for name in report.FINAL_OUTPUTS:
         assert not (tmp_path / name).exists(), name  # the older result was removed, no new one written
     assert not list(tmp_path.rglob(".*.tmp-*"))
     # the finished stages are still there and are reused
@@ -218,7 +220,7 @@ def test_failed_run_leaves_no_result_that_looks_complete(models, data, tmp_path,
 
 def test_atomic_path_keeps_nothing_on_error(tmp_path):
     target = tmp_path / "out.json"
-    with pytest.raises(ZeroDivisionError), workflow.atomic_path(target) as tmp:
+    with pytest.raises(ZeroDivisionError), checkpoints.atomic_path(target) as tmp:
         tmp.write_text("half")
         1 / 0  # noqa: B018
     assert not target.exists() and not list(tmp_path.iterdir())
@@ -294,11 +296,15 @@ def test_bad_configuration_values():
 
 def test_stage_keys_depend_on_the_right_fields():
     base = RunConfig(model="m")
-    assert workflow.stage_key(base, "map") == workflow.stage_key(RunConfig(model="m", fisher="exact"), "map")
-    assert workflow.stage_key(base, "kfac") != workflow.stage_key(
+    assert config_module.stage_key(base, "map") == config_module.stage_key(
+        RunConfig(model="m", fisher="exact"), "map"
+    )
+    assert config_module.stage_key(base, "kfac") != config_module.stage_key(
         RunConfig(model="m", fisher="exact"), "kfac"
     )
-    assert workflow.stage_key(base, "kfac") != workflow.stage_key(RunConfig(model="m", lr=0.5), "kfac")
-    assert workflow.stage_key(base, "predictive") == workflow.stage_key(
+    assert config_module.stage_key(base, "kfac") != config_module.stage_key(
+        RunConfig(model="m", lr=0.5), "kfac"
+    )
+    assert config_module.stage_key(base, "predictive") == config_module.stage_key(
         RunConfig(model="m", link="mc"), "predictive"
     )

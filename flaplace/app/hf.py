@@ -5,14 +5,14 @@ Two kinds of model are supported:
 * ``causal``: a causal language model scores the task's answers as the logits of
   their (single) tokens at the last position of the prompt. Prompts are padded on
   the LEFT (and truncated from the left, so the end of the prompt, ``Answer:``,
-  survives), and :class:`flaplace.params.LastTokenLogits` reads the answer-token
+  survives), and [`flaplace.params.LastTokenLogits`][flaplace.params.LastTokenLogits] reads the answer-token
   logits. Each answer, with a leading space, must be one token of the vocabulary.
 * ``seq_cls``: a sequence-classification model (e.g. BERT) gets the raw text (and
   ``text_pair``) and its classification head gives ``(batch, classes)`` logits.
   The head is new for a checkpoint that has none, so it is trained with the
   adapters and covered by the Laplace posterior.
 
-Example:
+Examples:
     >>> loaded = load_model("path/to/model", n_classes=2)
     >>> model = attach_lora(loaded, rank=8, alpha=16, targets=["query", "value"])
     >>> ids = answer_token_ids(loaded.tokenizer, ("A", "B"))  # causal models only
@@ -25,13 +25,14 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 import torch
 from torch import Tensor, nn
 
+from flaplace.app.tasks import Example, Task, batches
 from flaplace.params import LastTokenLogits, ModelFunction, classifier_logits
-from flaplace.tasks import Example, Task
 
 ModelKind: TypeAlias = Literal["causal", "seq_cls"]
 MODEL_KINDS: tuple[str, ...] = ("auto", "causal", "seq_cls")
@@ -82,7 +83,7 @@ def _quiet_transformers() -> Iterator[None]:
 def infer_kind(config: Any) -> ModelKind:
     """``causal`` when the config's architectures name a causal LM head, else ``seq_cls``.
 
-    Example:
+    Examples:
         >>> infer_kind(AutoConfig.from_pretrained("gpt2"))
         'causal'
     """
@@ -95,7 +96,7 @@ def infer_kind(config: Any) -> ModelKind:
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """``"float32"``/``"float64"``/``"bfloat16"``/``"float16"`` as a torch dtype.
 
-    Example:
+    Examples:
         >>> parse_dtype("float64")
         torch.float64
     """
@@ -110,6 +111,25 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if name not in dtypes:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(dtypes)}")
     return dtypes[name]
+
+
+def check_model_source(source: str) -> None:
+    """Raise ``FileNotFoundError`` when ``source`` names a local folder that does not exist.
+
+    A hub id has at most one ``/`` and does not start with ``.``, ``/`` or ``~``; anything
+    else, and any existing path, is a local folder.
+
+    Examples:
+        >>> check_model_source("gpt2")
+        >>> check_model_source("./no/such/model")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: model folder not found: ./no/such/model
+    """
+    path = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
+    if looks_local and not path.exists():
+        raise FileNotFoundError(f"model folder not found: {source}")
 
 
 def load_model(
@@ -132,13 +152,13 @@ def load_model(
         attn_implementation: passed to ``from_pretrained`` when given (e.g. ``"eager"``).
 
     Returns:
-        A :class:`LoadedModel` in eval mode. For causal models the tokenizer pads and
+        A `LoadedModel` in eval mode. For causal models the tokenizer pads and
         truncates on the left and has a pad token (its EOS token when it had none).
 
     Raises:
         ValueError: an unknown ``kind``; OSError from transformers when the model is not found.
 
-    Example:
+    Examples:
         >>> loaded = load_model("sentence-transformers/all-MiniLM-L6-v2", n_classes=2)
         >>> loaded.kind, loaded.head
         ('seq_cls', 'classifier')
@@ -147,6 +167,7 @@ def load_model(
         raise ValueError(f"unknown model kind {kind!r}; choose one of {MODEL_KINDS}")
     transformers = _transformers()
     source = str(name_or_path)
+    check_model_source(source)
     config = transformers.AutoConfig.from_pretrained(source)
     resolved: ModelKind = infer_kind(config) if kind == "auto" else kind  # type: ignore[assignment]
     options: dict[str, Any] = {"dtype": parse_dtype(dtype)}
@@ -184,7 +205,7 @@ def load_model(
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of the linear layers of ``model`` (``nn.Linear`` and GPT-2 ``Conv1D``).
 
-    Example:
+    Examples:
         >>> linear_module_names(bert)
         ['query', 'key', 'value', 'dense', 'classifier']
     """
@@ -215,7 +236,7 @@ def attach_lora(
         ValueError: a bad rank/alpha, or a target that names no linear layer (the
             message lists the linear layers the model has).
 
-    Example:
+    Examples:
         >>> peft_model = attach_lora(loaded, rank=8, alpha=16, targets=["query", "value"])
     """
     import peft
@@ -257,7 +278,7 @@ def laplace_param_names(model: nn.Module) -> list[str]:
     Only matrices (2-D) are blocks; a trained head's bias is fitted at the MAP but not
     part of the posterior.
 
-    Example:
+    Examples:
         >>> laplace_param_names(peft_model)[:2]
         ['base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight', ...]
     """
@@ -271,7 +292,7 @@ def laplace_param_names(model: nn.Module) -> list[str]:
 def trainable_param_names(model: nn.Module) -> list[str]:
     """Names of every trainable parameter (LoRA matrices, a trained head's weight and bias).
 
-    Example:
+    Examples:
         >>> trainable_param_names(peft_model)[-1]
         'base_model.model.classifier.modules_to_save.default.bias'
     """
@@ -285,7 +306,7 @@ def answer_token_ids(tokenizer: Any, choices: Sequence[str]) -> list[int]:
         ValueError: an answer that is not exactly one token, naming it and its tokens,
             or two answers with the same token.
 
-    Example:
+    Examples:
         >>> answer_token_ids(gpt2_tokenizer, ("A", "B", "C", "D"))
         [317, 347, 327, 360]
     """
@@ -311,7 +332,7 @@ def answer_token_ids(tokenizer: Any, choices: Sequence[str]) -> list[int]:
 def causal_prompt(example: Example, task: Task) -> str:
     """The prompt a causal LM sees: the task's prompt, or raw text plus ``Answer:`` for classification.
 
-    Example:
+    Examples:
         >>> causal_prompt(Example("a fine film", ("negative", "positive"), 1), sst2_task)
         'a fine film Answer:'
     """
@@ -324,7 +345,7 @@ def causal_prompt(example: Example, task: Task) -> str:
 def output_function(loaded: LoadedModel, task: Task):
     """The output function of the model function: answer-token logits or the classifier's logits.
 
-    Example:
+    Examples:
         >>> f = ModelFunction(peft_model, params, output_function(loaded, task))
     """
     if loaded.kind == "causal":
@@ -335,7 +356,7 @@ def output_function(loaded: LoadedModel, task: Task):
 def model_function(model: nn.Module, names: Sequence[str], loaded: LoadedModel, task: Task) -> ModelFunction:
     """``f(params, batch) -> logits (batch, n_classes)`` for ``model`` with weights ``names`` swapped in.
 
-    Example:
+    Examples:
         >>> f = model_function(peft_model, laplace_param_names(peft_model), loaded, task)
     """
     return ModelFunction(model, list(names), output_function(loaded, task))
@@ -351,11 +372,11 @@ def encode(
 ) -> dict[str, Tensor]:
     """Tokenise examples into a padded batch with ``labels``.
 
-    Causal models get :func:`causal_prompt` padded on the left; sequence-classification
+    Causal models get `causal_prompt` padded on the left; sequence-classification
     models get ``text`` (and ``text_pair``) padded on the right. Sequences longer than
     ``max_length`` are truncated (from the left for causal models).
 
-    Example:
+    Examples:
         >>> batch = encode(task.split("train")[:8], loaded, task, max_length=128)
         >>> sorted(batch)
         ['attention_mask', 'input_ids', 'labels', 'token_type_ids']
@@ -386,3 +407,23 @@ def encode(
         )
     batch["labels"] = torch.tensor(labels, dtype=torch.long, device=device)
     return batch
+
+
+def encode_batches(
+    examples: Sequence[Example],
+    loaded: LoadedModel,
+    task: Task,
+    *,
+    batch_size: int,
+    max_length: int,
+    device: str | torch.device = "cpu",
+) -> list[dict[str, Tensor]]:
+    """Tokenise ``examples`` into padded batches of at most ``batch_size``, in order.
+
+    Examples:
+        >>> encoded = encode_batches(task.split("test"), loaded, task, batch_size=32, max_length=128)  # doctest: +SKIP
+    """
+    return [
+        encode(chunk, loaded, task, max_length=max_length, device=device)
+        for chunk in batches(examples, batch_size)
+    ]

@@ -26,7 +26,7 @@ def test_two_processes_give_the_single_process_factors(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, join=True)
     together = torch.load(out, weights_only=False)
     params, model_fn, data = _mlp_problem()
-    alone = fit(model_fn, params, data, **OPTIONS)
+    alone, _ = fit(model_fn, params, data, **OPTIONS)
     for name in params:
         for side in ("S", "A"):
             a, b = getattr(alone[name], side), getattr(together[name], side)
@@ -186,7 +186,9 @@ def test_label_outside_classes_is_an_error():
 def test_mc_is_reproducible_with_a_generator():
     params, model_fn, data = _mlp_problem()
     runs = [
-        fit(model_fn, params, data, fisher="mc", generator=torch.Generator().manual_seed(5), progress=False)
+        fit(
+            model_fn, params, data, fisher="mc", generator=torch.Generator().manual_seed(5), progress=False
+        ).factors
         for _ in range(2)
     ]
     for name in params:

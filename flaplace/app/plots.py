@@ -30,9 +30,9 @@ def reliability_bins(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per equal-width bin of top-class confidence: ``(mean confidence, accuracy, count)``.
 
-    Bins follow :func:`flaplace.metrics.ece` (``((m-1)/M, m/M]``); empty bins hold NaN.
+    Bins follow [`flaplace.metrics.ece`][flaplace.metrics.ece] (``((m-1)/M, m/M]``); empty bins hold NaN.
 
-    Example:
+    Examples:
         >>> confidence, accuracy, count = reliability_bins(probs, labels)
     """
     p, y = as_class_probs(probs, labels)
@@ -65,7 +65,7 @@ def reliability_diagram(
     Raises:
         ImportError: matplotlib is not installed (with the command that installs it).
 
-    Example:
+    Examples:
         >>> reliability_diagram({"MAP": map_probs, "Laplace": la_probs}, labels, "reliability.png")
     """
     if not probs_by_method:
@@ -78,8 +78,10 @@ def reliability_diagram(
     edges = torch.linspace(0, 1, n_bins + 1)
     centres = ((edges[:-1] + edges[1:]) / 2).numpy()
     width = 1 / n_bins
+    binned = {method: reliability_bins(probs, labels, n_bins) for method, probs in probs_by_method.items()}
+    most = max(float(count.max()) for _, _, count in binned.values())
     for column, (method, probs) in enumerate(probs_by_method.items()):
-        confidence, accuracy, count = reliability_bins(probs, labels, n_bins)
+        confidence, accuracy, count = binned[method]
         top, bottom = axes[0, column], axes[1, column]
         acc = torch.nan_to_num(accuracy).numpy()
         conf = torch.nan_to_num(confidence).numpy()
@@ -102,9 +104,10 @@ def reliability_diagram(
         top.set_ylim(0, 1)
         top.set_title(f"{method}  (ECE {ece(probs, labels, n_bins):.3f})")
         top.set_ylabel("accuracy")
-        top.legend(loc="upper left", fontsize=8)
+        top.legend(loc="upper left", fontsize=10, framealpha=0.9)
         bottom.bar(centres, count.numpy(), width=width, color="grey", edgecolor="black")
         bottom.set_xlim(0, 1)
+        bottom.set_ylim(0, 1.05 * most)  # one scale for every method's counts
         bottom.set_xlabel("confidence (top class)")
         bottom.set_ylabel("examples")
     if title:

@@ -1,0 +1,312 @@
+"""The end-to-end Laplace-LoRA pipeline behind ``flaplace run`` and ``flaplace demo``.
+
+Stages, each resumable from a checkpoint in ``<output_dir>/checkpoints``
+(see [`checkpoints`][flaplace.app.checkpoints] and [`stages`][flaplace.app.stages]):
+
+1. ``map``: MAP fine-tuning of the adapters (and of a new classification head).
+2. ``kfac``: the training-set log-likelihood (summed) and the K-FAC factors at the MAP.
+3. ``prior``: the prior precision, tuned by the Laplace evidence (``evidence``) or by
+   the validation NLL of the linearised predictive on a grid (``grid``).
+4. ``predictive``: ``f_mu`` and ``f_var = J Sigma J^T`` on the test split.
+
+A stage is reused when its checkpoint's key (a hash of the options it depends on)
+matches; otherwise it and every later stage are recomputed. The final outputs
+(``results.json``, ``reliability.png``, ``posterior.safetensors``) are deleted when a
+run starts and ``results.json`` is written last, so a run that fails leaves nothing that
+looks like a finished result.
+
+[`run`][flaplace.app.pipeline.run] changes no process-wide state: it seeds a forked
+random-number generator and leaves the thread count to its caller (the command line).
+
+Examples:
+    >>> from flaplace.app.config import RunConfig
+    >>> from flaplace.app.pipeline import run
+    >>> results = run(RunConfig(model="path/to/minilm", task="demo", output_dir="outputs/demo"))  # doctest: +SKIP
+    >>> results["metrics"]["laplace"]["nll"] < results["metrics"]["map"]["nll"]  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from flaplace.app import hf
+from flaplace.app.checkpoints import (
+    StageCache,
+    atomic_path,
+    remove_stale_temporaries,
+    stage_seconds,
+    write_json,
+)
+from flaplace.app.config import STAGES, RunConfig, check_config, check_device, stage_key
+from flaplace.app.report import FINAL_OUTPUTS, versions
+from flaplace.app.stages import (
+    covariances,
+    fit_factors,
+    link_probs,
+    moments,
+    train_map,
+    training_batches,
+    tune_prior,
+)
+from flaplace.app.tasks import Task, load_task
+from flaplace.evidence import log_marginal_likelihood
+from flaplace.metrics import classification_metrics
+from flaplace.posterior import load_posterior, make_posterior, save_posterior
+
+
+def _log(message: str, progress: bool) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed Python's and torch's generators for the block, then restore their states.
+
+    Examples:
+        >>> with seeded(0):
+        ...     first = torch.rand(1)
+        >>> with seeded(0):
+        ...     bool(torch.rand(1) == first)
+        True
+    """
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(state)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(path))
+
+
+def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -> dict[str, Any]:
+    """Run the whole pipeline; return (and write) the results.
+
+    Args:
+        config: the run's configuration.
+        progress: progress bars and stage messages on stderr.
+        task: an in-memory [`Task`][flaplace.app.tasks.examples.Task] to use instead of loading
+            ``config.task`` (its name should still be given as ``config.task``).
+
+    Returns:
+        The content of ``results.json``; its ``"stages"`` says which stages were loaded.
+
+    Raises:
+        ValueError, FileNotFoundError: bad configuration, device, data or model (before any
+            result is written).
+
+    Examples:
+        >>> results = run(RunConfig(model=minilm_dir, task="demo", output_dir="outputs/demo"))  # doctest: +SKIP
+    """
+    check_config(config)
+    check_device(config.device)
+    out = Path(config.output_dir)
+    for name in FINAL_OUTPUTS:  # a failed run must not leave an older result behind
+        (out / name).unlink(missing_ok=True)
+    remove_stale_temporaries(out)
+    cache = StageCache(out / "checkpoints")
+    timings: dict[str, float] = {}
+    started = tick = time.perf_counter()
+    if task is None:
+        limits = {"train": config.max_train, "validation": config.max_eval, "test": config.max_eval}
+        task = load_task(config.task, config.data_path, max_examples=limits, seed=config.seed)
+    with seeded(config.seed):
+        loaded = hf.load_model(
+            config.model,
+            n_classes=task.n_classes,
+            kind=config.model_kind,
+            dtype=config.dtype,
+            device=config.device,
+        )
+        if loaded.kind == "causal":
+            hf.answer_token_ids(loaded.tokenizer, task.choices)  # fails early, naming the answer
+        model = hf.attach_lora(
+            loaded, rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets
+        )
+        model.to(config.device)
+        laplace_names = hf.laplace_param_names(model)
+        trainable = hf.trainable_param_names(model)
+        model_fn = hf.model_function(model, trainable, loaded, task)
+        named = dict(model.named_parameters())
+        train = task.split("train")
+        timings["load"] = time.perf_counter() - tick
+        _log(
+            f"task {task.name}: {len(train)} train / {len(task.split('validation'))} validation / "
+            f"{len(task.split('test'))} test; model kind {loaded.kind}; "
+            f"{sum(named[n].numel() for n in laplace_names)} weights in the posterior ({len(laplace_names)} blocks)",
+            progress,
+        )
+
+        def encoded(split: str) -> list[dict[str, torch.Tensor]]:
+            return hf.encode_batches(
+                task.split(split), loaded, task, batch_size=config.eval_batch_size,
+                max_length=config.max_length, device=config.device,
+            )  # fmt: skip
+
+        # 1. MAP
+        tick = time.perf_counter()
+
+        def compute_map() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+            model.train()
+            data = training_batches(
+                train, loaded, task, batch_size=config.batch_size, max_length=config.max_length,
+                seed=config.seed, device=config.device,
+            )  # fmt: skip
+            trained, losses = train_map(
+                model_fn, {n: named[n] for n in trainable}, laplace_names, data, n_train=len(train),
+                steps=config.steps, lr=config.lr, prior_precision=config.prior_precision, progress=progress,
+            )  # fmt: skip
+            model.eval()
+            return trained, {"losses": losses}
+
+        def load_map(path: Path) -> dict[str, torch.Tensor]:
+            trained = load_file(str(path), device=config.device)
+            if set(trained) != set(trainable):
+                raise ValueError(f"{path} does not hold the model's trainable weights; delete {cache.folder}")
+            return trained
+
+        trained, map_record = cache.get(
+            "map", stage_key(config, "map"), compute_map, save=_save_tensors, load=load_map
+        )
+        losses = map_record["losses"]
+        model.eval()
+        with torch.no_grad():
+            for name, value in trained.items():
+                named[name].copy_(value)
+        # From here on weights are only read (the functional stages pass detached copies). A model
+        # weight that still required grad (e.g. a head bias) would make every K-FAC statistic part
+        # of an autograd graph that grows with each batch. The pipeline owns this model.
+        model.requires_grad_(False)
+        map_params = {n: named[n].detach() for n in laplace_names}
+        laplace_fn = hf.model_function(model, laplace_names, loaded, task)
+        timings["map"] = time.perf_counter() - tick
+
+        # 2. training log-likelihood and K-FAC factors
+        tick = time.perf_counter()
+
+        def compute_kfac() -> tuple[Any, dict[str, Any]]:
+            factors, log_likelihood = fit_factors(
+                laplace_fn, map_params, encoded("train"), fisher=config.fisher, sharing=config.sharing,
+                n_kfac=config.n_kfac, lr_threshold=config.lr_threshold, seed=config.seed,
+                device=config.device, progress=progress,
+            )  # fmt: skip
+            return factors, {"log_likelihood": log_likelihood}
+
+        factors, kfac_record = cache.get(
+            "kfac",
+            stage_key(config, "kfac"),
+            compute_kfac,
+            save=lambda path, factors: save_posterior(path, make_posterior(factors, map_params, 1.0)),
+            load=lambda path: load_posterior(path, map_params).factors,
+        )
+        log_likelihood = float(kfac_record["log_likelihood"])
+        posterior = make_posterior(factors, map_params, config.prior_precision)
+        timings["kfac"] = time.perf_counter() - tick
+
+        # 3. prior precision
+        tick = time.perf_counter()
+
+        def probs(f_mu: torch.Tensor, f_var: torch.Tensor) -> torch.Tensor:
+            return link_probs(f_mu, f_var, link=config.link, n_samples=config.n_samples, seed=config.seed)
+
+        def validation() -> tuple[Any, torch.Tensor]:
+            labels = torch.tensor([ex.label for ex in task.split("validation")])
+            return moments(
+                laplace_fn, posterior, encoded("validation"), progress=progress, desc="validation"
+            ), labels
+
+        def compute_prior() -> tuple[None, dict[str, Any]]:
+            precision, record = tune_prior(
+                posterior, log_likelihood, method=config.prior_tuning, validation=validation, probs=probs,
+                progress=progress,
+            )  # fmt: skip
+            return None, {"prior_precision": precision, "tuning": record}
+
+        _, prior_record = cache.get("prior", stage_key(config, "prior"), compute_prior)
+        tuned_precision, tuning_record = float(prior_record["prior_precision"]), prior_record["tuning"]
+        posterior = make_posterior(factors, map_params, tuned_precision)
+        log_evidence = float(log_marginal_likelihood(posterior, log_likelihood).detach())
+        timings["prior"] = time.perf_counter() - tick
+
+        # 4. linearised predictive on the test split
+        tick = time.perf_counter()
+        test = task.split("test")
+
+        def compute_predictive() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+            f_mu, jacobians = moments(
+                laplace_fn, posterior, encoded("test"), progress=progress, desc="test predictive"
+            )
+            labels = torch.tensor([ex.label for ex in test])
+            return {"f_mu": f_mu, "f_var": covariances(posterior, jacobians), "labels": labels}, {}
+
+        saved, _ = cache.get(
+            "predictive", stage_key(config, "predictive"), compute_predictive, save=_save_tensors,
+            load=lambda path: load_file(str(path)),
+        )  # fmt: skip
+        f_mu, f_var, labels = saved["f_mu"], saved["f_var"], saved["labels"]
+        timings["predictive"] = time.perf_counter() - tick
+    _log(f"stages: {', '.join(f'{s} {how}' for s, how in cache.status.items())}", progress)
+
+    # outputs: metrics, posterior, reliability diagram, results.json (last)
+    map_probs = torch.softmax(f_mu.double(), dim=-1)
+    laplace_probs = probs(f_mu, f_var)
+    metrics = {
+        "map": classification_metrics(map_probs, labels),
+        "laplace": classification_metrics(laplace_probs, labels),
+    }
+    with atomic_path(out / "posterior.safetensors") as tmp:
+        save_posterior(tmp, posterior)
+    from flaplace.app.plots import reliability_diagram
+
+    with atomic_path(out / "reliability.png") as tmp:
+        reliability_diagram(
+            {"MAP": map_probs, f"Laplace ({config.link})": laplace_probs},
+            labels,
+            tmp,
+            title=f"{task.name} test split ({len(test)} examples)",
+        )
+    timings["total"] = time.perf_counter() - started
+    results = {
+        "config": dataclasses.asdict(config),
+        "task": {
+            "name": task.name,
+            "kind": task.kind,
+            "choices": list(task.choices),
+            "n_examples": {split: len(task.split(split)) for split in ("train", "validation", "test")},
+            "source": task.source,
+        },
+        "model_kind": loaded.kind,
+        "posterior": {
+            "blocks": len(laplace_names),
+            "weights": sum(p.numel() for p in map_params.values()),
+            "names": laplace_names,
+        },
+        "metrics": metrics,
+        "prior_precision": tuned_precision,
+        "prior_tuning": tuning_record,
+        "log_evidence": log_evidence,
+        "train_log_likelihood": log_likelihood,
+        "final_train_nll": sum(losses[-20:]) / max(1, len(losses[-20:])),
+        "stages": dict(cache.status),
+        "timings_s": timings,
+        "stage_seconds_when_computed": {stage: stage_seconds(cache.marker(stage)) for stage in STAGES},
+        "versions": versions(),
+    }
+    write_json(out / "results.json", results)
+    return results
