@@ -48,7 +48,7 @@ def log_marginal_likelihood(posterior: Posterior, log_likelihood: Tensor | float
         prior precision tensors (and so in ``log lambda``).
 
     Raises:
-        ValueError: a posterior that fails :func:`~flaplace.posterior.validate_posterior`
+        ValueError: a posterior that fails [`validate_posterior`][flaplace.posterior.validate_posterior]
             (e.g. a NaN or non-positive prior precision), or a log-likelihood that is not
             finite (NaN from K-FAC batches without labels: the message says so).
 

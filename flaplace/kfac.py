@@ -91,7 +91,7 @@ GROUP_SEPARATOR = "|"
 def input_factor_keys(state: KFACState) -> dict[str, str]:
     """The key in ``state.A`` of each layer's input factor (shared layers have the same key).
 
-    Example:
+    Examples:
         >>> keys = input_factor_keys(state)
         >>> state.A[keys["model.layers.0.self_attn.q_proj.lora_A.default.weight"]]
     """

@@ -1,18 +1,18 @@
 """One call for the common case: select the LoRA weights, fit K-FAC, tune the prior, predict.
 
-:class:`LaplaceLoRA` (and :func:`laplace`, which builds, fits and tunes one) strings together the
-pure functions of the library: :func:`~flaplace.params.select_params`,
-:func:`~flaplace.kfac.fit`, :func:`~flaplace.posterior.make_posterior`, a prior tuner
-(:func:`~flaplace.evidence.tune_prior_evidence`, :func:`~flaplace.validation.tune_prior_nll` or
-:func:`~flaplace.evidence.tune_prior_grid`) and a predictive. Those functions stay the API for
+`LaplaceLoRA` (and `laplace`, which builds, fits and tunes one) strings together the
+pure functions of the library: [`select_params`][flaplace.params.select_params],
+[`fit`][flaplace.kfac.fit], [`make_posterior`][flaplace.posterior.make_posterior], a prior tuner
+([`tune_prior_evidence`][flaplace.evidence.tune_prior_evidence], [`tune_prior_nll`][flaplace.validation.tune_prior_nll] or
+[`tune_prior_grid`][flaplace.evidence.tune_prior_grid]) and a predictive. Those functions stay the API for
 everything this class does not cover; the class only keeps their results together.
 
 Two predictives are offered:
 
 * ``"glm"``: the linearised predictive ``N(f_mu, J Sigma J^T)`` of the logits, squashed by a link
-  (``"probit"``, ``"bridge"`` or ``"mc"``), see :mod:`flaplace.predictive`;
+  (``"probit"``, ``"bridge"`` or ``"mc"``), see [`flaplace.predictive`][flaplace.predictive];
 * ``"nn"``: the sampling predictive. Weights ``theta_s ~ N(theta*, Sigma)`` are drawn from the
-  posterior (:func:`~flaplace.posterior.sample`), the model runs at each, and the class
+  posterior ([`sample`][flaplace.posterior.sample]), the model runs at each, and the class
   probabilities are averaged: ``p = (1/S) sum_s softmax(f(theta_s, x))``.
 """
 
@@ -60,7 +60,7 @@ __all__ = [
 def batch_to(batch: Batch, device: torch.device | str) -> Batch:
     """The batch with every tensor moved to ``device`` (other leaves unchanged).
 
-    Example:
+    Examples:
         >>> batch_to({"input_ids": ids, "labels": y}, "cuda")["input_ids"].device
         device(type='cuda', index=0)
     """
@@ -79,13 +79,13 @@ def logits_at(model_fn: ModelFn, draws: Params, batch: Batch) -> Float[Tensor, "
 
     Args:
         model_fn: ``f(params, batch) -> logits (B, C)``.
-        draws: ``{name: (S, *param.shape)}``, e.g. from :func:`~flaplace.posterior.sample`.
+        draws: ``{name: (S, *param.shape)}``, e.g. from [`sample`][flaplace.posterior.sample].
         batch: the inputs.
 
     Returns:
         ``(S, B, C)`` logits (no gradient).
 
-    Example:
+    Examples:
         >>> logits = logits_at(model_fn, sample(posterior, 16), batch)  # (16, B, C)
     """
     counts = {int(d.shape[0]) for d in draws.values()}
@@ -113,7 +113,7 @@ def sampling_probs(
 
     Args:
         model_fn: ``f(params, batch) -> logits (B, C)``.
-        posterior: from :func:`~flaplace.posterior.make_posterior`.
+        posterior: from [`make_posterior`][flaplace.posterior.make_posterior].
         batch: the inputs.
         n_samples: weight draws ``S``.
         generator: a ``torch.Generator`` on the posterior's device, for reproducible draws.
@@ -122,7 +122,7 @@ def sampling_probs(
     Returns:
         Probabilities ``(B, C)``, or ``(B, 2)`` for the bernoulli likelihood.
 
-    Example:
+    Examples:
         >>> probs = sampling_probs(model_fn, posterior, batch, 64, generator=torch.Generator().manual_seed(0))
     """
     if likelihood not in ("categorical", "bernoulli"):
@@ -146,21 +146,21 @@ class LaplaceLoRA:
         model: the fine-tuned model (e.g. a PEFT ``PeftModel``) at its MAP weights. ``fit`` puts it
             in eval mode (dropout off); the selected weights share storage with it.
         output_fn: turns the model output into ``(batch, classes)`` logits:
-            :func:`~flaplace.params.classifier_logits` (a classification head, the default) or
-            :class:`~flaplace.params.LastTokenLogits` (answer tokens of a causal LM).
-        include: which weights the posterior covers (see :func:`~flaplace.params.select_params`).
+            [`classifier_logits`][flaplace.params.classifier_logits] (a classification head, the default) or
+            [`LastTokenLogits`][flaplace.params.LastTokenLogits] (answer tokens of a causal LM).
+        include: which weights the posterior covers (see [`select_params`][flaplace.params.select_params]).
         exclude: keywords of weights to leave out.
         likelihood: ``"categorical"`` or ``"bernoulli"``.
         prior_precision: the starting prior precision ``lambda`` (see
-            :func:`~flaplace.posterior.make_posterior`).
+            [`make_posterior`][flaplace.posterior.make_posterior]).
         batch_fn: applied to every batch before use (e.g. moving it to the device, or turning
             token labels into class indices); default: move tensors to the weights' device.
         jacobian_method: how the linearised predictive computes Jacobians (``"auto"``,
-            ``"vmap"``, ``"loop"`` or ``"capture"``, see :func:`~flaplace.predictive.per_example_jacobians`).
-        **kfac_options: passed to :func:`~flaplace.kfac.build` (``fisher``, ``sharing``,
+            ``"vmap"``, ``"loop"`` or ``"capture"``, see [`per_example_jacobians`][flaplace.predictive.per_example_jacobians]).
+        **kfac_options: passed to [`build`][flaplace.kfac.build] (``fisher``, ``sharing``,
             ``n_kfac``, ``lr_threshold``, ``generator``, ...).
 
-    Example:
+    Examples:
         >>> la = LaplaceLoRA(peft_model).fit(train_loader).optimize_prior_precision()
         >>> probs = la(test_batch)  # linearised predictive, probit link
     """
@@ -210,7 +210,7 @@ class LaplaceLoRA:
     def fit(self, batches: Iterable[Batch], *, progress: bool = False) -> LaplaceLoRA:
         """Fit K-FAC factors on the training batches and form the posterior at the initial prior.
 
-        Example:
+        Examples:
             >>> la.fit(train_loader)
         """
         self.model.eval()
@@ -245,10 +245,10 @@ class LaplaceLoRA:
 
         Args:
             method: ``"evidence"`` maximises the log marginal likelihood
-                (:func:`~flaplace.evidence.tune_prior_evidence`); ``"val_nll"`` minimises the
+                ([`tune_prior_evidence`][flaplace.evidence.tune_prior_evidence]); ``"val_nll"`` minimises the
                 validation NLL of the linearised predictive by Adam on ``log lambda``
-                (:func:`~flaplace.validation.tune_prior_nll`); ``"grid"`` picks the lowest
-                validation NLL on a grid (:func:`~flaplace.evidence.tune_prior_grid`);
+                ([`tune_prior_nll`][flaplace.validation.tune_prior_nll]); ``"grid"`` picks the lowest
+                validation NLL on a grid ([`tune_prior_grid`][flaplace.evidence.tune_prior_grid]);
                 ``"none"`` keeps the current value. laplace-torch's names ``"marglik"`` and
                 ``"gridsearch"`` are accepted for ``"evidence"`` and ``"grid"``.
             val_batches: validation batches with labels (``"val_nll"`` and ``"grid"``).
@@ -259,7 +259,7 @@ class LaplaceLoRA:
             progress: show a progress bar.
             **options: passed to the tuner (e.g. ``steps``, ``lr``, ``tol``).
 
-        Example:
+        Examples:
             >>> la.optimize_prior_precision("val_nll", val_batches=val_loader)
         """
         posterior = self._posterior()
@@ -312,7 +312,7 @@ class LaplaceLoRA:
     def prior_precision(self) -> dict[str, float]:
         """The prior precision of each block, as floats.
 
-        Example:
+        Examples:
             >>> la.prior_precision["...lora_A.default.weight"]
         """
         return {n: float(v) for n, v in self._posterior().prior_precision.items()}
@@ -320,7 +320,7 @@ class LaplaceLoRA:
     def log_marginal_likelihood(self, prior_precision: PriorPrecision | None = None) -> Tensor:
         """The Laplace log evidence at the current (or the given) prior precision.
 
-        Example:
+        Examples:
             >>> float(la.log_marginal_likelihood())
         """
         posterior = self._posterior()
@@ -332,7 +332,7 @@ class LaplaceLoRA:
     def sample(self, n_samples: int, generator: torch.Generator | None = None) -> Params:
         """Weight draws from the posterior, ``{name: (n_samples, *shape)}``.
 
-        Example:
+        Examples:
             >>> draws = la.sample(8)
         """
         return sample(self._posterior(), n_samples, generator)
@@ -342,7 +342,7 @@ class LaplaceLoRA:
     def predictive(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """The linearised predictive ``(f_mu (B, C), f_var (B, C, C))`` of one batch.
 
-        Example:
+        Examples:
             >>> f_mu, f_var = la.predictive(batch)
         """
         if self._cache is None:
@@ -365,7 +365,7 @@ class LaplaceLoRA:
         Args:
             batch: the inputs (labels, if any, are ignored).
             pred_type: ``"glm"`` (linearised predictive and ``link``) or ``"nn"`` (sampling
-                predictive, :func:`sampling_probs`).
+                predictive, `sampling_probs`).
             link: ``"probit"``, ``"bridge"`` or ``"mc"`` (``"glm"`` only).
             n_samples: samples for ``link="mc"`` or ``pred_type="nn"``.
             generator: random generator for the samples.
@@ -373,7 +373,7 @@ class LaplaceLoRA:
         Returns:
             Probabilities ``(B, C)`` (``(B, 2)`` for the bernoulli likelihood).
 
-        Example:
+        Examples:
             >>> probs = la.predict(batch, pred_type="nn", n_samples=64)
         """
         return self._predict(self.batch_fn(batch), pred_type, link, n_samples=n_samples, generator=generator)
@@ -425,7 +425,7 @@ class LaplaceLoRA:
     ) -> tuple[Tensor, Tensor | None]:
         """Probabilities for every batch, concatenated, and the labels when the batches have them.
 
-        Example:
+        Examples:
             >>> probs, labels = la.predict_all(test_loader)
             >>> classification_metrics(probs, labels)
         """
@@ -451,21 +451,21 @@ def laplace(
     progress: bool = False,
     **options: Any,
 ) -> LaplaceLoRA:
-    """Build a :class:`LaplaceLoRA`, fit it on ``train_batches`` and tune its prior, in one call.
+    """Build a `LaplaceLoRA`, fit it on ``train_batches`` and tune its prior, in one call.
 
     Args:
         model: the fine-tuned model at its MAP weights.
         train_batches: the training data (any iterable of batches with labels, e.g. a DataLoader).
-        output_fn: see :class:`LaplaceLoRA`.
+        output_fn: see `LaplaceLoRA`.
         prior: ``"evidence"`` (default), ``"val_nll"``, ``"grid"`` or ``"none"``.
         val_batches: validation batches for ``"val_nll"`` and ``"grid"``.
         link: the validation predictive's link for ``"val_nll"``/``"grid"``.
-        prior_options: passed to :meth:`LaplaceLoRA.optimize_prior_precision`.
+        prior_options: passed to `LaplaceLoRA.optimize_prior_precision`.
         progress: show progress bars.
-        **options: passed to :class:`LaplaceLoRA` (``include``, ``likelihood``, ``batch_fn``,
+        **options: passed to `LaplaceLoRA` (``include``, ``likelihood``, ``batch_fn``,
             ``fisher``, ...).
 
-    Example:
+    Examples:
         >>> la = laplace(peft_model, train_loader, LastTokenLogits(answer_ids))
         >>> probs = la(test_batch, link="probit")
     """

@@ -25,7 +25,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     buckets, guards) is not part of the function and fails under ``torch.func`` transforms,
     so flaplace evaluates the wrapped module itself (the weights are the same tensors).
 
-    Example:
+    Examples:
         >>> unwrap_model(DistributedDataParallel(model)) is model
         True
     """
@@ -57,7 +57,7 @@ def select_params(
     Returns:
         The selected parameters, detached (sharing storage with the model),
         in the model's own order. A wrapped model (DDP, ``torch.compile``) is
-        unwrapped first (:func:`unwrap_model`), so names carry no ``module.`` prefix.
+        unwrapped first (`unwrap_model`), so names carry no ``module.`` prefix.
 
     Raises:
         ValueError: nothing is selected, or a keyword matches no parameter.
@@ -248,7 +248,7 @@ def check_rows(mask: Tensor, what: str = "the batch") -> None:
     Raises:
         ValueError: naming the rows to drop.
 
-    Example:
+    Examples:
         >>> check_rows(torch.tensor([[1, 1], [0, 1]]))  # fine
     """
     if mask.ndim != 2 or torch.compiler.is_compiling() or _is_transformed(mask):

@@ -202,9 +202,9 @@ def check_blocks(factors: Factors, params: Params) -> None:
 def validate_posterior(posterior: Posterior, *, values: bool = True) -> None:
     """Check that ``posterior`` is a usable Laplace posterior; raise naming the first problem.
 
-    The one validation every entry point runs (:func:`make_posterior`, :func:`load_posterior`,
-    :func:`with_prior_precision`, the evidence): the same names in ``mean``, ``factors`` and
-    ``prior_precision``; each block a matrix whose factors fit its shape (:func:`check_blocks`);
+    The one validation every entry point runs (`make_posterior`, `load_posterior`,
+    `with_prior_precision`, the evidence): the same names in ``mean``, ``factors`` and
+    ``prior_precision``; each block a matrix whose factors fit its shape (`check_blocks`);
     each prior precision a single positive, finite number.
 
     Args:
@@ -215,7 +215,7 @@ def validate_posterior(posterior: Posterior, *, values: bool = True) -> None:
     Raises:
         ValueError: naming the block and what is wrong with it.
 
-    Example:
+    Examples:
         >>> validate_posterior(posterior)  # silent when the posterior is fine
     """
     if not isinstance(posterior, Posterior):

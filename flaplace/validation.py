@@ -5,7 +5,7 @@ The validation NLL of the linearised predictive,
     NLL(lambda) = -(1/N) sum_n log p_link(y_n | f_mu_n, f_var_n(lambda)),
 
 depends on ``lambda`` only through ``f_var = J Sigma(lambda) J^T``. For one Kronecker block with
-Jacobian slices ``G_c`` and ``R_c = Q_S^T G_c Q_A`` (see :mod:`flaplace.predictive`),
+Jacobian slices ``G_c`` and ``R_c = Q_S^T G_c Q_A`` (see [`flaplace.predictive`][flaplace.predictive]),
 
     f_var[c, c'] = sum_ij R_c[i,j] R_c'[i,j] w_ij(lambda) + (1/lambda) <G_c, G_c'>   (thin bases)
 
@@ -66,7 +66,7 @@ def validation_features(
 ) -> ValidationFeatures:
     """Per-example Jacobian features of the validation set that do not depend on ``lambda``.
 
-    Example:
+    Examples:
         >>> features = validation_features(posterior, model_fn, val_batches)
     """
     cache = predictive_precompute(posterior)
@@ -103,11 +103,11 @@ def validation_nll(
 
     Args:
         posterior: the posterior (its prior precision may be a tensor that requires grad).
-        features: from :func:`validation_features` (computed with the same factors).
+        features: from `validation_features` (computed with the same factors).
         link: ``"probit"`` or ``"bridge"``.
         likelihood: ``"categorical"`` or ``"bernoulli"``.
 
-    Example:
+    Examples:
         >>> validation_nll(with_prior_precision(posterior, 10.0), features)
     """
     if link not in DIFFERENTIABLE_LINKS:
@@ -141,7 +141,7 @@ def tune_prior_nll(
 ) -> tuple[Posterior, list[dict[str, Any]]]:
     """Minimise the validation NLL of the linearised predictive over ``log lambda`` with Adam.
 
-    Jacobian features are computed once (:func:`validation_features`); each step costs a few
+    Jacobian features are computed once (`validation_features`); each step costs a few
     small matrix products. Early stopping has its own tolerance: it stops when the gradient
     norm of the (mean) NLL in ``log lambda`` falls below ``tol``, or when the NLL has not
     improved by more than ``tol`` for ``patience`` steps; the best ``lambda`` seen is returned.
@@ -149,7 +149,7 @@ def tune_prior_nll(
     where the predictive no longer changes (``lambda`` very large): start near a sensible value.
 
     Args:
-        posterior: from :func:`~flaplace.posterior.make_posterior`.
+        posterior: from [`make_posterior`][flaplace.posterior.make_posterior].
         model_fn: ``f(params, batch) -> logits``, as used to fit the factors.
         batches: validation batches with labels.
         link: ``"probit"`` or ``"bridge"``.
@@ -166,14 +166,14 @@ def tune_prior_nll(
         per_block: one ``lambda`` for all blocks (``False``), one per block (``True``), or one
             per keyword group.
         chunk_size: examples per vectorised Jacobian chunk.
-        method: how Jacobians are computed (see :func:`~flaplace.predictive.per_example_jacobians`).
+        method: how Jacobians are computed (see [`per_example_jacobians`][flaplace.predictive.per_example_jacobians]).
         progress: show a tqdm progress bar.
 
     Returns:
         ``(posterior, history)``: the posterior at the best prior precision found, and one record
         per step with ``step``, ``nll``, ``grad_norm`` and ``prior_precision`` (``{group: value}``).
 
-    Example:
+    Examples:
         >>> tuned, history = tune_prior_nll(posterior, model_fn, val_batches, link="probit")
     """
     if link not in DIFFERENTIABLE_LINKS:

@@ -40,7 +40,7 @@ def paired_bootstrap(
         probs_a: probabilities ``(N, C)`` of method a.
         probs_b: probabilities ``(N, C)`` of method b, for the same examples.
         labels: ``(N,)`` class indices.
-        metrics: names of :mod:`flaplace.metrics` functions.
+        metrics: names of [`flaplace.metrics`][flaplace.metrics] functions.
         n_resamples: bootstrap resamples.
         confidence: the interval's confidence level.
         seed: the random seed of the resampling.
@@ -50,7 +50,7 @@ def paired_bootstrap(
         ``{metric: {"diff": float, "ci95": [low, high]}}`` (the key says ``ci95`` whatever the
         level, as the benchmarks' JSON does).
 
-    Example:
+    Examples:
         >>> paired_bootstrap(laplace_probs, map_probs, labels)["nll"]
         {'diff': -0.031, 'ci95': [-0.045, -0.018]}
     """

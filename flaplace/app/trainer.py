@@ -5,13 +5,13 @@ Post hoc, after ``trainer.train()``::
     la = laplace_from_trainer(trainer, answer_ids=answer_ids)  # fit K-FAC, tune the prior
     probs = la(batch)                                            # linearised predictive, probit
 
-or at the end of training with :class:`LaplaceCallback`. Batches come from the Trainer's own
+or at the end of training with `LaplaceCallback`. Batches come from the Trainer's own
 DataLoaders (its collator's output), are moved to the model's device, and for causal language
 models the collator's token labels (``-100`` everywhere but the answer) are turned into class
-indices over the answer tokens (:func:`answer_batch`).
+indices over the answer tokens (`answer_batch`).
 
 The MAP that the Laplace posterior is centred on should be trained with the prior's penalty:
-:class:`GaussianPriorTrainer` adds it in ``compute_loss`` (see :func:`gaussian_prior_penalty`
+`GaussianPriorTrainer` adds it in ``compute_loss`` (see `gaussian_prior_penalty`
 for the exact scaling and the weight-decay equivalence).
 """
 
@@ -60,7 +60,7 @@ def answer_batch(batch: Mapping[str, Any], answer_ids: Sequence[int]) -> dict[st
         ValueError: a row with no unmasked label, or a label token that is not among
             ``answer_ids`` (naming the row, the token and the answer ids).
 
-    Example:
+    Examples:
         >>> answer_batch({"input_ids": ids, "attention_mask": mask, "labels": token_labels}, [317, 347])
     """
     out = dict(batch)
@@ -97,7 +97,7 @@ def answer_batch(batch: Mapping[str, Any], answer_ids: Sequence[int]) -> dict[st
 
 
 class _BatchFn:
-    """Move a batch to ``device`` and, with ``answer_ids``, score answers (:func:`answer_batch`)."""
+    """Move a batch to ``device`` and, with ``answer_ids``, score answers (`answer_batch`)."""
 
     def __init__(self, device: torch.device, answer_ids: Sequence[int] | None):
         self.device = device
@@ -119,20 +119,20 @@ def fit_laplace(
     prior: str = "evidence",
     **options: Any,
 ) -> LaplaceLoRA:
-    """A fitted, prior-tuned :class:`~flaplace.laplace.LaplaceLoRA` from a PEFT model and a DataLoader.
+    """A fitted, prior-tuned [`LaplaceLoRA`][flaplace.laplace.LaplaceLoRA] from a PEFT model and a DataLoader.
 
     Args:
         model: the trained PEFT model (put in eval mode here).
         train_loader: batches of the training data as the collator makes them (dicts with
             ``input_ids``, ``attention_mask``, ``labels``); on any device.
         answer_ids: for a causal LM scored on answer tokens: the token id of each class (e.g.
-            from :func:`flaplace.hf.answer_token_ids`); ``None`` for a classification head.
+            from [`flaplace.app.hf.answer_token_ids`][flaplace.app.hf.answer_token_ids]); ``None`` for a classification head.
         val_loader: validation batches, for ``prior="val_nll"`` or ``"grid"``.
         prior: ``"evidence"`` (default), ``"val_nll"``, ``"grid"`` or ``"none"``.
-        **options: passed to :func:`~flaplace.laplace.laplace` (``include``, ``fisher``,
+        **options: passed to [`laplace`][flaplace.laplace.laplace] (``include``, ``fisher``,
             ``prior_options``, ``jacobian_method``, ...).
 
-    Example:
+    Examples:
         >>> la = fit_laplace(peft_model, train_loader, answer_ids=[317, 347])
         >>> probs = la(next(iter(test_loader)))
     """
@@ -162,7 +162,7 @@ def laplace_from_trainer(
     the Trainer's own collator and batch size); with ``prior="val_nll"`` or ``"grid"`` its
     evaluation DataLoader too.
 
-    Example:
+    Examples:
         >>> trainer.train()
         >>> la = laplace_from_trainer(trainer, answer_ids=answer_ids)
         >>> probs = la(batch)
@@ -189,7 +189,7 @@ def _trainer_callback_base() -> type:
 class LaplaceCallback(_trainer_callback_base()):  # type: ignore[misc]
     """A ``TrainerCallback`` that fits the posterior when training ends; the result is ``.laplace``.
 
-    Example:
+    Examples:
         >>> callback = LaplaceCallback(answer_ids=answer_ids)
         >>> Trainer(model, args, train_dataset=data, callbacks=[callback]).train()
         >>> probs = callback.laplace(batch)
@@ -242,7 +242,7 @@ def gaussian_prior_penalty(
     ``N`` is the number of terms the mean runs over: examples for a classification head, label
     tokens for a causal LM whose collator leaves more than the answer unmasked.
 
-    Example:
+    Examples:
         >>> loss = outputs.loss + gaussian_prior_penalty(model, prior_precision=1.0, n_train=len(train_set))
     """
     if not prior_precision > 0 or n_train < 1:
@@ -265,11 +265,11 @@ def _trainer_base() -> type:
 class GaussianPriorTrainer(_trainer_base()):  # type: ignore[misc]
     """A ``Trainer`` whose loss is the MAP objective of a Gaussian prior on the LoRA weights.
 
-    ``loss = mean loss + (lambda / (2N)) ||theta||^2`` (:func:`gaussian_prior_penalty`), with
+    ``loss = mean loss + (lambda / (2N)) ||theta||^2`` (`gaussian_prior_penalty`), with
     ``N = len(train_dataset)`` unless ``n_train`` is given. Set ``weight_decay=0`` in the
     ``TrainingArguments`` (the prior replaces it).
 
-    Example:
+    Examples:
         >>> trainer = GaussianPriorTrainer(model=peft_model, args=args, train_dataset=data, prior_precision=1.0)
     """
 

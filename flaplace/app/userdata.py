@@ -9,11 +9,11 @@ Two kinds of data:
   JSONL, or several columns, one per option, e.g. ``A,B,C,D`` in a CSV) and a ``label`` column
   holding the index of the right choice, its letter (``"A"``) or its text.
 
-Every row becomes a :class:`UserExample` with the fields of the task examples the pipeline uses
+Every row becomes a `UserExample` with the fields of the task examples the pipeline uses
 (``text``, ``choices``, ``label`` as a class index, ``text_pair``). Errors say where (file and
 line), which column is missing and which columns the file has.
 
-Example:
+Examples:
     >>> data = load_user_data("reviews.csv", text="review", label="sentiment")
     >>> data.kind, data.classes, data.examples[0]
     ('classification', ('negative', 'positive'), UserExample(text='a fine film', choices=('negative', 'positive'), label=1, text_pair=None))
@@ -69,7 +69,7 @@ def read_rows(path: str | os.PathLike[str]) -> tuple[list[tuple[str, dict[str, A
         UserDataError: a missing file, an unknown suffix, invalid JSON, a line that is not an
             object, or an empty file.
 
-    Example:
+    Examples:
         >>> rows, columns = read_rows("my.jsonl")
     """
     file = Path(path)
@@ -160,14 +160,14 @@ def load_user_data(
             are integers, names otherwise).
 
     Returns:
-        A :class:`UserData`.
+        A `UserData`.
 
     Raises:
         UserDataError: a missing column (naming it, its option and the columns found), an
             empty text, a label outside the classes or the options, rows with different
             numbers of options, fewer than two classes.
 
-    Example:
+    Examples:
         >>> mc = load_user_data("quiz.csv", text="question", label="answer", choices="A,B,C,D")
         >>> mc.kind, mc.classes
         ('multiple_choice', ('A', 'B', 'C', 'D'))
