@@ -213,18 +213,14 @@ class LaplaceLoRA:
         Examples:
             >>> la.fit(train_loader)
         """
-        self.model.eval()
-        result = fit_kfac(
+        factors, state = fit_kfac(  # the model function evaluates in eval mode
             self.model_fn,
             self.params,
             self._batches(batches),
             likelihood=self.likelihood,
             progress=progress,
-            return_state=True,
             **self.kfac_options,
         )
-        assert isinstance(result, tuple)  # return_state=True
-        factors, state = result
         self.posterior = make_posterior(factors, self.params, self.initial_prior_precision)
         self.log_likelihood = state.log_likelihood
         self._cache = None

@@ -560,8 +560,8 @@ def _auto_jacobians(
         return _jacobians_and_logits(model_fn, params, batch, chunk_size=chunk_size, method="vmap")
     try:
         return _jacobians_and_logits(model_fn, params, batch, chunk_size=chunk_size, method="capture")
-    except CaptureError:
-        pass
+    except (CaptureError, ValueError):  # e.g. a tied weight, or a bias (not a weight matrix)
+        pass  # vmap reports a genuinely bad input (batch, logits shape) in its own words
     try:
         return _jacobians_and_logits(model_fn, params, batch, chunk_size=chunk_size, method="vmap")
     except RuntimeError as error:

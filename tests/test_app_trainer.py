@@ -131,7 +131,7 @@ def test_trainer_post_hoc_equals_the_pure_functions(tmp_path):
     batches = [answer_batch(b, ANSWER_IDS) for b in trainer.get_train_dataloader()]
     params = select_params(model, "lora")
     model_fn = ModelFunction(model, params, LastTokenLogits(ANSWER_IDS))
-    factors, state = fit(model_fn, params, batches, fisher="exact", return_state=True, progress=False)
+    factors, state = fit(model_fn, params, batches, fisher="exact", progress=False)
     tuned, _ = tune_prior_evidence(make_posterior(factors, params, 1.0), state.log_likelihood, progress=False)
     assert float(la.log_likelihood) == pytest.approx(float(state.log_likelihood), rel=1e-5)
     lam = float(next(iter(tuned.prior_precision.values())))

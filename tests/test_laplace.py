@@ -131,7 +131,7 @@ def test_laplace_lora_glm_equals_the_pure_functions_and_nn_is_close_for_a_tight_
     from flaplace.kfac import fit
 
     params = select_params(model, "lora")
-    factors, state = fit(la.model_fn, params, train, fisher="exact", return_state=True, progress=False)
+    factors, state = fit(la.model_fn, params, train, fisher="exact", progress=False)
     tuned, _ = tune_prior_evidence(make_posterior(factors, params, 1.0), state.log_likelihood, progress=False)
     f_mu, f_var = linearised_predictive(la.model_fn, tuned, batch, method="loop")
     torch.testing.assert_close(la(batch), predictive_probs(f_mu, f_var, "probit"))

@@ -87,8 +87,8 @@ def test_training_mode_model_is_evaluated_in_eval_mode():
     assert model.training and all(m.training for m in model.modules())  # the user's mode is back
     # The K-FAC factors of the train-mode model are those of the eval-mode one.
     options = {"fisher": "exact", "lr_threshold": None, "progress": False}
-    trained = fit(f, params, [batch], **options)
-    evaluated = fit(ModelFunction(model.eval(), params, LastTokenLogits(ANSWERS)), params, [batch], **options)
+    trained, _ = fit(f, params, [batch], **options)
+    evaluated, _ = fit(ModelFunction(model.eval(), params, LastTokenLogits(ANSWERS)), params, [batch], **options)
     for name in params:
         torch.testing.assert_close(trained[name].A.values, evaluated[name].A.values, rtol=1e-10, atol=1e-12)
 
@@ -165,7 +165,7 @@ def test_batches_without_labels_make_the_evidence_refuse():
     batch = padded_batch("llama")
     unlabelled = {k: v for k, v in batch.items() if k != "labels"}
     factors, state = fit(
-        f, params, [batch, unlabelled], fisher="exact", lr_threshold=None, return_state=True, progress=False
+        f, params, [batch, unlabelled], fisher="exact", lr_threshold=None, progress=False
     )
     assert math.isnan(float(state.log_likelihood))
     posterior = make_posterior(factors, params, 1.0)
@@ -174,7 +174,7 @@ def test_batches_without_labels_make_the_evidence_refuse():
     with pytest.raises(ValueError, match="no 'labels'"):
         flaplace.tune_prior_evidence(posterior, state.log_likelihood, progress=False)
     _, labelled = fit(
-        f, params, [batch], fisher="exact", lr_threshold=None, return_state=True, progress=False
+        f, params, [batch], fisher="exact", lr_threshold=None, progress=False
     )
     assert math.isfinite(float(labelled.log_likelihood))
 
@@ -224,7 +224,7 @@ def test_half_precision_weights_give_the_float32_results(half):
         params = select_params(m, "lora")
         f = ModelFunction(m, params, LastTokenLogits(ANSWERS))
         factors, state = fit(
-            f, params, batches, fisher="exact", lr_threshold=None, return_state=True, progress=False
+            f, params, batches, fisher="exact", lr_threshold=None, progress=False
         )
         posterior = make_posterior(factors, params, 1.0)
         f_mu, f_var = linearised_predictive(f, posterior, batches[0])
@@ -278,12 +278,12 @@ def test_ddp_wrapped_model_is_unwrapped(tmp_path):
         assert list(wrapped_params) == list(params)
         f = ModelFunction(wrapped, wrapped_params, LastTokenLogits(ANSWERS))
         options = {"fisher": "exact", "lr_threshold": None, "progress": False}
-        got = fit(f, wrapped_params, [batch], distributed=True, **options)
+        got, _ = fit(f, wrapped_params, [batch], distributed=True, **options)
         posterior = make_posterior(got, wrapped_params, 1.0)
         f_mu, f_var = linearised_predictive(f, posterior, batch)
     finally:
         dist.destroy_process_group()
-    want = fit(plain, params, [batch], **options)
+    want, _ = fit(plain, params, [batch], **options)
     for name in params:
         torch.testing.assert_close(got[name].S.values, want[name].S.values, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(

@@ -222,9 +222,11 @@ def test_jacobian_errors_are_clear() -> None:
         return -mlp_logits(p, batch)
 
     with pytest.raises(RuntimeError, match="method='loop'"):
-        per_example_jacobians(branching, params, (x,))
+        per_example_jacobians(branching, params, (x,), method="vmap")
     reference = jacrev(lambda p: torch.cat([branching(p, (x[b : b + 1],)) for b in range(4)]))(params)
     assert_jacobians_close(per_example_jacobians(branching, params, (x,), method="loop"), reference, 1e-12)
+    # The default ("auto") falls back from capture (biases) and vmap (branching) to the loop.
+    assert_jacobians_close(per_example_jacobians(branching, params, (x,)), reference, 1e-12)
 
 
 # ------------------------------------------------------------------------------------------
