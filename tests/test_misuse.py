@@ -88,7 +88,9 @@ def test_training_mode_model_is_evaluated_in_eval_mode():
     # The K-FAC factors of the train-mode model are those of the eval-mode one.
     options = {"fisher": "exact", "lr_threshold": None, "progress": False}
     trained, _ = fit(f, params, [batch], **options)
-    evaluated, _ = fit(ModelFunction(model.eval(), params, LastTokenLogits(ANSWERS)), params, [batch], **options)
+    evaluated, _ = fit(
+        ModelFunction(model.eval(), params, LastTokenLogits(ANSWERS)), params, [batch], **options
+    )
     for name in params:
         torch.testing.assert_close(trained[name].A.values, evaluated[name].A.values, rtol=1e-10, atol=1e-12)
 
@@ -164,18 +166,14 @@ def test_batches_without_labels_make_the_evidence_refuse():
     f = ModelFunction(model, params, LastTokenLogits(ANSWERS))
     batch = padded_batch("llama")
     unlabelled = {k: v for k, v in batch.items() if k != "labels"}
-    factors, state = fit(
-        f, params, [batch, unlabelled], fisher="exact", lr_threshold=None, progress=False
-    )
+    factors, state = fit(f, params, [batch, unlabelled], fisher="exact", lr_threshold=None, progress=False)
     assert math.isnan(float(state.log_likelihood))
     posterior = make_posterior(factors, params, 1.0)
     with pytest.raises(ValueError, match="no 'labels'"):
         flaplace.log_marginal_likelihood(posterior, state.log_likelihood)
     with pytest.raises(ValueError, match="no 'labels'"):
         flaplace.tune_prior_evidence(posterior, state.log_likelihood, progress=False)
-    _, labelled = fit(
-        f, params, [batch], fisher="exact", lr_threshold=None, progress=False
-    )
+    _, labelled = fit(f, params, [batch], fisher="exact", lr_threshold=None, progress=False)
     assert math.isfinite(float(labelled.log_likelihood))
 
 
@@ -223,9 +221,7 @@ def test_half_precision_weights_give_the_float32_results(half):
     for key, m in (("half", model), ("float32", wide)):
         params = select_params(m, "lora")
         f = ModelFunction(m, params, LastTokenLogits(ANSWERS))
-        factors, state = fit(
-            f, params, batches, fisher="exact", lr_threshold=None, progress=False
-        )
+        factors, state = fit(f, params, batches, fisher="exact", lr_threshold=None, progress=False)
         posterior = make_posterior(factors, params, 1.0)
         f_mu, f_var = linearised_predictive(f, posterior, batches[0])
         log_z = flaplace.log_marginal_likelihood(posterior, state.log_likelihood)
