@@ -19,6 +19,14 @@ from flaplace.fisher import fisher_cotangents, log_likelihood
 from flaplace.kfac import KFAC, KFACState, build, kfac_factors, reduce_across_ranks
 from flaplace.kfac import fit as fit_kfac
 from flaplace.metrics import accuracy, brier, classification_metrics, ece, nll
+from flaplace.links import (
+    centre_moments,
+    gaussian_predictive,
+    laplace_bridge_probs,
+    mc_probs,
+    predictive_probs,
+    probit_probs,
+)
 from flaplace.params import (
     LastTokenLogits,
     ModelFunction,
@@ -34,14 +42,10 @@ from flaplace.posterior import (
     with_prior_precision,
 )
 from flaplace.predictive import (
-    laplace_bridge_probs,
     linearised_predictive,
-    mc_probs,
     per_example_jacobians,
     predictive_covariance,
     predictive_precompute,
-    predictive_probs,
-    probit_probs,
 )
 from flaplace.typing import Eigen, Factors, KronFactor, Params, Posterior
 
@@ -62,11 +66,13 @@ __all__ = [
     "brier",
     "build",
     "capture",
+    "centre_moments",
     "classification_metrics",
     "classifier_logits",
     "ece",
     "fisher_cotangents",
     "fit_kfac",
+    "gaussian_predictive",
     "kfac_factors",
     "laplace_bridge_probs",
     "linearised_predictive",

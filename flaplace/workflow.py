@@ -62,11 +62,11 @@ from flaplace.evidence import log_marginal_likelihood, tune_prior_evidence, tune
 from flaplace.kfac import fit as fit_kfac
 from flaplace.metrics import classification_metrics
 from flaplace.posterior import load_posterior, make_posterior, save_posterior
+from flaplace.links import predictive_probs
 from flaplace.predictive import (
     _jacobians_and_logits,
     predictive_covariance,
     predictive_precompute,
-    predictive_probs,
 )
 from flaplace.tasks import Example, Task, batches, load_task
 from flaplace.typing import ModelFn, Params, Posterior
