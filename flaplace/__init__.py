@@ -18,7 +18,6 @@ from flaplace.evidence import log_marginal_likelihood, tune_prior_evidence, tune
 from flaplace.fisher import fisher_cotangents, log_likelihood
 from flaplace.kfac import KFAC, KFACState, build, kfac_factors, reduce_across_ranks
 from flaplace.kfac import fit as fit_kfac
-from flaplace.metrics import accuracy, brier, classification_metrics, ece, nll
 from flaplace.links import (
     centre_moments,
     gaussian_predictive,
@@ -27,6 +26,7 @@ from flaplace.links import (
     predictive_probs,
     probit_probs,
 )
+from flaplace.metrics import accuracy, brier, classification_metrics, ece, nll
 from flaplace.params import (
     LastTokenLogits,
     ModelFunction,

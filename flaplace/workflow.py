@@ -60,9 +60,9 @@ import flaplace
 from flaplace import hf
 from flaplace.evidence import log_marginal_likelihood, tune_prior_evidence, tune_prior_grid
 from flaplace.kfac import fit as fit_kfac
+from flaplace.links import predictive_probs
 from flaplace.metrics import classification_metrics
 from flaplace.posterior import load_posterior, make_posterior, save_posterior
-from flaplace.links import predictive_probs
 from flaplace.predictive import (
     _jacobians_and_logits,
     predictive_covariance,

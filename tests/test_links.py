@@ -140,7 +140,9 @@ def test_two_class_probit_is_the_binary_probit_on_the_difference() -> None:
     probs = probit_probs(f_mu, f_var)
     mu_d = (f_mu[:, 1] - f_mu[:, 0]).numpy()
     var_d = (f_var[:, 1, 1] + f_var[:, 0, 0] - 2 * f_var[:, 0, 1]).numpy()
-    binary = 1 / (1 + np.exp(-mu_d / np.sqrt(1 + math.pi / 8 * var_d)))  # sigmoid(mu_d / sqrt(1 + pi/8 var_d))
+    binary = 1 / (
+        1 + np.exp(-mu_d / np.sqrt(1 + math.pi / 8 * var_d))
+    )  # sigmoid(mu_d / sqrt(1 + pi/8 var_d))
     np.testing.assert_allclose(probs[:, 1].numpy(), binary, rtol=0, atol=1e-13)
     np.testing.assert_allclose(probs[:, 0].numpy(), 1 - binary, rtol=0, atol=1e-13)
     # ... which is the bernoulli probit of the one logit d.
