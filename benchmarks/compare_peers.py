@@ -34,6 +34,7 @@ import dataclasses
 import gc
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import sys
@@ -419,10 +420,14 @@ def agreement(quick: bool = False, seed: int = SEED) -> dict[str, Any]:
         _, f_var_fed = flaplace.linearised_predictive(model_fn, fed_posterior, batch, method="capture")
         predictive["capture_laplace_factors"] = {"f_var_rel": relative(f_var_fed, f_var_la)}
         probs_la = expand_la(batch, pred_type="glm", link_approx="probit")
-        probs = flaplace.predictive_probs(
-            *flaplace.linearised_predictive(model_fn, posterior, batch, method="capture")
-        )
-        predictive["probit_probs_rel"] = relative(probs, probs_la)
+        f_mu, f_var = flaplace.linearised_predictive(model_fn, posterior, batch, method="capture")
+        # laplace-torch's probit scales each class by its own raw variance, softmax(f_mu * kappa),
+        # kappa = (1 + pi/8 diag f_var)^(-1/2); flaplace's probit is the shift-invariant mean-field
+        # form (docs/predictive.md). The agreement compares the same formula on both libraries'
+        # moments; the difference of the two links is recorded on its own.
+        kappa = torch.rsqrt(1 + math.pi / 8 * f_var.diagonal(dim1=-2, dim2=-1))
+        predictive["probit_probs_rel"] = relative(torch.softmax(kappa * f_mu, -1), probs_la)
+        predictive["probit_link_difference_rel"] = relative(flaplace.predictive_probs(f_mu, f_var), probs_la)
         predictive["prior_precision"] = prior
         result["predictive"] = predictive
 
@@ -1031,7 +1036,8 @@ def quality(
             "map": "flaplace.workflow.train_map (AdamW, no decoupled decay, explicit L2 = prior precision 1, "
             "linear decay); one MAP per data set, shared by every method",
             "flaplace": "K-FAC (flaplace.workflow.fit_factors) at the MAP, scalar prior tuned on the evidence "
-            "(tune_prior_evidence), linearised predictive, probit link; the posterior covers the LoRA "
+            "(tune_prior_evidence), linearised predictive, probit link (probit_probs, the shift-invariant mean-field "
+            "form; runs before 2026-11-30 used the per-class probit); the posterior covers the LoRA "
             "matrices and the head's weight",
             "laplace_torch": "KronLaplace(CurvlinopsGGN) on every trainable weight (LoRA, head weight and "
             "bias), optimize_prior_precision(method='marglik', prior_structure='scalar', defaults), "
