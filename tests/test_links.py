@@ -269,3 +269,13 @@ def test_causal_lm_answer_logits_shifted_by_a_constant_give_the_same_probabiliti
             torch.testing.assert_close(probs_of(link, *moments[name]), reference, rtol=0, atol=tol)
     # The old per-class probit is not invariant on this model.
     assert (old_probit(*moments["constant"]) - old_probit(f_mu, f_var)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("link", ["probit", "bridge"])
+def test_float32_moments_with_a_large_shared_part_lose_no_accuracy(link: str) -> None:
+    """Causal-LM moments come in float32: centring first keeps the shared 20 / 90 from cancelling."""
+    f_mu, f_var = realistic_moments(4, batch=16, seed=3)
+    exact = probs_of(link, f_mu, f_var)
+    single = probs_of(link, f_mu.float(), f_var.float())
+    assert single.dtype == torch.float32
+    torch.testing.assert_close(single.double(), exact, rtol=0, atol=1e-4)
