@@ -111,7 +111,8 @@ def quality(
             "map": "flaplace.app.stages.train_map (AdamW, no decoupled decay, explicit L2 = prior precision 1, "
             "linear decay); one MAP per data set, shared by every method",
             "flaplace": "K-FAC (flaplace.app.stages.fit_factors) at the MAP, scalar prior tuned on the evidence "
-            "(tune_prior_evidence), linearised predictive, probit link; the posterior covers the LoRA "
+            "(tune_prior_evidence), linearised predictive, probit link (probit_probs, the shift-invariant mean-field "
+            "form; runs before 2026-11-30 used the per-class probit); the posterior covers the LoRA "
             "matrices and the head's weight",
             "laplace_torch": "KronLaplace(CurvlinopsGGN) on every trainable weight (LoRA, head weight and "
             "bias), optimize_prior_precision(method='marglik', prior_structure='scalar', defaults), "

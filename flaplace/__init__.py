@@ -19,6 +19,14 @@ from flaplace.fisher import fisher_cotangents, log_likelihood
 from flaplace.kfac import KFAC, KFACState, build, input_factor_keys, kfac_factors, reduce_across_ranks
 from flaplace.kfac import fit as fit_kfac
 from flaplace.laplace import LaplaceLoRA, laplace, sampling_probs
+from flaplace.links import (
+    centre_moments,
+    gaussian_predictive,
+    laplace_bridge_probs,
+    mc_probs,
+    predictive_probs,
+    probit_probs,
+)
 from flaplace.metrics import accuracy, brier, classification_metrics, ece, nll
 from flaplace.params import (
     LastTokenLogits,
@@ -37,14 +45,10 @@ from flaplace.posterior import (
     with_prior_precision,
 )
 from flaplace.predictive import (
-    laplace_bridge_probs,
     linearised_predictive,
-    mc_probs,
     per_example_jacobians,
     predictive_covariance,
     predictive_precompute,
-    predictive_probs,
-    probit_probs,
 )
 from flaplace.typing import Eigen, Factors, KronFactor, Params, Posterior
 from flaplace.validation import tune_prior_nll
@@ -67,11 +71,13 @@ __all__ = [
     "brier",
     "build",
     "capture",
+    "centre_moments",
     "classification_metrics",
     "classifier_logits",
     "ece",
     "fisher_cotangents",
     "fit_kfac",
+    "gaussian_predictive",
     "input_factor_keys",
     "kfac_factors",
     "laplace",

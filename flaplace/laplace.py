@@ -28,16 +28,15 @@ from torch import Tensor, nn
 
 from flaplace.evidence import log_marginal_likelihood, tune_prior_evidence, tune_prior_grid
 from flaplace.kfac import fit as fit_kfac
+from flaplace.links import Link, predictive_probs
 from flaplace.metrics import nll as nll_metric
 from flaplace.params import ModelFunction, OutputFn, batch_targets, classifier_logits, select_params
 from flaplace.posterior import PriorPrecision, make_posterior, sample, with_prior_precision
 from flaplace.predictive import (
     JacobianMethod,
-    Link,
     PredictiveCache,
     linearised_predictive,
     predictive_precompute,
-    predictive_probs,
 )
 from flaplace.typing import Batch, Likelihood, ModelFn, Params, Posterior
 from flaplace.validation import tune_prior_nll

@@ -1,4 +1,4 @@
-"""The linearised (GLM) predictive: per-example Jacobians, ``J Sigma J^T`` and link functions.
+"""The linearised (GLM) predictive: per-example Jacobians and ``J Sigma J^T``.
 
 The network is linearised around the MAP ``theta*``: ``f(theta, x) ~ N(f_mu, f_var)`` with
 ``f_mu = f(theta*, x)`` and ``f_var = J Sigma J^T``, ``Sigma`` the Laplace posterior covariance
@@ -10,12 +10,12 @@ The network is linearised around the MAP ``theta*``: ``f(theta, x) ~ N(f_mu, f_v
 
 summed over blocks. No matrix is inverted: the eigen-decomposition of the factors does the work,
 and everything that depends only on the posterior is computed once by
-`predictive_precompute`.
+`predictive_precompute`. The link functions that turn ``(f_mu, f_var)`` into class
+probabilities are in [`flaplace.links`][flaplace.links].
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple, TypeAlias, get_args
 
@@ -27,10 +27,9 @@ from torch.func import jacrev, vmap
 
 from flaplace.capture import CaptureError, capture
 from flaplace.params import check_rows, token_mask
-from flaplace.typing import Batch, Likelihood, ModelFn, Params, Posterior
+from flaplace.typing import Batch, ModelFn, Params, Posterior
 
 JacobianMethod: TypeAlias = Literal["auto", "vmap", "loop", "capture"]
-Link: TypeAlias = Literal["probit", "mc", "bridge"]
 #: The accepted values of ``method`` (from the `JacobianMethod` type).
 JACOBIAN_METHODS: tuple[str, ...] = get_args(JacobianMethod)
 
@@ -40,16 +39,11 @@ __all__ = [
     "PredictiveCache",
     "covariance_features",
     "covariance_from_features",
-    "gaussian_predictive",
-    "laplace_bridge_probs",
     "linearised_predictive",
-    "mc_probs",
     "jacobians_and_logits",
     "per_example_jacobians",
     "predictive_covariance",
     "predictive_precompute",
-    "predictive_probs",
-    "probit_probs",
 ]
 
 
@@ -524,8 +518,11 @@ def linearised_predictive(
             ``torch.compile``, ``"auto"`` is ``"vmap"``.
 
     Returns:
-        ``(f_mu (B, C), f_var (B, C, C))``, in the factors' dtype (float32 for a posterior
-        fitted on half-precision weights: the covariance is accumulated in it).
+        ``(f_mu (B, C), f_var (B, C, C))``, raw: not centred, in the factors' dtype (float32 for
+        a posterior fitted on half-precision weights: the covariance is accumulated in it). For
+        answer-token logits of a causal LM most of ``f_var`` can lie along the all-ones direction,
+        which softmax ignores; the categorical links of [`flaplace.links`][flaplace.links] centre
+        the moments themselves, so pass these on unchanged.
 
     Raises:
         ValueError: a batch with no rows, with an all-padding row, or whose logits are
@@ -534,7 +531,7 @@ def linearised_predictive(
     Examples:
         >>> cache = predictive_precompute(posterior)
         >>> f_mu, f_var = linearised_predictive(f, cache, batch, chunk_size=16)
-        >>> probs = predictive_probs(f_mu, f_var, link="probit")
+        >>> probs = flaplace.predictive_probs(f_mu, f_var, link="probit")
     """
     cache = _as_cache(posterior)
     if isinstance(batch, Mapping) and "attention_mask" in batch:
@@ -568,214 +565,3 @@ def _auto_jacobians(
         if "vmap" not in str(error):
             raise
     return _jacobians_and_logits(model_fn, params, batch, chunk_size=chunk_size, method="loop")
-
-
-# --------------------------------------------------------------------------------------------
-# From (f_mu, f_var) to predictions
-# --------------------------------------------------------------------------------------------
-
-
-def _check_moments(f_mu: Tensor, f_var: Tensor, likelihood: Likelihood) -> None:
-    if f_mu.ndim != 2 or f_var.shape != (*f_mu.shape, f_mu.shape[-1]):
-        raise ValueError(
-            f"expected f_mu (B, C) and f_var (B, C, C), got {tuple(f_mu.shape)} and {tuple(f_var.shape)}"
-        )
-    if likelihood not in ("categorical", "bernoulli", "gaussian"):
-        raise ValueError(f"likelihood must be 'categorical', 'bernoulli' or 'gaussian', got {likelihood!r}")
-    if likelihood == "bernoulli" and f_mu.shape[-1] != 1:
-        raise ValueError(f"the bernoulli likelihood takes one logit per example, got {f_mu.shape[-1]}")
-    if not torch.compiler.is_compiling() and not (torch.isfinite(f_mu).all() and torch.isfinite(f_var).all()):
-        raise ValueError("f_mu or f_var has non-finite entries")
-
-
-def _two_outcomes(p: Tensor) -> Tensor:
-    """Probabilities ``(B,)`` of the positive outcome as ``(B, 2)``: ``[1 - p, p]``."""
-    return torch.stack([1 - p, p], dim=-1)
-
-
-def mc_probs(
-    f_mu: Float[Tensor, "batch classes"],
-    f_var: Float[Tensor, "batch classes classes"],
-    n_samples: int = 1000,
-    generator: torch.Generator | None = None,
-    likelihood: Likelihood = "categorical",
-) -> Float[Tensor, "batch outcomes"]:
-    """Monte Carlo predictive probabilities: sample logits, squash each sample, then average.
-
-    Logit samples are ``f_mu + L eps`` with ``L = V sqrt(max(w, 0))`` from the eigen-decomposition
-    ``f_var = V diag(w) V^T`` (robust to singular or slightly indefinite ``f_var``, no jitter).
-    Probabilities are averaged, not logits.
-
-    Args:
-        f_mu: mean logits ``(B, C)``.
-        f_var: logit covariance ``(B, C, C)``.
-        n_samples: number of logit samples per example (memory ``n_samples * B * C``).
-        generator: a ``torch.Generator`` for reproducible samples.
-        likelihood: ``"categorical"`` (softmax over ``C``) or ``"bernoulli"`` (``C == 1``,
-            sigmoid; returns ``[1 - p, p]``).
-
-    Returns:
-        Probabilities ``(B, C)``, or ``(B, 2)`` for the bernoulli likelihood.
-
-    Examples:
-        >>> g = torch.Generator().manual_seed(0)
-        >>> probs = mc_probs(f_mu, f_var, n_samples=10_000, generator=g)
-    """
-    _check_moments(f_mu, f_var, likelihood)
-    if likelihood == "gaussian":
-        raise ValueError("for the gaussian likelihood use gaussian_predictive(f_mu, f_var, sigma)")
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be positive, got {n_samples}")
-    eigenvalues, eigenvectors = torch.linalg.eigh(f_var)
-    scale = eigenvectors * eigenvalues.clamp_min(0).sqrt().unsqueeze(-2)  # (B, C, C)
-    noise = torch.randn((n_samples, *f_mu.shape), generator=generator, dtype=f_mu.dtype, device=f_mu.device)
-    logits = f_mu + torch.einsum("bcd,sbd->sbc", scale, noise)
-    if likelihood == "bernoulli":
-        return _two_outcomes(torch.sigmoid(logits[..., 0]).mean(0))
-    return torch.softmax(logits, dim=-1).mean(0)
-
-
-def probit_probs(
-    f_mu: Float[Tensor, "batch classes"],
-    f_var: Float[Tensor, "batch classes classes"],
-    likelihood: Likelihood = "categorical",
-) -> Float[Tensor, "batch outcomes"]:
-    """Probit (MacKay) approximation: ``softmax(kappa * f_mu)``, ``kappa = (1 + pi/8 diag f_var)^(-1/2)``.
-
-    Exact in form for one logit with a probit link; the sigmoid approximation used for the
-    bernoulli likelihood is ``sigmoid(kappa * f_mu)``.
-
-    Args:
-        f_mu: mean logits ``(B, C)``.
-        f_var: logit covariance ``(B, C, C)`` (only its diagonal is used).
-        likelihood: ``"categorical"`` or ``"bernoulli"`` (``C == 1``; returns ``[1 - p, p]``).
-
-    Returns:
-        Probabilities ``(B, C)``, or ``(B, 2)`` for the bernoulli likelihood.
-
-    Examples:
-        >>> probs = probit_probs(f_mu, f_var)
-    """
-    _check_moments(f_mu, f_var, likelihood)
-    if likelihood == "gaussian":
-        raise ValueError("for the gaussian likelihood use gaussian_predictive(f_mu, f_var, sigma)")
-    kappa = torch.rsqrt(1 + math.pi / 8 * f_var.diagonal(dim1=-2, dim2=-1))
-    if likelihood == "bernoulli":
-        return _two_outcomes(torch.sigmoid(kappa[:, 0] * f_mu[:, 0]))
-    return torch.softmax(kappa * f_mu, dim=-1)
-
-
-def laplace_bridge_probs(
-    f_mu: Float[Tensor, "batch classes"],
-    f_var: Float[Tensor, "batch classes classes"],
-    likelihood: Likelihood = "categorical",
-) -> Float[Tensor, "batch outcomes"]:
-    """The Laplace bridge (Hobbhahn et al., 2022): the mean of the Dirichlet matched to ``N(f_mu, f_var)``.
-
-    The Gaussian is first conditioned on ``sum_k f_k = 0`` (softmax ignores a shared shift):
-    with ``u = f_var 1`` and ``t = 1^T f_var 1``, ``mu = f_mu - u (1^T f_mu) / t`` and
-    ``Sigma = f_var - u u^T / t`` (skipped when ``t = 0``). Then, with ``K`` classes::
-
-        alpha_k = (1 - 2/K + exp(mu_k) / K^2 * sum_l exp(-mu_l)) / Sigma_kk
-
-    and the probabilities are ``alpha / sum(alpha)``. For the bernoulli likelihood the logit
-    ``f ~ N(m, v)`` is written as the two logits ``(-f/2, f/2)`` (softmax of which is
-    ``[1 - sigmoid f, sigmoid f]``), which already sum to zero.
-
-    Args:
-        f_mu: mean logits ``(B, C)``.
-        f_var: logit covariance ``(B, C, C)``; its diagonal (after conditioning) must be positive.
-        likelihood: ``"categorical"`` or ``"bernoulli"`` (``C == 1``; returns ``[1 - p, p]``).
-
-    Returns:
-        Probabilities ``(B, C)``, or ``(B, 2)`` for the bernoulli likelihood.
-
-    Examples:
-        >>> probs = laplace_bridge_probs(f_mu, f_var)
-    """
-    _check_moments(f_mu, f_var, likelihood)
-    if likelihood == "gaussian":
-        raise ValueError("for the gaussian likelihood use gaussian_predictive(f_mu, f_var, sigma)")
-    if likelihood == "bernoulli":
-        half = torch.tensor([-0.5, 0.5], dtype=f_mu.dtype, device=f_mu.device)
-        f_mu = f_mu * half  # (B, 2)
-        f_var = f_var * torch.outer(half, half)  # (B, 2, 2)
-    k = f_mu.shape[-1]
-    row_sums = f_var.sum(-1)  # (B, K): f_var 1
-    total = row_sums.sum(-1, keepdim=True)  # (B, 1): 1^T f_var 1
-    has_total = total > 0
-    safe_total = torch.where(has_total, total, torch.ones_like(total))
-    shift = torch.where(has_total, row_sums * f_mu.sum(-1, keepdim=True) / safe_total, 0)
-    mu = f_mu - shift
-    correction = torch.where(has_total, row_sums.square() / safe_total, 0)  # diag of u u^T / t
-    variance = f_var.diagonal(dim1=-2, dim2=-1) - correction
-    alpha = (1 - 2 / k + mu.exp() / k**2 * (-mu).exp().sum(-1, keepdim=True)) / variance
-    return alpha / alpha.sum(-1, keepdim=True)
-
-
-def gaussian_predictive(
-    f_mu: Float[Tensor, "batch outputs"],
-    f_var: Float[Tensor, "batch outputs outputs"],
-    sigma: float | Tensor,
-) -> tuple[Float[Tensor, "batch outputs"], Float[Tensor, "batch outputs outputs"]]:
-    """Predictive of a Gaussian likelihood: mean ``f_mu``, covariance ``f_var + sigma^2 I``.
-
-    Args:
-        f_mu: mean outputs ``(B, C)``.
-        f_var: output covariance ``(B, C, C)``.
-        sigma: observation noise standard deviation: a number, a 0-d tensor or one per output
-            ``(C,)``.
-
-    Returns:
-        ``(mean (B, C), covariance (B, C, C))``.
-
-    Examples:
-        >>> mean, cov = gaussian_predictive(f_mu, f_var, sigma=0.1)
-    """
-    _check_moments(f_mu, f_var, "gaussian")
-    noise = torch.as_tensor(sigma, dtype=f_mu.dtype, device=f_mu.device).square()
-    if noise.ndim > 1 or (noise.ndim == 1 and noise.shape[0] != f_mu.shape[-1]):
-        raise ValueError(f"sigma must be a scalar or one value per output, got shape {tuple(noise.shape)}")
-    if not torch.compiler.is_compiling() and not (torch.isfinite(noise).all() and (noise > 0).all()):
-        raise ValueError("sigma must be positive and finite")
-    eye = torch.eye(f_mu.shape[-1], dtype=f_mu.dtype, device=f_mu.device)
-    return f_mu, f_var + eye * noise
-
-
-def predictive_probs(
-    f_mu: Float[Tensor, "batch classes"],
-    f_var: Float[Tensor, "batch classes classes"],
-    link: Link = "probit",
-    likelihood: Likelihood = "categorical",
-    *,
-    n_samples: int = 1000,
-    generator: torch.Generator | None = None,
-) -> Float[Tensor, "batch outcomes"]:
-    """Class probabilities from the logit predictive by a link approximation.
-
-    Args:
-        f_mu: mean logits ``(B, C)``.
-        f_var: logit covariance ``(B, C, C)``.
-        link: ``"probit"`` (`probit_probs`), ``"mc"`` (`mc_probs`) or ``"bridge"``
-            (`laplace_bridge_probs`).
-        likelihood: ``"categorical"`` or ``"bernoulli"`` (one logit; returns ``(B, 2)``
-            probabilities ``[1 - p, p]``). For ``"gaussian"`` use `gaussian_predictive`.
-        n_samples: samples for ``link="mc"``.
-        generator: random generator for ``link="mc"``.
-
-    Returns:
-        Probabilities ``(B, C)``, or ``(B, 2)`` for the bernoulli likelihood.
-
-    Examples:
-        >>> f_mu, f_var = linearised_predictive(f, posterior, batch)
-        >>> probs = predictive_probs(f_mu, f_var, link="mc", n_samples=2000)
-    """
-    if likelihood == "gaussian":
-        raise ValueError("the gaussian likelihood has no class probabilities; use gaussian_predictive")
-    if link == "probit":
-        return probit_probs(f_mu, f_var, likelihood)
-    if link == "mc":
-        return mc_probs(f_mu, f_var, n_samples=n_samples, generator=generator, likelihood=likelihood)
-    if link == "bridge":
-        return laplace_bridge_probs(f_mu, f_var, likelihood)
-    raise ValueError(f"link must be 'probit', 'mc' or 'bridge', got {link!r}")

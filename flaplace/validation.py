@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flaplace.evidence import free_parameter_groups
+from flaplace.links import predictive_probs
 from flaplace.params import batch_targets
 from flaplace.posterior import PriorPrecision, with_prior_precision
 from flaplace.predictive import (
@@ -34,7 +35,6 @@ from flaplace.predictive import (
     covariance_from_features,
     jacobians_and_logits,
     predictive_precompute,
-    predictive_probs,
 )
 from flaplace.typing import Batch, Likelihood, ModelFn, Posterior
 

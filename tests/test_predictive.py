@@ -15,18 +15,20 @@ import pytest
 import torch
 from torch.func import jacrev
 
+from flaplace.links import (
+    gaussian_predictive,
+    laplace_bridge_probs,
+    mc_probs,
+    predictive_probs,
+    probit_probs,
+)
 from flaplace.params import LastTokenLogits, ModelFunction, classifier_logits, select_params
 from flaplace.predictive import (
     PredictiveCache,
-    gaussian_predictive,
-    laplace_bridge_probs,
     linearised_predictive,
-    mc_probs,
     per_example_jacobians,
     predictive_covariance,
     predictive_precompute,
-    predictive_probs,
-    probit_probs,
 )
 from flaplace.typing import Eigen, KronFactor, Posterior
 
@@ -415,10 +417,16 @@ def test_probit_matches_closed_form() -> None:
     mu = rng.normal(size=(3, 4))
     a = rng.normal(size=(3, 4, 4))
     var = a @ a.transpose(0, 2, 1)
+    # Mean-field probit on the logit differences: p_c proportional to
+    # 1 / sum_k exp(-(mu_c - mu_k) / sqrt(1 + pi/8 Var(f_c - f_k))), normalised.
     expected = np.empty_like(mu)
     for b in range(3):
-        scaled = [mu[b, k] / math.sqrt(1 + math.pi * var[b, k, k] / 8) for k in range(4)]
-        expected[b] = np.exp(scaled) / np.sum(np.exp(scaled))
+        unnormalised = []
+        for c in range(4):
+            pair_var = [var[b, c, c] + var[b, k, k] - 2 * var[b, c, k] for k in range(4)]
+            scaled = [(mu[b, c] - mu[b, k]) / math.sqrt(1 + math.pi * pair_var[k] / 8) for k in range(4)]
+            unnormalised.append(1 / np.sum(np.exp(-np.array(scaled))))
+        expected[b] = np.array(unnormalised) / np.sum(unnormalised)
     probs = probit_probs(torch.from_numpy(mu), torch.from_numpy(var))
     np.testing.assert_allclose(probs.numpy(), expected, rtol=1e-12)
     binary = probit_probs(
@@ -431,13 +439,11 @@ def test_probit_matches_closed_form() -> None:
 
 
 def bridge_reference(mu: np.ndarray, var: np.ndarray) -> np.ndarray:
-    """Dirichlet mean of the Laplace bridge, after conditioning the Gaussian on sum(f) = 0."""
+    """Dirichlet mean of the Laplace bridge of the centred Gaussian N(P mu, P var P), P = I - 11^T/K."""
     k = mu.shape[0]
-    ones = np.ones(k)
-    u = var @ ones
-    t = ones @ var @ ones
-    mu_c = mu - u * (ones @ mu) / t
-    var_c = var - np.outer(u, u) / t
+    projection = np.eye(k) - np.ones((k, k)) / k
+    mu_c = projection @ mu
+    var_c = projection @ var @ projection
     alpha = np.array(
         [
             (1 - 2 / k + math.exp(mu_c[j]) / k**2 * sum(math.exp(-m) for m in mu_c)) / var_c[j, j]
@@ -500,33 +506,34 @@ def test_dispatcher_and_gaussian() -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def unchecked_predictive_module():
-    """flaplace/predictive.py loaded under another name, outside the test suite's type-checking hook.
+def unchecked_predictive_module(module: str = "predictive"):
+    """flaplace/<module>.py loaded under another name, outside the test suite's type-checking hook.
 
     Dynamo cannot trace through the jaxtyping + beartype wrappers that tests/conftest.py adds to
     every flaplace function (beartype reports a "desynchronization" on the traced return value).
     The library itself carries no such wrappers, so the compile tests use the plain module.
     """
+    import importlib
     import importlib.util
     import sys
 
-    import flaplace.predictive as checked
-
-    name = "_flaplace_predictive_unchecked"
+    checked = importlib.import_module(f"flaplace.{module}")
+    name = f"_flaplace_{module}_unchecked"
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, checked.__file__)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dynamo looks traced functions' modules up by name
-    spec.loader.exec_module(module)
-    assert not hasattr(module.predictive_covariance, "__wrapped__")
-    return module
+    module_object = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module_object  # dynamo looks traced functions' modules up by name
+    spec.loader.exec_module(module_object)
+    assert not hasattr(module_object.__dict__[checked.__all__[-1]], "__wrapped__")
+    return module_object
 
 
 def test_covariance_and_predictive_step_compile_without_graph_breaks() -> None:
     import torch._dynamo
 
     plain = unchecked_predictive_module()
+    plain_links = unchecked_predictive_module("links")
     torch._dynamo.reset()
     posterior = make_posterior(SPECS["transposed"])
     jac = {name: torch.randn(4, 3, *p.shape, dtype=F64) for name, p in posterior.mean.items()}
@@ -549,7 +556,7 @@ def test_covariance_and_predictive_step_compile_without_graph_breaks() -> None:
 
     def step(x: torch.Tensor) -> torch.Tensor:
         f_mu, f_var = plain.linearised_predictive(model_fn, mlp_posterior, (x,))
-        return plain.probit_probs(f_mu, f_var)
+        return plain_links.probit_probs(f_mu, f_var)
 
     x = torch.randn(6, 4, dtype=F64, generator=g)
     explained = torch._dynamo.explain(step)(x)

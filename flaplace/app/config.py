@@ -29,7 +29,7 @@ import torch
 
 from flaplace.app.hf import MODEL_KINDS
 from flaplace.app.tasks import KNOWN_TASKS
-from flaplace.predictive import Link
+from flaplace.links import Link
 from flaplace.typing import FisherType, Sharing
 
 #: The stages of a run, in order; each is stored in its own checkpoint.

@@ -39,8 +39,9 @@ from flaplace.app.tasks import Example, Task, batches
 from flaplace.evidence import tune_prior_evidence, tune_prior_grid
 from flaplace.jacobian_cache import JacobianCache, cache_jacobians, cached_covariance
 from flaplace.kfac import fit as fit_kfac
+from flaplace.links import predictive_probs
 from flaplace.metrics import classification_metrics
-from flaplace.predictive import JacobianMethod, predictive_probs
+from flaplace.predictive import JacobianMethod
 from flaplace.typing import Factors, ModelFn, Params, Posterior
 
 #: How per-example Jacobians of token-level weights are computed (see flaplace.predictive).
