@@ -43,6 +43,7 @@ from flaplace.predictive import (
     predictive_probs,
     probit_probs,
 )
+from flaplace.scoring import ClozeModelFunction, cloze_batch, cloze_scores, flatten_choices, pair_batch
 from flaplace.typing import Eigen, Factors, KronFactor, Params, Posterior
 
 __version__ = "0.1.0"
@@ -50,6 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "KFAC",
     "CaptureError",
+    "ClozeModelFunction",
     "Eigen",
     "Factors",
     "KFACState",
@@ -64,9 +66,12 @@ __all__ = [
     "capture",
     "classification_metrics",
     "classifier_logits",
+    "cloze_batch",
+    "cloze_scores",
     "ece",
     "fisher_cotangents",
     "fit_kfac",
+    "flatten_choices",
     "kfac_factors",
     "laplace_bridge_probs",
     "linearised_predictive",
@@ -76,6 +81,7 @@ __all__ = [
     "make_posterior",
     "mc_probs",
     "nll",
+    "pair_batch",
     "per_example_jacobians",
     "predictive_covariance",
     "predictive_precompute",
