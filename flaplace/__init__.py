@@ -50,6 +50,7 @@ from flaplace.predictive import (
     predictive_covariance,
     predictive_precompute,
 )
+from flaplace.scoring import ClozeModelFunction, cloze_batch, cloze_scores, flatten_choices, pair_batch
 from flaplace.typing import Eigen, Factors, KronFactor, Params, Posterior
 from flaplace.validation import tune_prior_nll
 
@@ -58,6 +59,7 @@ __version__ = "0.1.0"
 __all__ = [
     "KFAC",
     "CaptureError",
+    "ClozeModelFunction",
     "Eigen",
     "Factors",
     "KFACState",
@@ -74,9 +76,12 @@ __all__ = [
     "centre_moments",
     "classification_metrics",
     "classifier_logits",
+    "cloze_batch",
+    "cloze_scores",
     "ece",
     "fisher_cotangents",
     "fit_kfac",
+    "flatten_choices",
     "gaussian_predictive",
     "input_factor_keys",
     "kfac_factors",
@@ -89,6 +94,7 @@ __all__ = [
     "make_posterior",
     "mc_probs",
     "nll",
+    "pair_batch",
     "per_example_jacobians",
     "predictive_covariance",
     "predictive_precompute",

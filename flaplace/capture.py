@@ -155,7 +155,7 @@ def capture(
 ) -> tuple[
     Float[Tensor, "batch classes"],
     Callable[[Tensor], dict[str, Tensor]],
-    dict[str, Float[Tensor, "batch _ _"]],
+    dict[str, Float[Tensor, "rows _ _"]],  # rows: batch x sequences per example
 ]:
     """Run ``model_fn`` once, capturing each target weight's layer input and output-gradient map.
 

@@ -224,6 +224,8 @@ def build(
         if batch is None:
             return [[n] for n in names]
         mask = token_mask_fn(batch)
+        if mask.ndim == 3:  # (batch, rows, tokens): several sequences per example
+            mask = mask.flatten(0, 1)
         check_rows(mask)
         _, _, inputs = capture(
             model_fn, params, batch, (mask.shape[0], mask.shape[1]), targets=names, transposed=layout
@@ -243,8 +245,15 @@ def build(
     ) -> KFACState:
         names = list(state.S)
         mask = token_mask_fn(batch)
+        # A 3-D mask (batch, rows, tokens): each example is `rows` sequences (e.g. one per answer
+        # choice), all of whose positions are that example's positions.
+        n_batch, per_example = mask.shape[0], (mask.shape[1] if mask.ndim == 3 else 1)
+        if mask.ndim == 3:
+            mask = mask.flatten(0, 1)
         if mask.ndim != 2:
-            raise ValueError(f"token mask must be (batch, tokens), got {tuple(mask.shape)}")
+            raise ValueError(
+                f"token mask must be (batch, tokens) or (batch, rows, tokens), got {tuple(mask.shape)}"
+            )
         check_rows(mask)
         logits, output_grads, inputs = capture(
             model_fn, params, batch, (mask.shape[0], mask.shape[1]), targets=names, transposed=layout
@@ -286,7 +295,7 @@ def build(
                 del output_grads  # the last pull-back: free the forward's saved activations now
             for name in names:
                 g = grads[name][:, : inputs[name].shape[1]].to(acc)
-                rows = _gradient_rows(g, *weights_of(name), sharing)
+                rows = _gradient_rows(g, *weights_of(name), sharing, per_example)
                 if name in sketch_rows:
                     sketch_rows[name].append(rows)
                 else:
@@ -305,9 +314,9 @@ def build(
                     "on a batch of this model, or init(params) for no sharing"
                 )
             weights, last = weights_of(group[0])
-            A[key] = _accumulate(state.A[key], _input_rows(x.to(acc), weights, last, sharing))
+            A[key] = _accumulate(state.A[key], _input_rows(x.to(acc), weights, last, sharing, per_example))
             for name in group:
-                count[name] = count[name] + (weights.sum() if sharing == "expand" else mask.shape[0])
+                count[name] = count[name] + (weights.sum() if sharing == "expand" else n_batch)
         ll = state.log_likelihood
         if labels is not None:
             ll = ll + log_likelihood(logits.detach().to(acc), labels, likelihood, sigma)
@@ -316,7 +325,7 @@ def build(
         return state._replace(
             S=S,
             A=A,
-            n_examples=state.n_examples + mask.shape[0],
+            n_examples=state.n_examples + n_batch,
             a_count=count,
             log_likelihood=ll,
         )
@@ -337,14 +346,20 @@ def _gradient_rows(
     mask: Float[Tensor, "batch tokens"],
     last: Int[Tensor, " batch"] | None,
     sharing: str,
+    per_example: int = 1,
 ) -> Float[Tensor, "rows o"]:
-    """Rows whose outer products sum to one cotangent's (unnormalised) contribution to ``S``."""
+    """Rows whose outer products sum to one cotangent's (unnormalised) contribution to ``S``.
+
+    ``per_example`` consecutive sequences form one example: ``reduce`` and ``last`` sum over them.
+    """
     if sharing == "expand":
         return rearrange(grads * mask[:, :, None], "b t o -> (b t) o")
     if sharing == "reduce":
-        return (grads * mask[:, :, None]).sum(1)
-    assert last is not None, "sharing 'last' needs the last positions"
-    return _at_positions(grads, last)
+        rows = (grads * mask[:, :, None]).sum(1)
+    else:
+        assert last is not None, "sharing 'last' needs the last positions"
+        rows = _at_positions(grads, last)
+    return rows if per_example == 1 else rows.unflatten(0, (-1, per_example)).sum(1)
 
 
 def _input_rows(
@@ -352,14 +367,21 @@ def _input_rows(
     mask: Float[Tensor, "batch tokens"],
     last: Int[Tensor, " batch"] | None,
     sharing: str,
+    per_example: int = 1,
 ) -> Float[Tensor, "rows i"]:
-    """Rows whose outer products sum to the batch's (unnormalised) ``A``."""
+    """Rows whose outer products sum to the batch's (unnormalised) ``A``.
+
+    ``per_example`` consecutive sequences form one example: ``reduce`` and ``last`` average over
+    all of their (real, respectively last) positions.
+    """
     if sharing == "expand":
         return rearrange(inputs * mask[:, :, None], "b t i -> (b t) i")
     if sharing == "reduce":
-        return (inputs * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+        summed = (inputs * mask[:, :, None]).sum(1).unflatten(0, (-1, per_example)).sum(1)
+        return summed / mask.sum(1).unflatten(0, (-1, per_example)).sum(1, keepdim=True).clamp_min(1)
     assert last is not None, "sharing 'last' needs the last positions"
-    return _at_positions(inputs, last)
+    rows = _at_positions(inputs, last)
+    return rows if per_example == 1 else rows.unflatten(0, (-1, per_example)).mean(1)
 
 
 def _at_positions(

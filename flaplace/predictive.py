@@ -234,6 +234,8 @@ def _captured_jacobians(model_fn: ModelFn, params: Params, batch: Batch) -> tupl
     """``J[b, c] = sum_t g[c, b, t] a[b, t]^T`` from one captured forward and ``C`` pull-backs."""
     transposed: frozenset[str] = getattr(model_fn, "transposed", frozenset())
     mask = token_mask(batch)
+    per_example = mask.shape[1] if mask.ndim == 3 else 1  # (batch, rows, tokens): rows of one example
+    mask = mask.flatten(0, 1) if mask.ndim == 3 else mask
     logits, output_grads, inputs = capture(
         model_fn, params, batch, (mask.shape[0], mask.shape[1]), transposed=transposed
     )
@@ -247,6 +249,9 @@ def _captured_jacobians(model_fn: ModelFn, params: Params, batch: Batch) -> tupl
     for name in params:
         x = inputs[name]  # (B, 1, i) for a layer with one row per example, e.g. a pooled head
         grads = torch.stack([g[name][:, : x.shape[1]] for g in per_class])
+        if per_example > 1:  # the rows of one example are its positions
+            x = x.unflatten(0, (-1, per_example)).flatten(1, 2)
+            grads = grads.unflatten(1, (-1, per_example)).flatten(2, 3)
         jac = torch.einsum("cbto,bti->bcoi", grads, x)
         jacobians[name] = jac.transpose(-1, -2) if name in transposed else jac
     return jacobians, logits.detach()

@@ -1,0 +1,640 @@
+"""Laplace-LoRA on a real pretrained LLM (SmolLM2-135M-Instruct): a quality table per task.
+
+One run = one task: LoRA (r=8, q/v) fine-tuned with answer scoring (MAP, early-stopped on the
+validation NLL), then, on the same MAP weights,
+
+* ``map``: softmax of the scores;
+* ``temperature``: the scores divided by a temperature fitted on the validation NLL;
+* ``flaplace``: K-FAC Laplace over every LoRA weight, prior precision by the evidence;
+* ``flaplace-val``: the same posterior, prior precision by the lowest validation NLL on a grid;
+* ``last_layer``: K-FAC Laplace over the LoRA weights of the last decoder block only (the model
+  ties its output head to the input embeddings, so the "last layer" of a tied-embedding LM
+  with cloze scoring is taken as its last adapted block), prior by the evidence;
+
+all with the linearised predictive and the Monte Carlo link (probabilities averaged over logit
+samples). Multiple-choice tasks (ARC-Easy, OpenBookQA) use cloze scoring
+(:class:`flaplace.scoring.ClozeModelFunction`); BoolQ scores " yes" against " no" at the last
+position (:class:`flaplace.LastTokenLogits`), which for one-token answers gives the same class
+probabilities and the same Laplace predictive as cloze scoring of the two answers at half the
+cost (the two cloze logits differ from the two token logits by one shared shift).
+
+Usage (from the repository root)::
+
+    PYTHONPATH=$PWD python benchmarks/llm_quality.py --task arc_easy
+    PYTHONPATH=$PWD python benchmarks/llm_quality.py --task openbookqa --shift arc_easy
+
+Each run replaces its task's records in ``benchmarks/results/llm_quality.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+import flaplace  # noqa: E402
+from flaplace.app.models import load_causal_lm  # noqa: E402
+from flaplace.scoring import ClozeModelFunction, cloze_batch  # noqa: E402
+
+DATA = Path("/work/shared/data")
+RESULTS = ROOT / "benchmarks" / "results" / "llm_quality.json"
+Example = tuple[str, list[str], int]  # (prompt, choices, index of the right one)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data (read by path from the shared data folder, never copied)
+# ------------------------------------------------------------------------------------------------
+
+
+def _arc_prompt(stem: str) -> str:
+    return f"Question: {stem.strip()}\nAnswer:"
+
+
+def arc_easy(split: str) -> list[Example]:
+    """ARC-Easy: train from the instruction-format ``train.json``; dev and test from the raw jsonl."""
+    out: list[Example] = []
+    if split == "train":
+        for item in json.loads((DATA / "arc_easy" / "train.json").read_text()):
+            text = item["instruction"].split("Please choose the correct answer to the question: ", 1)[1]
+            stem, rest = text.split("\n\nAnswer1: ", 1)
+            listed = rest.split("\n\nAnswer format")[0]
+            options = re.split(r" Answer\d: ", listed)
+            label = int(item["answer"].replace("answer", "")) - 1
+            if len(options) == 4 and 0 <= label < 4:
+                out.append((_arc_prompt(stem), [o.strip() for o in options], label))
+        return out
+    name = {"validation": "Dev", "test": "Test"}[split]
+    for line in (DATA / "arc_easy" / f"ARC-Easy-{name}.jsonl").read_text().splitlines():
+        item = json.loads(line)
+        choices = item["question"]["choices"]
+        labels = [c["label"] for c in choices]
+        if len(choices) == 4 and item["answerKey"] in labels:
+            out.append(
+                (
+                    _arc_prompt(item["question"]["stem"]),
+                    [c["text"] for c in choices],
+                    labels.index(item["answerKey"]),
+                )
+            )
+    return out
+
+
+def openbookqa(split: str) -> list[Example]:
+    """OpenBookQA: the question stem is the prompt and each choice continues it."""
+    name = {"train": "train", "validation": "dev", "test": "test"}[split]
+    out: list[Example] = []
+    with open(DATA / "openbookqa" / f"{name}.tsv", newline="") as handle:
+        for row in csv.DictReader(handle, delimiter="\t"):
+            options = re.split(r"\s*\([A-D]\)\s*", row["Choices"])[1:]
+            key = row["Answer Key"].strip()
+            if len(options) == 4 and key in "ABCD":
+                out.append((row["Question Stem"].strip(), [o.strip() for o in options], "ABCD".index(key)))
+    return out
+
+
+def boolq(split: str, seed: int = 0) -> list[Example]:
+    """BoolQ with passages: ``val.jsonl`` (the only split with passages here), split by a fixed shuffle.
+
+    The first 2,000 shuffled examples are the train pool, the next 500 validation, the rest test.
+    Choices are ``yes`` (true) and ``no`` (false).
+    """
+    items = [json.loads(line) for line in (DATA / "boolq" / "val.jsonl").read_text().splitlines()]
+    random.Random(seed).shuffle(items)
+    part = {"train": items[:2000], "validation": items[2000:2500], "test": items[2500:]}[split]
+    out: list[Example] = []
+    for item in part:
+        passage = item["passage"].split(" -- ", 1)[-1]
+        prompt = f"{passage}\nQuestion: {item['question']}?\nAnswer:"
+        out.append((prompt, ["yes", "no"], 0 if item["label"] in ("true", True) else 1))
+    return out
+
+
+TASKS = {"arc_easy": arc_easy, "openbookqa": openbookqa, "boolq": boolq}
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches
+# ------------------------------------------------------------------------------------------------
+
+
+class Scorer:
+    """Model function and batches of one task: cloze for multiple choice, answer tokens for BoolQ."""
+
+    def __init__(self, model, tokenizer, params, task: str, max_length: int, normalize: bool = False):
+        self.tokenizer, self.task, self.max_length = tokenizer, task, max_length
+        if task == "boolq":
+            ids = [tokenizer(" yes", add_special_tokens=False)["input_ids"][-1]]
+            ids.append(tokenizer(" no", add_special_tokens=False)["input_ids"][-1])
+            self.model_fn = flaplace.ModelFunction(model, params, flaplace.LastTokenLogits(ids))
+        else:
+            self.model_fn = ClozeModelFunction(model, params, normalize=normalize)
+
+    def batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        prompts = [e[0] for e in examples]
+        labels = [e[2] for e in examples]
+        if self.task == "boolq":
+            self.tokenizer.truncation_side = "left"  # keep the question, cut the passage's start
+            enc = self.tokenizer(
+                prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            return {**enc, "labels": torch.tensor(labels)}
+        return cloze_batch(
+            self.tokenizer, prompts, [e[1] for e in examples], labels, max_length=self.max_length
+        )
+
+    def batches(self, examples: list[Example], size: int) -> list[dict[str, torch.Tensor]]:
+        return [self.batch(examples[i : i + size]) for i in range(0, len(examples), size)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages
+# ------------------------------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def logits_of(model_fn, params, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        logits = torch.cat([model_fn(params, b) for b in batches])
+    return logits, torch.cat([b["labels"] for b in batches])
+
+
+def train_map(model_fn, live, train, val, *, epochs: int, lr: float, batch_size: int, seed: int, warmup: int):
+    """AdamW on the cross-entropy of the scores; keeps the epoch with the lowest validation NLL."""
+    opt = torch.optim.AdamW(live.values(), lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    order = list(range(len(train)))
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / (epochs * steps_per_epoch))
+    )
+    best = (math.inf, {n: p.detach().clone() for n, p in live.items()}, 0)
+    history = []
+    for epoch in range(1, epochs + 1):
+        rng.shuffle(order)
+        for step in range(steps_per_epoch):
+            chunk = [train[i] for i in order[step * batch_size : (step + 1) * batch_size]]
+            batch = train.scorer.batch(chunk)  # type: ignore[attr-defined]
+            loss = torch.nn.functional.cross_entropy(model_fn(live, batch), batch["labels"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step % 10 == 0:
+                log(f"epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.4f}")
+        val_logits, val_labels = logits_of(model_fn, {n: p.detach() for n, p in live.items()}, val)
+        metrics = flaplace.classification_metrics(val_logits.softmax(-1), val_labels)
+        history.append({"epoch": epoch, **metrics})
+        log(f"epoch {epoch} validation {metrics}")
+        if metrics["nll"] < best[0]:
+            best = (metrics["nll"], {n: p.detach().clone() for n, p in live.items()}, epoch)
+    return best[1], best[2], history
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    log_t = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.exp())
+
+
+class JacobianCache:
+    """Per-batch Jacobians, kept for a set reused many times (the validation set of the grid)."""
+
+    def __init__(self, model_fn, params, batches, method: str):
+        self.items = []
+        for b in batches:
+            jac = flaplace.per_example_jacobians(model_fn, params, b, method=method)
+            self.items.append(jac)
+
+    def f_var(self, posterior, names=None) -> torch.Tensor:
+        cache = flaplace.predictive_precompute(posterior)
+        out = []
+        for jac in self.items:
+            sub = jac if names is None else {n: jac[n] for n in names}
+            out.append(flaplace.predictive_covariance(cache, sub))
+        return torch.cat(out)
+
+
+def restrict(posterior, names):
+    return posterior._replace(
+        mean={n: posterior.mean[n] for n in names},
+        factors={n: posterior.factors[n] for n in names},
+        prior_precision={n: posterior.prior_precision[n] for n in names}
+        if isinstance(posterior.prior_precision, dict)
+        else posterior.prior_precision,
+    )
+
+
+def mc(f_mu, f_var, seed=0):
+    return flaplace.predictive_probs(
+        f_mu, f_var, link="mc", n_samples=2000, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def per_example(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    p_true = probs[np.arange(len(labels)), labels]
+    onehot = np.eye(probs.shape[1])[labels]
+    return {
+        "nll": -np.log(np.clip(p_true, 1e-12, None)),
+        "brier": ((probs - onehot) ** 2).sum(1),
+        "accuracy": (probs.argmax(1) == labels).astype(float),
+    }
+
+
+def ece_np(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    conf = probs.max(1)
+    correct = probs.argmax(1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            total += inside.mean() * abs(correct[inside].mean() - conf[inside].mean())
+    return float(total)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, labels: np.ndarray, n: int = 2000, seed: int = 0):
+    """95% intervals of metric(a) - metric(b), resampling test examples (paired)."""
+    rng = np.random.default_rng(seed)
+    pa, pb = per_example(a, labels), per_example(b, labels)
+    diffs: dict[str, list[float]] = {k: [] for k in ("nll", "brier", "accuracy", "ece")}
+    for _ in range(n):
+        idx = rng.integers(0, len(labels), len(labels))
+        for k in ("nll", "brier", "accuracy"):
+            diffs[k].append(float(pa[k][idx].mean() - pb[k][idx].mean()))
+        diffs["ece"].append(ece_np(a[idx], labels[idx]) - ece_np(b[idx], labels[idx]))
+    out = {}
+    for k, values in diffs.items():
+        out[f"{k}_diff"] = (
+            float(
+                {"nll": pa["nll"], "brier": pa["brier"], "accuracy": pa["accuracy"]}.get(
+                    k, np.zeros(1)
+                ).mean()
+                - {"nll": pb["nll"], "brier": pb["brier"], "accuracy": pb["accuracy"]}.get(
+                    k, np.zeros(1)
+                ).mean()
+            )
+            if k != "ece"
+            else ece_np(a, labels) - ece_np(b, labels)
+        )
+        out[f"{k}_diff_lo"], out[f"{k}_diff_hi"] = (float(v) for v in np.percentile(values, [2.5, 97.5]))
+    return out
+
+
+def auroc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties counted half."""
+    s = np.concatenate([scores_pos, scores_neg])
+    ranks = np.argsort(np.argsort(s)) + 1.0
+    # average ranks of ties
+    _, inv, counts = np.unique(s, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=ranks)
+    ranks = (sums / counts)[inv]
+    n1, n0 = len(scores_pos), len(scores_neg)
+    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def entropy(p: torch.Tensor) -> np.ndarray:
+    return (-(p * p.clamp_min(1e-12).log()).sum(1)).numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def markdown(records: list[dict[str, Any]]) -> str:
+    """The quality table (one row per task and method) with paired intervals against MAP."""
+
+    def interval(r: dict[str, Any], key: str, ref: str) -> str:
+        lo, hi = r.get(f"vs_{ref}_{key}_diff_lo"), r.get(f"vs_{ref}_{key}_diff_hi")
+        if lo is None:
+            return ""
+        return f"{r[f'vs_{ref}_{key}_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+    lines = [
+        "| task | method | λ | accuracy | NLL | ECE | Brier | NLL − MAP [95%] | NLL − temp. [95%] | n_test |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lam = f"{r['lambda']:.3g}" if "lambda" in r else ""
+        lines.append(
+            f"| {r['task']} | {r['method']} | {lam} | {r['accuracy']:.3f} | {r['nll']:.3f} | {r['ece']:.3f} "
+            f"| {r['brier']:.3f} | {interval(r, 'nll', 'map')} | {interval(r, 'nll', 'temperature')} "
+            f"| {r['n_test']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=sorted(TASKS))
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--n-train", type=int, default=256)
+    parser.add_argument("--n-val", type=int, default=100)
+    parser.add_argument("--n-test", type=int, default=250)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--targets", default="q_proj,v_proj")
+    parser.add_argument(
+        "--layers", type=int, default=8, help="adapt the last this many decoder blocks (0: all of them)"
+    )
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--fisher", default="mc")
+    parser.add_argument("--sharing", default="expand")
+    parser.add_argument(
+        "--shift", choices=sorted(TASKS), default=None, help="also evaluate on this task's test"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--normalize", action="store_true", help="length-normalised cloze scores")
+    parser.add_argument(
+        "--cache-dir", default=None, help="keep the MAP weights and K-FAC factors here and reuse them"
+    )
+    parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
+    if args.task is None:
+        parser.error("--task is required (unless --table)")
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    times: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    import peft
+
+    model, tok = load_causal_lm(args.model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n_layers = model.config.num_hidden_layers
+    layers = None if args.layers == 0 else list(range(n_layers - args.layers, n_layers))
+    config = peft.LoraConfig(
+        r=args.rank,
+        lora_alpha=2 * args.rank,
+        lora_dropout=0.0,
+        target_modules=args.targets.split(","),
+        layers_to_transform=layers,
+    )
+    model = peft.get_peft_model(model, config)
+    model.eval()
+    live = {n: p for n, p in model.named_parameters() if "lora" in n}
+    for p in live.values():
+        p.requires_grad_(True)
+    params0 = flaplace.select_params(model, "lora")
+    scorer = Scorer(model, tok, params0, args.task, args.max_length, args.normalize)
+    model_fn = scorer.model_fn
+    times["load"] = time.perf_counter() - clock
+
+    rng = random.Random(args.seed)
+    splits = {}
+    for split, n in (("train", args.n_train), ("validation", args.n_val), ("test", args.n_test)):
+        examples = TASKS[args.task](split)
+        rng.shuffle(examples)
+        splits[split] = examples[:n]
+    log(f"{args.task}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+
+    class TrainList(list):
+        scorer: Any
+
+    train = TrainList(splits["train"])
+    train.scorer = scorer
+    bs = args.batch_size
+    val_batches = scorer.batches(splits["validation"], bs)
+    test_batches = scorer.batches(splits["test"], bs)
+
+    cache = None if args.cache_dir is None else Path(args.cache_dir) / f"{args.task}_map.pt"
+    clock = time.perf_counter()
+    if cache is not None and cache.exists():
+        map_params, best_epoch, history, times["map_training"] = torch.load(cache)
+    else:
+        map_params, best_epoch, history = train_map(
+            model_fn,
+            live,
+            train,
+            val_batches,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=bs,
+            seed=args.seed,
+            warmup=args.warmup,
+        )
+        times["map_training"] = time.perf_counter() - clock
+        if cache is not None:
+            torch.save((map_params, best_epoch, history, times["map_training"]), cache)
+    with torch.no_grad():
+        for n, p in live.items():
+            p.copy_(map_params[n])
+    params = {n: p.detach() for n, p in live.items()}
+    log(f"MAP: best epoch {best_epoch}; {sum(p.numel() for p in params.values())} LoRA weights")
+
+    # K-FAC on the training set at the MAP
+    kfac_cache = None if cache is None else cache.with_name(f"{args.task}_kfac.pt")
+    clock = time.perf_counter()
+    train_batches = scorer.batches(list(train), bs)
+    if kfac_cache is not None and kfac_cache.exists():
+        factors, state, times["kfac"] = torch.load(kfac_cache, weights_only=False)
+    else:
+        factors, state = flaplace.fit_kfac(
+            model_fn,
+            params,
+            train_batches,
+            fisher=args.fisher,
+            sharing=args.sharing,
+            return_state=True,
+            progress=False,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+        times["kfac"] = time.perf_counter() - clock
+        if kfac_cache is not None:
+            torch.save((factors, state, times["kfac"]), kfac_cache)
+    log(f"K-FAC done in {times['kfac']:.0f} s; training log-likelihood {float(state.log_likelihood):.2f}")
+
+    clock = time.perf_counter()
+    posterior = flaplace.make_posterior(factors, params, prior_precision=1.0)
+    posterior, _ = flaplace.tune_prior_evidence(posterior, state.log_likelihood, progress=False)
+    lam_evidence = float(next(iter(posterior.prior_precision.values())))
+    last_block = max(int(m.group(1)) for n in params for m in [re.search(r"layers\.(\d+)\.", n)] if m)
+    last_names = [n for n in params if f"layers.{last_block}." in n]
+    last_post = flaplace.make_posterior(
+        {n: factors[n] for n in last_names}, {n: params[n] for n in last_names}, prior_precision=1.0
+    )
+    last_post, _ = flaplace.tune_prior_evidence(last_post, state.log_likelihood, progress=False)
+    lam_last = float(next(iter(last_post.prior_precision.values())))
+    times["prior_evidence"] = time.perf_counter() - clock
+    log(f"evidence: lambda {lam_evidence:.4g} (all LoRA), {lam_last:.4g} (last block {last_block})")
+
+    # Validation: MAP logits, temperature, and the grid of prior precisions on cached Jacobians
+    clock = time.perf_counter()
+    val_cache = JacobianCache(model_fn, params, val_batches, "capture")
+    times["val_jacobians"] = time.perf_counter() - clock
+    val_mu, val_labels = logits_of(model_fn, params, val_batches)
+    temperature = fit_temperature(val_mu, val_labels)
+
+    def val_nll(post) -> float:
+        return flaplace.nll(mc(val_mu, val_cache.f_var(post)), val_labels)
+
+    clock = time.perf_counter()
+    grid = [10.0**k for k in np.arange(-2, 5.01, 0.5)]
+    tuned_val, table = flaplace.tune_prior_grid(posterior, val_nll, grid=grid, progress=False)
+    lam_val = float(next(iter(tuned_val.prior_precision.values())))
+    times["prior_grid_validation"] = time.perf_counter() - clock
+    val_metrics = {
+        "map": flaplace.classification_metrics(val_mu.softmax(-1), val_labels),
+        "flaplace": flaplace.classification_metrics(mc(val_mu, val_cache.f_var(posterior)), val_labels),
+    }
+    log(f"validation: T={temperature:.3f}, lambda_val={lam_val:.4g}; {val_metrics}")
+    val_cache.items.clear()  # free the validation Jacobians
+
+    # Test
+    def evaluate(batches):
+        clock = time.perf_counter()
+        mus, fvars, labels = [], {"flaplace": [], "flaplace-val": [], "last_layer": []}, []
+        caches = {
+            "flaplace": flaplace.predictive_precompute(posterior),
+            "flaplace-val": flaplace.predictive_precompute(tuned_val),
+            "last_layer": flaplace.predictive_precompute(last_post),
+        }
+        for b in batches:
+            jac, mu = flaplace.predictive._jacobians_and_logits(
+                model_fn, params, b, chunk_size=None, method="capture"
+            )
+            mus.append(mu)
+            labels.append(b["labels"])
+            fvars["flaplace"].append(flaplace.predictive_covariance(caches["flaplace"], jac))
+            fvars["flaplace-val"].append(flaplace.predictive_covariance(caches["flaplace-val"], jac))
+            fvars["last_layer"].append(
+                flaplace.predictive_covariance(caches["last_layer"], {n: jac[n] for n in last_names})
+            )
+        mu = torch.cat(mus)
+        probs = {"map": mu.softmax(-1), "temperature": (mu / temperature).softmax(-1)}
+        extra = {}
+        for k, v in fvars.items():
+            var = torch.cat(v)
+            probs[k] = mc(mu, var)
+            diff_var = (var.diagonal(dim1=1, dim2=2).sum(1) - var.sum((1, 2)) / var.shape[1]).mean()
+            extra[k] = {
+                "mean_logit_variance": float(var.diagonal(dim1=1, dim2=2).mean()),
+                "mean_centred_var": float(diff_var),
+            }
+        return probs, torch.cat(labels), time.perf_counter() - clock, extra
+
+    probs, labels, times["test_predictive"], extra = evaluate(test_batches)
+    lam = {"flaplace": lam_evidence, "flaplace-val": lam_val, "last_layer": lam_last}
+    labels_np = labels.numpy()
+    records = []
+    common = {
+        "task": args.task,
+        "n_test": len(labels),
+        "n_train": len(train),
+        "n_val": len(splits["validation"]),
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised to float32)",
+        "lora": f"r={args.rank}, alpha={2 * args.rank}, targets {args.targets}, "
+        + ("all blocks" if layers is None else f"blocks {layers[0]}-{layers[-1]}"),
+        "scoring": "answer tokens ' yes'/' no' at the last position"
+        if args.task == "boolq"
+        else "cloze (summed log-probability)",
+        "epochs": args.epochs,
+        "best_epoch": best_epoch,
+        "lr": args.lr,
+        "fisher": args.fisher,
+        "sharing": args.sharing,
+        "link": "mc (2000 samples)",
+        "temperature": temperature,
+        "lambda_evidence": lam_evidence,
+        "lambda_validation": lam_val,
+        "lambda_last_layer": lam_last,
+    }
+    for method, p in probs.items():
+        p_np = p.double().numpy()
+        metrics = flaplace.classification_metrics(p, labels)
+        record = {**common, "method": method, **metrics}
+        if method in lam:
+            record["lambda"] = lam[method]
+            record.update(extra[method])
+        if method != "map":
+            record.update(
+                {
+                    f"vs_map_{k}": v
+                    for k, v in paired_bootstrap(p_np, probs["map"].double().numpy(), labels_np).items()
+                }
+            )
+        if method not in ("map", "temperature"):
+            record.update(
+                {
+                    f"vs_temperature_{k}": v
+                    for k, v in paired_bootstrap(
+                        p_np, probs["temperature"].double().numpy(), labels_np
+                    ).items()
+                }
+            )
+        records.append(record)
+        log(
+            f"test {method}: "
+            + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "nll", "ece", "brier"))
+        )
+
+    if args.shift:
+        shifted = TASKS[args.shift]("test")
+        random.Random(args.seed).shuffle(shifted)
+        shifted = shifted[: args.n_test]
+        s_probs, s_labels, t_shift, _ = evaluate(scorer.batches(shifted, bs))
+        times["shift_predictive"] = t_shift
+        for method, p in s_probs.items():
+            metrics = flaplace.classification_metrics(p, s_labels)
+            records.append(
+                {
+                    **common,
+                    "task": f"{args.task}->{args.shift}",
+                    "n_test": len(s_labels),
+                    "method": method,
+                    **metrics,
+                    "auroc_entropy_in_vs_shift": auroc(entropy(s_probs[method]), entropy(probs[method])),
+                }
+            )
+            log(f"shift {method}: {metrics} AUROC {records[-1]['auroc_entropy_in_vs_shift']:.3f}")
+
+    for r in records:
+        r["times_s"] = {k: round(v, 1) for k, v in times.items()}
+        r["validation_history"] = history
+        r["lambda_grid_validation_nll"] = table
+    out = Path(args.out)
+    existing = json.loads(out.read_text()) if out.exists() else []
+    keep = [r for r in existing if r["task"] not in {x["task"] for x in records}]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(keep + records, indent=1) + "\n")
+    log(f"times: {times}")
+
+
+if __name__ == "__main__":
+    main()
