@@ -7,15 +7,15 @@ moments ``(P mu, P V P)``, ``P = I - 1 1^T / C``: with ``Pf = f - mean(f) 1`` we
 ``1`` or adding ``1 a^T + a 1^T + s 1 1^T`` to ``V`` leaves the centred moments, hence the exact
 predictive, unchanged. Every categorical link here has the same invariance:
 
-* :func:`mc_probs` and :func:`laplace_bridge_probs` work on the centred moments
-  (:func:`centre_moments`);
-* :func:`probit_probs` uses only the logit differences ``f_c - f_k``, whose means and variances
+* `mc_probs` and `laplace_bridge_probs` work on the centred moments
+  (`centre_moments`);
+* `probit_probs` uses only the logit differences ``f_c - f_k``, whose means and variances
   ``V_cc + V_kk - 2 V_ck = (e_c - e_k)^T V (e_c - e_k)`` do not see those directions because
   ``(e_c - e_k)^T 1 = 0``.
 
 This matters for the answer-token logits of a causal LM: they share a large offset, and most of
 ``f_var`` lies along ``1`` (see docs/predictive.md). The bernoulli likelihood (one logit, sigmoid)
-has no such direction and its links are the usual one-logit forms; :func:`gaussian_predictive`
+has no such direction and its links are the usual one-logit forms; `gaussian_predictive`
 serves the gaussian likelihood.
 """
 
@@ -109,7 +109,7 @@ def mc_probs(
     """Monte Carlo predictive probabilities: sample logits, squash each sample, then average.
 
     For the categorical likelihood the centred moments ``(P f_mu, P f_var P)``
-    (:func:`centre_moments`) are sampled. Since ``softmax(f) = softmax(Pf)`` and
+    (`centre_moments`) are sampled. Since ``softmax(f) = softmax(Pf)`` and
     ``Pf ~ N(P f_mu, P f_var P)``, this estimates the same ``E[softmax(f)]`` as sampling the raw
     moments, and the estimate no longer depends on shifts along the all-ones direction (up to
     round-off in the eigenvectors). Logit samples are ``mu + L eps`` with ``L = U sqrt(max(w, 0))``
@@ -169,7 +169,7 @@ def probit_probs(
     and ``Var(d_ck) = (e_c - e_k)^T V (e_c - e_k)``, and ``(e_c - e_k)^T 1 = 0``. For ``C = 2`` it
     is exactly the standard binary probit on ``d = f_1 - f_0``:
     ``p_1 = sigmoid(mu_d / sqrt(1 + pi/8 var_d))``, ``var_d = V_11 + V_00 - 2 V_01``. The moments
-    are centred first (:func:`centre_moments`), which changes nothing in exact arithmetic and
+    are centred first (`centre_moments`), which changes nothing in exact arithmetic and
     avoids cancellation when ``f_var`` is large along the all-ones direction.
 
     For the bernoulli likelihood (one logit) it is MacKay's ``sigmoid(kappa f_mu)``,
@@ -214,7 +214,7 @@ def laplace_bridge_probs(
     """The Laplace bridge (Hobbhahn et al., 2022): the mean of the Dirichlet matched to the centred Gaussian.
 
     The bridge maps a Gaussian over sum-zero logits to a Dirichlet. The centred logits
-    ``Pf ~ N(mu, Sigma) = N(P f_mu, P f_var P)`` (:func:`centre_moments`) are that Gaussian:
+    ``Pf ~ N(mu, Sigma) = N(P f_mu, P f_var P)`` (`centre_moments`) are that Gaussian:
     they sum to zero, carry the same softmax as ``f``, and do not change when ``f_mu`` moves along
     ``1`` or ``f_var`` gains ``1 a^T + a 1^T + s 1 1^T``. With ``K`` classes::
 
@@ -296,15 +296,15 @@ def predictive_probs(
 
     Every categorical link is invariant to the directions softmax ignores (a shift of ``f_mu``
     along the all-ones vector, ``1 a^T + a 1^T + s 1 1^T`` added to ``f_var``), so the raw
-    moments of :func:`flaplace.predictive.linearised_predictive` can be passed as they are.
+    moments of [`flaplace.predictive.linearised_predictive`][flaplace.predictive.linearised_predictive] can be passed as they are.
 
     Args:
         f_mu: mean logits ``(B, C)``.
         f_var: logit covariance ``(B, C, C)``.
-        link: ``"probit"`` (:func:`probit_probs`), ``"mc"`` (:func:`mc_probs`) or ``"bridge"``
-            (:func:`laplace_bridge_probs`).
+        link: ``"probit"`` (`probit_probs`), ``"mc"`` (`mc_probs`) or ``"bridge"``
+            (`laplace_bridge_probs`).
         likelihood: ``"categorical"`` or ``"bernoulli"`` (one logit; returns ``(B, 2)``
-            probabilities ``[1 - p, p]``). For ``"gaussian"`` use :func:`gaussian_predictive`.
+            probabilities ``[1 - p, p]``). For ``"gaussian"`` use `gaussian_predictive`.
         n_samples: samples for ``link="mc"``.
         generator: random generator for ``link="mc"``.
 

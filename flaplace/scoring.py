@@ -3,14 +3,14 @@
 Two ways to score ``C`` answer choices, both giving ``(batch, C)`` logits that K-FAC, the
 per-example Jacobians and the predictive handle like any other model function:
 
-- **cloze scoring** with a causal language model (:class:`ClozeModelFunction`): the logit of
+- **cloze scoring** with a causal language model (`ClozeModelFunction`): the logit of
   choice ``c`` is the log-probability of choice ``c``'s tokens after the prompt,
   ``sum_k log p(y_k | prompt, y_<k)``, read from the sequence ``prompt + choice_c``;
 - **pair scoring** with an encoder and a multiple-choice head (e.g. Hugging Face's
   ``AutoModelForMultipleChoice``): each ``(question, choice)`` pair gets one score from the
   classifier. Such models already take ``(batch, C, tokens)`` inputs and return ``(batch, C)``
-  logits, so a plain :class:`~flaplace.params.ModelFunction` with
-  :func:`~flaplace.params.classifier_logits` is the model function; :func:`pair_batch` builds
+  logits, so a plain [`ModelFunction`][flaplace.params.ModelFunction] with
+  [`classifier_logits`][flaplace.params.classifier_logits] is the model function; `pair_batch` builds
   the inputs.
 
 In both, a batch holds ``(batch, C, tokens)`` tensors. Their ``attention_mask`` is 3-D, and
@@ -205,7 +205,7 @@ def cloze_scores(
     Args:
         logits: ``(B*C, T, V)`` logits at every position, or ``(B*C, K, V)`` at the
             ``choice_positions`` only (what the model returns when asked for those positions).
-        batch: a batch from :func:`cloze_batch`.
+        batch: a batch from `cloze_batch`.
         normalize: divide each choice's summed log-probability by its number of tokens.
 
     Examples:
@@ -231,7 +231,7 @@ def cloze_scores(
 
 
 class ClozeModelFunction(ModelFunction):
-    """``f(params, batch) -> (B, C)`` cloze logits of a causal LM over :func:`cloze_batch` batches.
+    """``f(params, batch) -> (B, C)`` cloze logits of a causal LM over `cloze_batch` batches.
 
     The ``B*C`` sequences go through the model as one batch of rows. When the model takes
     per-example ``logits_to_keep`` positions (Hugging Face causal LMs do), only the positions
@@ -240,7 +240,7 @@ class ClozeModelFunction(ModelFunction):
     Args:
         model: a causal LM (e.g. a PEFT model over ``LlamaForCausalLM``).
         params: the adapted weights (or their names).
-        normalize: length-normalised scores (see :func:`cloze_scores`); summed by default.
+        normalize: length-normalised scores (see `cloze_scores`); summed by default.
         trim_logits: project only the choice positions onto the vocabulary when possible.
 
     Examples:

