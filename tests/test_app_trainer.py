@@ -126,6 +126,7 @@ def test_trainer_post_hoc_equals_the_pure_functions(tmp_path):
     data = causal_examples(8)
     trainer = Trainer(model=model, args=arguments(tmp_path), train_dataset=data, data_collator=collate)
     trainer.train()
+    was_training = model.training
     la = laplace_from_trainer(trainer, answer_ids=ANSWER_IDS, fisher="exact")
     # the same posterior through the pure functions, on the same batches converted by hand
     batches = [answer_batch(b, ANSWER_IDS) for b in trainer.get_train_dataloader()]
@@ -139,7 +140,7 @@ def test_trainer_post_hoc_equals_the_pure_functions(tmp_path):
     probs = la(collate(data[:4]))
     assert probs.shape == (4, 2)
     torch.testing.assert_close(probs.sum(-1), torch.ones(4))
-    assert not model.training  # fitted in eval mode
+    assert model.training == was_training  # evaluated in eval mode; the user's mode is left as it was
 
 
 def test_callback_fits_at_the_end_of_training_like_the_post_hoc_call(tmp_path):

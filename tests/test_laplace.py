@@ -175,8 +175,11 @@ def dense_reference_nll(posterior, x, y, lam: float, link: str) -> float:
     f_var = jac @ cov @ jac.mT
     f_mu = x @ posterior.mean["fc.weight"].T
     if link == "probit":
-        kappa = (1 + math.pi / 8 * f_var.diagonal(dim1=-2, dim2=-1)).rsqrt()
-        probs = torch.softmax(kappa * f_mu, -1)
+        # the mean-field probit on pairwise differences: p_c ~ 1 / sum_k exp(-kappa_ck (mu_c - mu_k))
+        d = f_var.diagonal(dim1=-2, dim2=-1)
+        kappa = (1 + math.pi / 8 * (d[:, :, None] + d[:, None, :] - 2 * f_var)).rsqrt()
+        unnormalised = 1 / torch.exp(-kappa * (f_mu[:, :, None] - f_mu[:, None, :])).sum(-1)
+        probs = unnormalised / unnormalised.sum(-1, keepdim=True)
     else:
         probs = predictive_probs(f_mu, f_var, "bridge")
     return float(-probs.gather(1, y[:, None]).log().mean())

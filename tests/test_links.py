@@ -245,7 +245,7 @@ def test_causal_lm_answer_logits_shifted_by_a_constant_give_the_same_probabiliti
         params = select_params(model, "lora")
         plain = ModelFunction(model, params, LastTokenLogits(answers))
         train = [padded_batch("llama", n=4, seed=s) for s in (1, 2)]
-        factors = flaplace.fit_kfac(plain, params, train, fisher="exact", sharing="expand", progress=False)
+        factors, _ = flaplace.fit_kfac(plain, params, train, fisher="exact", sharing="expand", progress=False)
         posterior = flaplace.make_posterior(factors, params, prior_precision=0.5)
         batch = {k: v for k, v in padded_batch("llama", n=3, seed=5).items() if k != "labels"}
         moments = {"plain": flaplace.linearised_predictive(plain, posterior, batch, method="loop")}
