@@ -28,8 +28,7 @@ from typing import NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
-from torch import Tensor
-from torch import nn
+from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
 from flaplace.params import ModelFunction, OutputFn, logits_of, model_inputs
@@ -100,7 +99,7 @@ class TokenLogitsFunction(ModelFunction):
     def __init__(self, model: nn.Module, params: Params, output_fn: OutputFn = all_logits):
         super().__init__(model, params, output_fn)
 
-    def __call__(self, params: Params, batch: Batch) -> Float[Tensor, "batch tokens vocab"]:  # type: ignore[override]
+    def __call__(self, params: Params, batch: Batch) -> Float[Tensor, "batch tokens vocab"]:
         args, kwargs = model_inputs(batch)
         if self.aliases:
             params = dict(params)
@@ -204,7 +203,7 @@ def _forward_ad_attention() -> Iterator[None]:
 
 def linearised_logits(
     model_fn: ModelFn, mean: Params, batch: Batch, perturbations: Params
-) -> tuple[Float[Tensor, "*out"], Float[Tensor, "samples *out"]]:
+) -> tuple[Float[Tensor, "..."], Float[Tensor, "samples ..."]]:
     """``f(theta*)`` and ``J delta_s`` for a stack of perturbations: one ``vmap`` of ``torch.func.jvp``.
 
     The primal is computed once (it does not depend on the sample); the tangents are batched.
@@ -222,10 +221,11 @@ def linearised_logits(
     """
 
     def one(delta: Params) -> tuple[Tensor, Tensor]:
-        return jvp(lambda p: model_fn(p, batch), (mean,), (delta,))
+        out = jvp(lambda p: model_fn(p, batch), (mean,), (delta,))
+        return out[0], out[1]
 
     with _forward_ad_attention():
-        primal, tangents = vmap(one, out_dims=(None, 0))(perturbations)
+        primal, tangents = vmap(one, out_dims=(None, 0))(perturbations)  # type: ignore[arg-type]
     return primal, tangents
 
 
@@ -553,10 +553,7 @@ def linearised_decode(
             model_fn, posterior, {"input_ids": ids}, perturbations=deltas, chunk_size=chunk_size
         )
         probs = pred.probs[0, -1]
-        if do_sample:
-            token = torch.multinomial(probs, 1, generator=generator)[0]
-        else:
-            token = probs.argmax()
+        token = torch.multinomial(probs, 1, generator=generator)[0] if do_sample else probs.argmax()
         rows.append(
             (
                 token,
