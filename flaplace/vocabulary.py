@@ -272,7 +272,7 @@ def vocabulary_predictive(
     *,
     targets: Int[Tensor, "batch tokens"] | None = None,
     generator: torch.Generator | None = None,
-    chunk_size: int | None = 1,
+    chunk_size: int | None = 8,
     perturbations: Params | None = None,
 ) -> VocabularyPredictive:
     """The full-vocabulary linearised predictive by forward-mode sampling.
@@ -430,7 +430,7 @@ def sequence_scores(
     n_samples: int = 16,
     *,
     generator: torch.Generator | None = None,
-    chunk_size: int | None = 1,
+    chunk_size: int | None = 8,
     normalise: bool = False,
 ) -> SequenceScores:
     """The predictive log-likelihood of answer sequences after prompts, with its uncertainty.
