@@ -242,6 +242,8 @@ class VocabularyPredictive(NamedTuple):
         target_log_probs: ``(samples, batch, tokens)``, ``log p_s[target]`` per sample (0 where the
             target is ignored), or ``None`` without targets.
         log_predictive: ``(batch, tokens)``, ``log p[target]`` (0 where ignored), or ``None``.
+        map_log_probs: ``(batch, tokens)``, ``log softmax(f(theta*))[target]`` (0 where ignored),
+            or ``None``.
     """
 
     probs: Tensor
@@ -251,6 +253,7 @@ class VocabularyPredictive(NamedTuple):
     map_entropy: Tensor
     target_log_probs: Tensor | None
     log_predictive: Tensor | None
+    map_log_probs: Tensor | None = None
 
 
 def _entropy(log_p: Tensor) -> Tensor:
@@ -318,7 +321,7 @@ def vocabulary_predictive(
     entropy_sum: Tensor | None = None
     map_entropy: Tensor | None = None
     target_rows: list[Tensor] = []
-    safe_targets = keep = None
+    safe_targets = keep = map_picked = None
     for start, stop in _chunks(n_samples, size):
         if perturbations is not None:
             deltas = {k: v[start:stop] for k, v in perturbations.items()}
@@ -331,7 +334,8 @@ def vocabulary_predictive(
                 "use the all_logits output function"
             )
         if map_entropy is None:
-            map_entropy = _entropy(torch.log_softmax(primal, -1))
+            map_log_p = torch.log_softmax(primal, -1)
+            map_entropy = _entropy(map_log_p)
             if targets is not None:
                 if targets.shape != primal.shape[:2]:
                     raise ValueError(
@@ -340,6 +344,8 @@ def vocabulary_predictive(
                     )
                 keep = targets != IGNORE_INDEX
                 safe_targets = torch.where(keep, targets, 0).to(primal.device)
+                map_picked = map_log_p.gather(-1, safe_targets[..., None])[..., 0] * keep
+            del map_log_p
         log_p = torch.log_softmax(tangents.add_(primal), dim=-1)
         del tangents
         p = log_p.exp()
@@ -368,6 +374,7 @@ def vocabulary_predictive(
         map_entropy=map_entropy,
         target_log_probs=target_log_probs,
         log_predictive=log_predictive,
+        map_log_probs=map_picked,
     )
 
 
@@ -411,6 +418,8 @@ class SequenceScores(NamedTuple):
         num_tokens: ``(batch,)``, answer tokens per example.
         mutual_information: ``(batch,)``, the summed per-token mutual information over the
             answer's predicted positions.
+        map_score: ``(batch,)``, the answer's log-likelihood at ``theta*`` (the MAP model), divided
+            by the count with ``normalise=True``.
     """
 
     samples: Tensor
@@ -420,6 +429,7 @@ class SequenceScores(NamedTuple):
     token_predictive: Tensor
     num_tokens: Tensor
     mutual_information: Tensor
+    map_score: Tensor
 
 
 def sequence_scores(
@@ -466,6 +476,7 @@ def sequence_scores(
         model_fn, posterior, batch, n_samples, targets=targets, generator=generator, chunk_size=chunk_size
     )
     assert pred.target_log_probs is not None and pred.log_predictive is not None
+    assert pred.map_log_probs is not None
     keep = targets != IGNORE_INDEX
     count = keep.sum(-1)
     if bool((count == 0).any()):
@@ -481,6 +492,7 @@ def sequence_scores(
         token_predictive=pred.log_predictive.sum(-1) / denominator,
         num_tokens=count,
         mutual_information=(pred.mutual_information * keep).sum(-1),
+        map_score=pred.map_log_probs.sum(-1) / denominator,
     )
 
 

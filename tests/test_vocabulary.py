@@ -232,7 +232,9 @@ def test_no_vocabulary_squared_tensor_and_size_does_not_grow_with_samples(setup,
     f = TokenLogitsFunction(model, params)
     logits_numel = 2 * 5 * VOCAB
     with ShapeRecorder() as recorder:
-        vocabulary_predictive(f, posterior, batch, n_samples, generator=torch.Generator().manual_seed(0))
+        vocabulary_predictive(
+            f, posterior, batch, n_samples, generator=torch.Generator().manual_seed(0), chunk_size=1
+        )
     largest = max(math.prod(s) for s in recorder.shapes)
     weights = max(p.numel() for p in model.parameters())  # the embedding, (V, hidden)
     # chunk_size=1: nothing bigger than one logits tensor (or a weight), whatever S is
@@ -309,6 +311,11 @@ def test_sequence_scores_match_explicit_loop(setup) -> None:
         [sum(p[b, t - 1, ids[b, t]].log() for t in range(1, 5) if answer[b, t]) for b in range(2)]
     )
     torch.testing.assert_close(scores.token_predictive, token_pred)
+    map_log_p = torch.log_softmax(mu, -1)
+    map_score = torch.stack(
+        [sum(map_log_p[b, t - 1, ids[b, t]] for t in range(1, 5) if answer[b, t]) for b in range(2)]
+    )
+    torch.testing.assert_close(scores.map_score, map_score)
     assert torch.equal(scores.num_tokens, torch.tensor([2, 3]))
     torch.testing.assert_close(normed.samples, samples / torch.tensor([2.0, 3.0], dtype=F64))
     # Jensen: the log of the mean probability is at least the mean log-probability
