@@ -388,8 +388,8 @@ def test_linearised_decoding_with_a_certain_posterior_is_greedy(setup) -> None:
         f,
         posterior,
         prompt,
-        max_new_tokens=6,
-        n_samples=4,
+        max_new_tokens=3,
+        n_samples=3,
         generator=torch.Generator().manual_seed(0),
         eos_token_id=stop,
     )
