@@ -46,7 +46,9 @@ def build_cases(args) -> dict[tuple, Callable[[], object]]:
     model = common.llama_lora_model(HIDDEN, layers=LAYERS, vocab=VOCAB, rank=RANK)
     params = flaplace.select_params(model, "lora")
     kfac_fn = flaplace.ModelFunction(model, params, flaplace.LastTokenLogits(common.ANSWER_IDS))
-    train = [{"input_ids": common.token_batch(4, SEQ, vocab=VOCAB, seed=100 + i)["input_ids"]} for i in range(2)]
+    train = [
+        {"input_ids": common.token_batch(4, SEQ, vocab=VOCAB, seed=100 + i)["input_ids"]} for i in range(2)
+    ]
     factors = flaplace.fit_kfac(kfac_fn, params, train, progress=False, n_kfac=10, lr_threshold=100)
     posterior = flaplace.make_posterior(factors, params, 1.0)
     f = flaplace.TokenLogitsFunction(model, params)
