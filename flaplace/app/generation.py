@@ -50,7 +50,8 @@ def swapped_weights(model: nn.Module, weights: Mapping[str, Tensor]) -> Iterator
     """Copy ``weights`` into the model's parameters of the same names for the block; restore them after.
 
     Example:
-        >>> with swapped_weights(peft_model, {name: mean[name] + delta[name][0] for name in mean}):
+        >>> draw = flaplace.sample(posterior, 1)  # theta* + delta, leaves (1, *shape)
+        >>> with swapped_weights(peft_model, {name: w.squeeze(0) for name, w in draw.items()}):
         ...     out = peft_model(input_ids=ids)
     """
     named = dict(model.named_parameters())
