@@ -123,6 +123,9 @@ def main() -> None:
         "--budget-min", type=float, default=25.0, help="stop evaluating after this many minutes"
     )
     parser.add_argument("--gen-tokens", type=int, default=12)
+    parser.add_argument(
+        "--only-generation", action="store_true", help="fit, generate and draw; no evaluation"
+    )
     args = parser.parse_args()
     common.quiet()
     torch.set_num_threads(2)
@@ -150,14 +153,18 @@ def main() -> None:
     common.log(f"K-FAC on {len(train)} questions, prior precision {lam:.3g}, {time.time() - started:.0f} s")
 
     # ---- a short generation with per-token uncertainty
-    gen_prompt = "Question: Which gas do plants take in from the air to make food?\nAnswer:"
+    question = "Which gas do plants take in from the air to make food?"
+    chat = [{"role": "user", "content": question}]
+    gen_ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    gen_ids = gen_ids["input_ids"]
+    gen_prompt = question
     f_next = flaplace.TokenLogitsFunction(model, params, flaplace.NextTokenLogits())
     t0 = time.time()
     with torch.no_grad():
         decoded = flaplace.linearised_decode(
             f_next,
             posterior,
-            tok(gen_prompt, return_tensors="pt").input_ids,
+            gen_ids,
             max_new_tokens=args.gen_tokens,
             n_samples=args.samples,
             generator=torch.Generator().manual_seed(0),
@@ -174,6 +181,10 @@ def main() -> None:
     }
     common.log(f"generated {''.join(pieces)!r} in {gen_s:.0f} s")
     draw_tokens(pieces, decoded.mutual_information.tolist(), gen_prompt)
+    if args.only_generation:
+        out = OUTPUT.with_name("vocab_generation.json")
+        common.write_results(out, [{"prior_precision": lam, "train_questions": len(train), **generation}])
+        return
 
     # ---- cloze-scored ARC-Easy validation questions
     f_all = flaplace.TokenLogitsFunction(model, params)
