@@ -42,7 +42,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one timed round, results not written")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = 1
     common.quiet()
     torch.set_num_threads(2)
     model = common.llama_lora_model(HIDDEN, layers=LAYERS, vocab=VOCAB, rank=8)
@@ -95,7 +98,8 @@ def main() -> None:
         common.log(
             f"{key:10s} {r['median_s'] / NEW * 1000:.1f} ms/token  x{r['median_s'] / base:.1f} generate"
         )
-    common.write_results(OUTPUT, records)
+    if not args.quick:
+        common.write_results(OUTPUT, records)
 
 
 if __name__ == "__main__":
