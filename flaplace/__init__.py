@@ -53,10 +53,30 @@ from flaplace.predictive import (
 from flaplace.scoring import ClozeModelFunction, cloze_batch, cloze_scores, flatten_choices, pair_batch
 from flaplace.typing import Eigen, Factors, KronFactor, Params, Posterior
 from flaplace.validation import tune_prior_nll
+from flaplace.vocabulary import (
+    NextTokenLogits,
+    SequenceScores,
+    TokenLogitsFunction,
+    VocabularyPredictive,
+    all_logits,
+    linearised_decode,
+    sample_perturbations,
+    sequence_scores,
+    vocabulary_predictive,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "vocabulary_predictive",
+    "sequence_scores",
+    "sample_perturbations",
+    "linearised_decode",
+    "all_logits",
+    "VocabularyPredictive",
+    "TokenLogitsFunction",
+    "SequenceScores",
+    "NextTokenLogits",
     "KFAC",
     "CaptureError",
     "ClozeModelFunction",

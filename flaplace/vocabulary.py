@@ -1,0 +1,582 @@
+"""The full-vocabulary linearised predictive by forward-mode sampling, and sequence scoring.
+
+The linearised model ``f(theta) ~ f(theta*) + J (theta - theta*)`` with the Laplace posterior
+``theta - theta* ~ N(0, Sigma)`` gives Gaussian logits at every position and every vocabulary
+entry. Their ``(V x V)`` covariance per position is far too large to form, but samples are cheap:
+
+* draw ``delta_s ~ N(0, Sigma)`` block by block in the posterior's Kronecker eigenbasis
+  (`sample_perturbations`);
+* one forward-mode product ``torch.func.jvp`` of the model function at ``theta*`` along
+  ``delta_s`` gives ``f(theta*) + J delta_s``, the logits of one linearised model, for every
+  position and vocabulary entry at once;
+* with ``p_s = softmax(f(theta*) + J delta_s)``: the predictive ``p = mean_s p_s``, its entropy
+  ``H[p]`` (total uncertainty), the mean entropy ``mean_s H[p_s]`` (aleatoric) and their
+  difference, the mutual information between the next token and the weights (epistemic,
+  never negative since entropy is concave).
+
+Samples are processed ``chunk_size`` at a time and only running sums are kept, so peak memory
+is a few ``(batch, tokens, vocab)`` tensors per sample in a chunk and does not grow with the
+number of samples. Nothing of size ``V x V`` is ever formed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+from torch.func import functional_call, jvp, vmap
+
+from flaplace.params import ModelFunction, OutputFn, logits_of, model_inputs
+from flaplace.typing import Batch, Params, Posterior
+
+#: Target value that marks a position without a target (Hugging Face's convention).
+IGNORE_INDEX = -100
+
+ModelFn = Callable[[Params, Batch], Tensor]
+
+
+# --------------------------------------------------------------------------- output functions
+
+
+def all_logits(output: object, batch: Batch) -> Float[Tensor, "batch tokens vocab"]:
+    """Output function: every position's logits ``(batch, tokens, vocab)`` of a causal LM.
+
+    Use it with [`ModelFunction`][flaplace.ModelFunction] to get the model function that
+    `vocabulary_predictive` needs.
+
+    Examples:
+        >>> f = ModelFunction(peft_model, select_params(peft_model, "lora"), all_logits)
+        >>> f(params, {"input_ids": ids}).shape  # (batch, tokens, vocab)
+    """
+    logits = logits_of(output)
+    if logits.ndim != 3:
+        raise ValueError(f"expected token logits (batch, tokens, vocab), got {tuple(logits.shape)}")
+    return logits
+
+
+class NextTokenLogits:
+    """Output function: the logits at the final position only, ``(batch, 1, vocab)``.
+
+    For decoding: with a [`ModelFunction`][flaplace.ModelFunction] it asks Hugging Face models for
+    ``logits_to_keep=1``, so the head projects one position per example. Prompts must be
+    left-padded (the final position is the next token's).
+
+    Examples:
+        >>> f = ModelFunction(peft_model, params, NextTokenLogits())
+        >>> f(params, {"input_ids": ids}).shape  # (batch, 1, vocab)
+    """
+
+    def __call__(self, output: object, batch: Batch) -> Float[Tensor, "batch 1 vocab"]:
+        return all_logits(output, batch)[:, -1:]
+
+    def model_kwargs(self, batch: Batch) -> dict[str, int]:
+        """Hugging Face's ``logits_to_keep``: keep only the final position.
+
+        Examples:
+            >>> NextTokenLogits().model_kwargs({"input_ids": ids})
+            {'logits_to_keep': 1}
+        """
+        return {"logits_to_keep": 1}
+
+
+class TokenLogitsFunction(ModelFunction):
+    """``f(params, batch) -> logits (batch, tokens, vocab)``: a [`ModelFunction`][flaplace.ModelFunction] for token logits.
+
+    The same swap of the adapted weights through ``functional_call``, for output functions that
+    keep the token axis (`all_logits`, the default, or `NextTokenLogits`), as
+    `vocabulary_predictive`, `sequence_scores` and `linearised_decode` need.
+
+    Examples:
+        >>> f = TokenLogitsFunction(peft_model, select_params(peft_model, "lora"))
+        >>> f(params, {"input_ids": ids}).shape  # (batch, tokens, vocab)
+    """
+
+    def __init__(self, model: nn.Module, params: Params, output_fn: OutputFn = all_logits):
+        super().__init__(model, params, output_fn)
+
+    def __call__(self, params: Params, batch: Batch) -> Float[Tensor, "batch tokens vocab"]:
+        args, kwargs = model_inputs(batch)
+        if self.aliases:
+            params = dict(params)
+            for name, others in self.aliases.items():
+                if name in params:
+                    params.update(dict.fromkeys(others, params[name]))
+        if self.trim_logits and "logits_to_keep" not in kwargs:
+            kwargs.update(self.output_fn.model_kwargs(batch))  # type: ignore[attr-defined]
+        output = functional_call(self.model, params, args, kwargs, tie_weights=False)
+        return self.output_fn(output, batch)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _perturb_block(
+    q_s: Tensor, s: Tensor, q_a: Tensor, a: Tensor, lam: Tensor, z: Float[Tensor, "n o i"]
+) -> Float[Tensor, "n o i"]:
+    """``Sigma^{1/2} Z`` in the eigenbasis: the span part scaled by ``(s a^T + lam)^{-1/2}``, the rest by ``lam^{-1/2}``."""
+    coefficients = q_s.mT @ z @ q_a
+    in_span = q_s @ coefficients @ q_a.mT
+    scale = (s.clamp(min=0)[:, None] * a.clamp(min=0)[None, :] + lam).rsqrt()
+    return q_s @ (coefficients * scale) @ q_a.mT + (z - in_span) * lam.rsqrt()
+
+
+def _draws(posterior: Posterior, count: int, generator: torch.Generator | None) -> Params:
+    """``count`` perturbations; sample ``k`` depends only on the generator's state before it."""
+    zs: dict[str, list[Tensor]] = {name: [] for name in posterior.mean}
+    for _ in range(count):
+        for name in posterior.mean:
+            factor = posterior.factors[name]
+            o, i = factor.S.vectors.shape[0], factor.A.vectors.shape[0]
+            values = factor.S.values
+            zs[name].append(
+                torch.randn((o, i), generator=generator, dtype=values.dtype, device=values.device)
+            )
+    out: Params = {}
+    for name, mean in posterior.mean.items():
+        factor = posterior.factors[name]
+        delta = _perturb_block(
+            factor.S.vectors,
+            factor.S.values,
+            factor.A.vectors,
+            factor.A.values,
+            posterior.prior_precision[name],
+            torch.stack(zs[name]),
+        )
+        if bool(factor.transposed):
+            delta = delta.mT
+        out[name] = delta.to(mean.dtype)
+    return out
+
+
+def sample_perturbations(
+    posterior: Posterior, n_samples: int, generator: torch.Generator | None = None
+) -> Params:
+    """Draw ``delta_s ~ N(0, Sigma)``, the weight perturbations of the posterior (not ``theta* + delta``).
+
+    Per block (a weight of shape ``(o, i)``) with ``Z`` standard normal of that shape and
+    precision eigenvalues ``s_i a_j + lambda`` on the span of the eigenbases ``Q_S, Q_A``
+    and ``lambda`` outside it::
+
+        delta = Q_S [(Q_S^T Z Q_A) / sqrt(s a^T + lambda)] Q_A^T + (Z - Q_S Q_S^T Z Q_A Q_A^T) / sqrt(lambda)
+
+    Sample ``k`` is drawn from the generator after samples ``0..k-1`` (block by block in the
+    posterior's order), so the first ``m`` of ``n`` samples equal ``m`` samples drawn from a
+    generator in the same state.
+
+    Args:
+        posterior: from [`make_posterior`][flaplace.make_posterior].
+        n_samples: number of samples (positive).
+        generator: a ``torch.Generator`` on the factors' device, for reproducibility.
+
+    Returns:
+        A dict with the posterior's names; each leaf has shape ``(n_samples, *param.shape)``
+        and the dtype of the MAP parameter.
+
+    Examples:
+        >>> deltas = sample_perturbations(posterior, 4, torch.Generator().manual_seed(0))
+        >>> deltas["model.layers.0.self_attn.q_proj.lora_A.default.weight"].shape  # (4, r, hidden)
+    """
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    return _draws(posterior, n_samples, generator)
+
+
+# --------------------------------------------------------------------------- forward-mode samples
+
+
+@contextlib.contextmanager
+def _forward_ad_attention() -> Iterator[None]:
+    """Use the math kernel of ``scaled_dot_product_attention``: the fused CPU and CUDA kernels lack forward AD."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def linearised_logits(
+    model_fn: ModelFn, mean: Params, batch: Batch, perturbations: Params
+) -> tuple[Float[Tensor, "..."], Float[Tensor, "samples ..."]]:
+    """``f(theta*)`` and ``J delta_s`` for a stack of perturbations: one ``vmap`` of ``torch.func.jvp``.
+
+    The primal is computed once (it does not depend on the sample); the tangents are batched.
+    The linearised logits of sample ``s`` are ``f + tangents[s]``.
+
+    Args:
+        model_fn: ``f(params, batch) -> logits``, any output shape (e.g. `all_logits`).
+        mean: the weights ``theta*`` at which to linearise.
+        batch: the inputs.
+        perturbations: leaves of shape ``(samples, *param.shape)`` (`sample_perturbations`).
+
+    Examples:
+        >>> f_mu, tangents = linearised_logits(f, posterior.mean, batch, sample_perturbations(posterior, 2))
+        >>> tangents.shape  # (2, batch, tokens, vocab)
+    """
+
+    def one(delta: Params) -> tuple[Tensor, Tensor]:
+        out = jvp(lambda p: model_fn(p, batch), (mean,), (delta,))
+        return out[0], out[1]
+
+    with _forward_ad_attention():
+        primal, tangents = vmap(one, out_dims=(None, 0))(perturbations)  # type: ignore[arg-type]
+    return primal, tangents
+
+
+class VocabularyPredictive(NamedTuple):
+    """The full-vocabulary linearised predictive of one batch, from ``S`` samples.
+
+    Attributes:
+        probs: ``(batch, tokens, vocab)``, the predictive ``p = mean_s softmax(f + J delta_s)``.
+        entropy: ``(batch, tokens)``, ``H[p]`` in nats (total uncertainty).
+        aleatoric: ``(batch, tokens)``, ``mean_s H[p_s]``.
+        mutual_information: ``(batch, tokens)``, ``H[p] - mean_s H[p_s]`` (epistemic; clamped at 0
+            against round-off).
+        map_entropy: ``(batch, tokens)``, the entropy of ``softmax(f(theta*))``.
+        target_log_probs: ``(samples, batch, tokens)``, ``log p_s[target]`` per sample (0 where the
+            target is ignored), or ``None`` without targets.
+        log_predictive: ``(batch, tokens)``, ``log p[target]`` (0 where ignored), or ``None``.
+        map_log_probs: ``(batch, tokens)``, ``log softmax(f(theta*))[target]`` (0 where ignored),
+            or ``None``.
+    """
+
+    probs: Tensor
+    entropy: Tensor
+    aleatoric: Tensor
+    mutual_information: Tensor
+    map_entropy: Tensor
+    target_log_probs: Tensor | None
+    log_predictive: Tensor | None
+    map_log_probs: Tensor | None = None
+
+
+def _entropy(log_p: Tensor) -> Tensor:
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    start = 0
+    while start < n:
+        yield start, min(n, start + size)
+        start += size
+
+
+def vocabulary_predictive(
+    model_fn: ModelFn,
+    posterior: Posterior,
+    batch: Batch,
+    n_samples: int = 16,
+    *,
+    targets: Int[Tensor, "batch tokens"] | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = 8,
+    perturbations: Params | None = None,
+) -> VocabularyPredictive:
+    """The full-vocabulary linearised predictive by forward-mode sampling.
+
+    For each of ``n_samples`` perturbations ``delta_s ~ N(0, Sigma)``, one ``torch.func.jvp`` of
+    ``model_fn`` at the posterior mean gives the linearised logits ``f(theta*) + J delta_s`` at
+    every position and vocabulary entry; their softmaxes are averaged. Samples go through
+    ``chunk_size`` at a time (one vectorised ``jvp`` per chunk) and only running sums are
+    kept, so peak memory is about ``4 * chunk_size + 3`` logits tensors of the batch whatever
+    ``n_samples`` is.
+
+    Args:
+        model_fn: ``f(params, batch) -> logits (batch, tokens, vocab)``, e.g.
+            ``ModelFunction(model, params, all_logits)``.
+        posterior: from [`make_posterior`][flaplace.make_posterior].
+        batch: the inputs.
+        n_samples: the number of samples ``S`` (ignored when ``perturbations`` is given).
+        targets: ``(batch, tokens)`` token ids whose log-probabilities to return (the token each
+            position predicts, i.e. the input shifted by one), `IGNORE_INDEX` where none.
+        generator: a ``torch.Generator`` on the factors' device, for reproducibility.
+        chunk_size: samples per vectorised ``jvp``; ``None``: all at once (fastest, memory grows
+            with ``S``).
+        perturbations: pre-drawn perturbations (leaves ``(S, *param.shape)``), e.g. to reuse the
+            same linearised models at every step of decoding.
+
+    Returns:
+        A `VocabularyPredictive`.
+
+    Examples:
+        >>> f = ModelFunction(peft_model, params, all_logits)
+        >>> pred = vocabulary_predictive(f, posterior, batch, 16, generator=torch.Generator().manual_seed(0))
+        >>> pred.mutual_information.shape  # (batch, tokens): the epistemic part per token
+    """
+    if perturbations is not None:
+        n_samples = next(iter(perturbations.values())).shape[0]
+    elif not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    size = n_samples if chunk_size is None else chunk_size
+    mean = posterior.mean
+    prob_sum: Tensor | None = None
+    entropy_sum: Tensor | None = None
+    map_entropy: Tensor | None = None
+    target_rows: list[Tensor] = []
+    safe_targets = keep = map_picked = None
+    for start, stop in _chunks(n_samples, size):
+        if perturbations is not None:
+            deltas = {k: v[start:stop] for k, v in perturbations.items()}
+        else:
+            deltas = _draws(posterior, stop - start, generator)
+        primal, tangents = linearised_logits(model_fn, mean, batch, deltas)
+        if primal.ndim != 3:
+            raise ValueError(
+                f"model_fn must return logits (batch, tokens, vocab), got {tuple(primal.shape)}; "
+                "use the all_logits output function"
+            )
+        if map_entropy is None:
+            map_log_p = torch.log_softmax(primal, -1)
+            map_entropy = _entropy(map_log_p)
+            if targets is not None:
+                if targets.shape != primal.shape[:2]:
+                    raise ValueError(
+                        f"targets must have shape (batch, tokens) = {tuple(primal.shape[:2])}, "
+                        f"got {tuple(targets.shape)}"
+                    )
+                keep = targets != IGNORE_INDEX
+                safe_targets = torch.where(keep, targets, 0).to(primal.device)
+                map_picked = map_log_p.gather(-1, safe_targets[..., None])[..., 0] * keep
+            del map_log_p
+        log_p = torch.log_softmax(tangents.add_(primal), dim=-1)
+        del tangents
+        p = log_p.exp()
+        entropies = -(p * log_p).sum(-1)
+        entropy_sum = entropies.sum(0) if entropy_sum is None else entropy_sum + entropies.sum(0)
+        prob_sum = p.sum(0) if prob_sum is None else prob_sum.add_(p.sum(0))
+        del p
+        if safe_targets is not None and keep is not None:
+            picked = log_p.gather(-1, safe_targets.expand(log_p.shape[0], -1, -1)[..., None])[..., 0]
+            target_rows.append(picked * keep)
+        del log_p
+    assert prob_sum is not None and entropy_sum is not None and map_entropy is not None
+    probs = prob_sum.div_(n_samples)
+    entropy = _entropy(torch.log(probs.clamp(min=torch.finfo(probs.dtype).tiny)))
+    aleatoric = entropy_sum / n_samples
+    target_log_probs = log_predictive = None
+    if safe_targets is not None and keep is not None:
+        target_log_probs = torch.cat(target_rows)
+        picked = probs.gather(-1, safe_targets[..., None])[..., 0]
+        log_predictive = torch.log(picked.clamp(min=torch.finfo(probs.dtype).tiny)) * keep
+    return VocabularyPredictive(
+        probs=probs,
+        entropy=entropy,
+        aleatoric=aleatoric,
+        mutual_information=(entropy - aleatoric).clamp(min=0),
+        map_entropy=map_entropy,
+        target_log_probs=target_log_probs,
+        log_predictive=log_predictive,
+        map_log_probs=map_picked,
+    )
+
+
+# --------------------------------------------------------------------------- sequence scoring
+
+
+def continuation_targets(
+    input_ids: Int[Tensor, "batch tokens"], answer_mask: Bool[Tensor, "batch tokens"] | Tensor
+) -> Int[Tensor, "batch tokens"]:
+    """The targets that score the answer tokens: ``targets[:, t] = input_ids[:, t + 1]`` where ``t + 1`` is an answer token.
+
+    Position ``t``'s logits predict token ``t + 1``, so the answer's first token is predicted
+    by the prompt's last position. Everything else is `IGNORE_INDEX`.
+
+    Examples:
+        >>> continuation_targets(torch.tensor([[5, 6, 7]]), torch.tensor([[0, 1, 1]]))
+        tensor([[   6,    7, -100]])
+    """
+    if input_ids.shape != answer_mask.shape:
+        raise ValueError(
+            f"answer_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(answer_mask.shape)}"
+        )
+    targets = torch.full_like(input_ids, IGNORE_INDEX)
+    nxt = answer_mask[:, 1:].bool()
+    targets[:, :-1] = torch.where(nxt, input_ids[:, 1:], IGNORE_INDEX)
+    return targets
+
+
+class SequenceScores(NamedTuple):
+    """Predictive scores of answer sequences (one per example), from ``S`` linearised samples.
+
+    Attributes:
+        samples: ``(samples, batch)``, ``log p_s(answer | prompt)`` per sample, the sum over the
+            answer's tokens (divided by their count with ``normalise=True``).
+        mean: ``(batch,)``, the mean of ``samples``.
+        std: ``(batch,)``, their standard deviation (the uncertainty of the score).
+        log_mean_prob: ``(batch,)``, ``log mean_s exp(samples)``: the log predictive probability
+            of the whole answer when each sample is one model.
+        token_predictive: ``(batch,)``, ``sum_t log p_t[answer_t]`` with the per-token predictive
+            ``p_t = mean_s p_{s,t}`` (divided by the count with ``normalise=True``).
+        num_tokens: ``(batch,)``, answer tokens per example.
+        mutual_information: ``(batch,)``, the summed per-token mutual information over the
+            answer's predicted positions.
+        map_score: ``(batch,)``, the answer's log-likelihood at ``theta*`` (the MAP model), divided
+            by the count with ``normalise=True``.
+    """
+
+    samples: Tensor
+    mean: Tensor
+    std: Tensor
+    log_mean_prob: Tensor
+    token_predictive: Tensor
+    num_tokens: Tensor
+    mutual_information: Tensor
+    map_score: Tensor
+
+
+def sequence_scores(
+    model_fn: ModelFn,
+    posterior: Posterior,
+    batch: Mapping[str, Tensor],
+    answer_mask: Int[Tensor, "batch tokens"] | Bool[Tensor, "batch tokens"],
+    n_samples: int = 16,
+    *,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = 8,
+    normalise: bool = False,
+) -> SequenceScores:
+    """The predictive log-likelihood of answer sequences after prompts, with its uncertainty.
+
+    Each row of ``batch["input_ids"]`` is a prompt followed by an answer, ``answer_mask`` marks
+    the answer's tokens (padding, left or right, must be masked out of it and out of
+    ``attention_mask``). With the linearised logits ``f + J delta_s`` of ``S`` posterior samples,
+    sample ``s`` scores the answer by ``sum_t log p_s(answer_t | prompt, answer_<t)``.
+    For cloze multiple choice, put each (question, choice) pair in its own row and compare the
+    rows of one question.
+
+    Args:
+        model_fn: ``f(params, batch) -> logits (batch, tokens, vocab)`` (`all_logits`).
+        posterior: from [`make_posterior`][flaplace.make_posterior].
+        batch: ``input_ids`` and optionally ``attention_mask``.
+        answer_mask: ``(batch, tokens)``, 1 on the answer tokens.
+        n_samples: the number of samples ``S``.
+        generator: a ``torch.Generator``, for reproducibility.
+        chunk_size: samples per vectorised ``jvp`` (see `vocabulary_predictive`).
+        normalise: divide each sequence's log-likelihood by its number of answer tokens.
+
+    Returns:
+        A `SequenceScores`.
+
+    Examples:
+        >>> scores = sequence_scores(f, posterior, batch, answer_mask, 16, generator=torch.Generator().manual_seed(0))
+        >>> scores.mean, scores.std  # (batch,) each
+    """
+    if "input_ids" not in batch:
+        raise ValueError("batch needs 'input_ids' (prompt followed by answer tokens)")
+    targets = continuation_targets(batch["input_ids"], answer_mask)
+    pred = vocabulary_predictive(
+        model_fn, posterior, batch, n_samples, targets=targets, generator=generator, chunk_size=chunk_size
+    )
+    assert pred.target_log_probs is not None and pred.log_predictive is not None
+    assert pred.map_log_probs is not None
+    keep = targets != IGNORE_INDEX
+    count = keep.sum(-1)
+    if bool((count == 0).any()):
+        raise ValueError("answer_mask marks no answer token after the first position in some row")
+    denominator = count.to(pred.probs.dtype) if normalise else torch.ones_like(count, dtype=pred.probs.dtype)
+    samples = pred.target_log_probs.sum(-1) / denominator
+    s = samples.shape[0]
+    return SequenceScores(
+        samples=samples,
+        mean=samples.mean(0),
+        std=samples.std(0, correction=1) if s > 1 else torch.zeros_like(samples[0]),
+        log_mean_prob=torch.logsumexp(samples, 0) - math.log(s),
+        token_predictive=pred.log_predictive.sum(-1) / denominator,
+        num_tokens=count,
+        mutual_information=(pred.mutual_information * keep).sum(-1),
+        map_score=pred.map_log_probs.sum(-1) / denominator,
+    )
+
+
+# --------------------------------------------------------------------------- linearised decoding
+
+
+class Decoded(NamedTuple):
+    """Tokens chosen by uncertainty-aware decoding, with per-token uncertainty.
+
+    Attributes:
+        tokens: ``(new,)``, the generated token ids.
+        entropy: ``(new,)``, ``H[p]`` of the predictive each token was chosen from.
+        aleatoric: ``(new,)``, ``mean_s H[p_s]``.
+        mutual_information: ``(new,)``, the epistemic part ``H[p] - mean_s H[p_s]``.
+        prob: ``(new,)``, the predictive probability of the chosen token.
+    """
+
+    tokens: Tensor
+    entropy: Tensor
+    aleatoric: Tensor
+    mutual_information: Tensor
+    prob: Tensor
+
+
+def linearised_decode(
+    model_fn: ModelFn,
+    posterior: Posterior,
+    input_ids: Int[Tensor, "batch tokens"],
+    *,
+    max_new_tokens: int = 20,
+    n_samples: int = 8,
+    generator: torch.Generator | None = None,
+    do_sample: bool = False,
+    eos_token_id: int | None = None,
+    chunk_size: int | None = None,
+) -> Decoded:
+    """Decode one prompt with the linearised predictive: at each step average ``S`` jvp samples' probabilities.
+
+    ``S`` perturbations are drawn once, so each sample is one linearised model for the whole
+    text; at each step the next token is the predictive's most probable one (``do_sample=False``)
+    or drawn from it with ``generator``. There is no key/value cache (the jvp re-runs the
+    prompt and the text so far at every step), so a step costs one jvp over the whole sequence.
+
+    Args:
+        model_fn: ``f(params, {"input_ids": ids}) -> logits (1, tokens or 1, vocab)`` whose final
+            position predicts the next token, e.g. ``ModelFunction(model, params, NextTokenLogits())``.
+        posterior: from [`make_posterior`][flaplace.make_posterior].
+        input_ids: ``(1, tokens)``, the prompt.
+        max_new_tokens: the most tokens to generate.
+        n_samples: the number of samples ``S``.
+        generator: a ``torch.Generator`` for the perturbations and, with ``do_sample``, the tokens.
+        do_sample: draw each token from the predictive instead of taking the most probable.
+        eos_token_id: stop after this token.
+        chunk_size: samples per vectorised jvp (``None``: all at once).
+
+    Examples:
+        >>> f = ModelFunction(peft_model, params, NextTokenLogits())
+        >>> out = linearised_decode(f, posterior, tok("Hello", return_tensors="pt").input_ids, n_samples=8)
+        >>> out.tokens, out.mutual_information
+    """
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be one prompt of shape (1, tokens), got {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    deltas = sample_perturbations(posterior, n_samples, generator)
+    ids = input_ids
+    rows: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = []
+    for _ in range(max_new_tokens):
+        pred = vocabulary_predictive(
+            model_fn, posterior, {"input_ids": ids}, perturbations=deltas, chunk_size=chunk_size
+        )
+        probs = pred.probs[0, -1]
+        token = torch.multinomial(probs, 1, generator=generator)[0] if do_sample else probs.argmax()
+        rows.append(
+            (
+                token,
+                pred.entropy[0, -1],
+                pred.aleatoric[0, -1],
+                pred.mutual_information[0, -1],
+                probs[token],
+            )
+        )
+        ids = torch.cat([ids, token.view(1, 1).to(ids.device)], dim=1)
+        if eos_token_id is not None and int(token) == eos_token_id:
+            break
+    tokens, entropy, aleatoric, mi, prob = (torch.stack(col) for col in zip(*rows, strict=True))
+    return Decoded(tokens=tokens, entropy=entropy, aleatoric=aleatoric, mutual_information=mi, prob=prob)
