@@ -309,10 +309,24 @@ def with_prior_precision(posterior: Posterior, prior_precision: PriorPrecision) 
 # --------------------------------------------------------------------------- sampling
 
 
-def _sqrt_covariance_times(
+def sqrt_covariance_times(
     factor: KronFactor, prior_precision: Tensor, z: Float[Tensor, "n o i"]
 ) -> Float[Tensor, "n o i"]:
-    """``Sigma^{1/2} Z`` for a batch of ``(o, i)`` matrices ``Z``, in the eigen form of the block."""
+    """``Sigma^{1/2} Z`` for a batch of ``(o, i)`` matrices ``Z``, in the eigen form of the block.
+
+    On the span of the eigenbases the precision is ``s_i a_j + lambda``, outside it ``lambda``, so
+    ``Sigma^{1/2} Z = Z / sqrt(lambda) + Q_S [M * (Q_S^T Z Q_A)] Q_A^T`` with
+    ``M_ij = (s_i a_j + lambda)^{-1/2} - lambda^{-1/2}`` (negative eigenvalues from round-off
+    clamped at 0). With ``Z`` standard normal it is a draw of ``N(0, Sigma)`` for the block.
+
+    Examples:
+        >>> import torch
+        >>> unit = Eigen(torch.eye(2), torch.zeros(2))  # no curvature: Sigma = I / lambda
+        >>> factor = KronFactor(unit, unit, torch.tensor(False))
+        >>> sqrt_covariance_times(factor, torch.tensor(4.0), torch.ones(1, 2, 2))
+        tensor([[[0.5000, 0.5000],
+                 [0.5000, 0.5000]]])
+    """
     q_s, s = factor.S
     q_a, a = factor.A
     eig = s.clamp(min=0)[:, None] * a.clamp(min=0)[None, :]
@@ -352,7 +366,7 @@ def sample(posterior: Posterior, n_samples: int, generator: torch.Generator | No
         values = factor.S.values
         o, i = block_shape(factor)
         z = torch.randn((n_samples, o, i), generator=generator, dtype=values.dtype, device=values.device)
-        delta = _sqrt_covariance_times(factor, posterior.prior_precision[name], z)
+        delta = sqrt_covariance_times(factor, posterior.prior_precision[name], z)
         if bool(factor.transposed):
             delta = delta.mT
         draws[name] = (mean.to(values.dtype) + delta).to(mean.dtype)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
 from flaplace.params import ModelFunction, OutputFn, logits_of, model_inputs
+from flaplace.posterior import sqrt_covariance_times
 from flaplace.typing import Batch, Params, Posterior
 
 #: Target value that marks a position without a target (Hugging Face's convention).
@@ -115,16 +116,6 @@ class TokenLogitsFunction(ModelFunction):
 # --------------------------------------------------------------------------- sampling
 
 
-def _perturb_block(
-    q_s: Tensor, s: Tensor, q_a: Tensor, a: Tensor, lam: Tensor, z: Float[Tensor, "n o i"]
-) -> Float[Tensor, "n o i"]:
-    """``Sigma^{1/2} Z`` in the eigenbasis: the span part scaled by ``(s a^T + lam)^{-1/2}``, the rest by ``lam^{-1/2}``."""
-    coefficients = q_s.mT @ z @ q_a
-    in_span = q_s @ coefficients @ q_a.mT
-    scale = (s.clamp(min=0)[:, None] * a.clamp(min=0)[None, :] + lam).rsqrt()
-    return q_s @ (coefficients * scale) @ q_a.mT + (z - in_span) * lam.rsqrt()
-
-
 def _draws(posterior: Posterior, count: int, generator: torch.Generator | None) -> Params:
     """``count`` perturbations; sample ``k`` depends only on the generator's state before it."""
     zs: dict[str, list[Tensor]] = {name: [] for name in posterior.mean}
@@ -139,14 +130,7 @@ def _draws(posterior: Posterior, count: int, generator: torch.Generator | None) 
     out: Params = {}
     for name, mean in posterior.mean.items():
         factor = posterior.factors[name]
-        delta = _perturb_block(
-            factor.S.vectors,
-            factor.S.values,
-            factor.A.vectors,
-            factor.A.values,
-            posterior.prior_precision[name],
-            torch.stack(zs[name]),
-        )
+        delta = sqrt_covariance_times(factor, posterior.prior_precision[name], torch.stack(zs[name]))
         if bool(factor.transposed):
             delta = delta.mT
         out[name] = delta.to(mean.dtype)
