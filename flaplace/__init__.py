@@ -53,15 +53,13 @@ from flaplace.predictive import (
 from flaplace.scoring import ClozeModelFunction, cloze_batch, cloze_scores, flatten_choices, pair_batch
 from flaplace.typing import Eigen, Factors, KronFactor, Params, Posterior
 from flaplace.validation import tune_prior_nll
+from flaplace.sequences import SequenceScores, linearised_decode, sequence_scores
 from flaplace.vocabulary import (
     NextTokenLogits,
-    SequenceScores,
     TokenLogitsFunction,
     VocabularyPredictive,
     all_logits,
-    linearised_decode,
     sample_perturbations,
-    sequence_scores,
     vocabulary_predictive,
 )
 

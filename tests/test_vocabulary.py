@@ -21,15 +21,13 @@ from flaplace.params import LastTokenLogits, ModelFunction, select_params
 from flaplace.posterior import covariance_dense, make_posterior
 from flaplace.predictive import linearised_predictive
 from flaplace.typing import Eigen, KronFactor, Posterior
+from flaplace.sequences import continuation_targets, linearised_decode, sequence_scores
 from flaplace.vocabulary import (
     IGNORE_INDEX,
     NextTokenLogits,
     TokenLogitsFunction,
-    continuation_targets,
-    linearised_decode,
     linearised_logits,
     sample_perturbations,
-    sequence_scores,
     vocabulary_predictive,
 )
 

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from flaplace.typing import Params, Posterior
-from flaplace.vocabulary import NextTokenLogits, TokenLogitsFunction, linearised_decode, sample_perturbations
+from flaplace.sequences import linearised_decode
+from flaplace.vocabulary import NextTokenLogits, TokenLogitsFunction, sample_perturbations
 
 
 class Generation(NamedTuple):
