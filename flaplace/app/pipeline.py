@@ -48,7 +48,7 @@ from flaplace.app.checkpoints import (
     stage_seconds,
     write_json,
 )
-from flaplace.app.config import STAGES, RunConfig, check_config, check_device, stage_key
+from flaplace.app.config import STAGES, RunConfig, check_config, check_device, stage_key, user_spec
 from flaplace.app.report import FINAL_OUTPUTS, versions
 from flaplace.app.stages import (
     covariances,
@@ -125,7 +125,9 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
     started = tick = time.perf_counter()
     if task is None:
         limits = {"train": config.max_train, "validation": config.max_eval, "test": config.max_eval}
-        task = load_task(config.task, config.data_path, max_examples=limits, seed=config.seed)
+        task = load_task(
+            config.task, config.data_path, max_examples=limits, seed=config.seed, user=user_spec(config)
+        )
     with seeded(config.seed):
         loaded = hf.load_model(
             config.model,
