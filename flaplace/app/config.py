@@ -96,13 +96,13 @@ class RunConfig:
     )
     validation_path: str | None = option(
         None,
-        f"task {USER_TASK}: validation file (none: carve 10% of --data-path)",
+        f"task {USER_TASK}: validation file (none: carve a tenth of --data-path)",
         kind="optional_str",
         stage="map",
     )
     test_path: str | None = option(
         None,
-        f"task {USER_TASK}: test file (none: carve 10% of --data-path)",
+        f"task {USER_TASK}: test file (none: carve a tenth of --data-path)",
         kind="optional_str",
         stage="map",
     )
