@@ -129,15 +129,21 @@ def read_user_splits(path: str | Path, spec: UserSpec, seed: int) -> tuple[str, 
         >>> kind, choices  # doctest: +SKIP
         ('multiple_choice', ('A', 'B', 'C', 'D'))
     """
-    columns = {"text": spec.text, "label": spec.label, "text_pair": spec.text_pair, "choices": spec.choices}
-    train = load_user_data(path, **columns, classes=spec.classes)
+
+    def read(file: str | Path, classes: Sequence[str] | None) -> UserData:
+        return load_user_data(
+            file, text=spec.text, label=spec.label, text_pair=spec.text_pair, choices=spec.choices,
+            classes=classes,
+        )  # fmt: skip
+
+    train = read(path, spec.classes)
     kind = train.kind
     files = {"validation": spec.validation_path, "test": spec.test_path}
     splits: Splits = {}
     for split, file in files.items():
         if file is None:
             continue
-        data = load_user_data(file, **columns, classes=train.classes if kind == "classification" else None)
+        data = read(file, train.classes if kind == "classification" else None)
         if data.classes != train.classes:
             raise TaskDataError(
                 f"{file}: {len(data.classes)} options per question, but the training file {path} "
