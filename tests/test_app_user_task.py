@@ -181,6 +181,8 @@ def test_files_that_disagree_and_missing_files_are_clear_errors(tmp_path):
         load_task("user", lists[3], user=spec)
     with pytest.raises(FileNotFoundError, match="give --data-path"):
         load_task("user", tmp_path)
+    with pytest.raises(FileNotFoundError, match="is a file; for your own data file use --task user"):
+        load_task("sst2", train)
 
 
 def test_user_options_are_part_of_the_map_key():

@@ -89,6 +89,11 @@ def _task_folder(name: str, path: Path, marker: str) -> Path:
     """Accept the task's own folder or a parent holding ``<name>/``."""
     if not (path / marker).is_file() and (path / name / marker).is_file():
         return path / name
+    if path.is_file():
+        raise FileNotFoundError(
+            f"task {name!r} reads a folder of its files, but {path} is a file; for your own data file "
+            f"use --task {USER_TASK} (or leave out --task)"
+        )
     if not path.is_dir():
         raise FileNotFoundError(f"data folder for task {name!r} not found: {path}")
     return path
