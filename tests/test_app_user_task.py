@@ -189,3 +189,10 @@ def test_user_options_are_part_of_the_map_key():
     base = RunConfig(model="m", task="user", data_path="my.jsonl")
     for change in ({"text_column": "review"}, {"choice_columns": ("A", "B")}, {"test_path": "t.jsonl"}):
         assert stage_key(RunConfig(**{**vars(base), **change}), "map") != stage_key(base, "map")
+
+
+def test_user_options_with_another_task_are_an_error():
+    with pytest.raises(ValueError, match="text_column is read only for your own data"):
+        RunConfig(model="m", task="sst2", text_column="review")
+    with pytest.raises(ValueError, match="choice_columns is read only"):
+        RunConfig(model="m", choice_columns=("A", "B"))

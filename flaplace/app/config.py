@@ -189,6 +189,11 @@ class RunConfig:
         check_config(self)
 
 
+#: The options that describe a user's own files (task ``user``); other tasks reject them.
+USER_OPTIONS: tuple[str, ...] = (
+    "validation_path", "test_path", "text_column", "text_pair_column", "label_column", "choice_columns", "classes",
+)  # fmt: skip
+
 #: The declared options, in order.
 OPTIONS: tuple[dataclasses.Field, ...] = dataclasses.fields(RunConfig)
 #: Configuration fields each stage depends on (a stage also depends on all earlier ones).
@@ -239,6 +244,13 @@ def check_config(config: RunConfig) -> None:
     """
     for field in OPTIONS:
         check_option(field.name, getattr(config, field.name))
+    if config.task != USER_TASK:
+        for name in USER_OPTIONS:
+            if getattr(config, name) != RunConfig.__dataclass_fields__[name].default:
+                raise ValueError(
+                    f"{name} is read only for your own data (task {USER_TASK}), but the task is "
+                    f"{config.task!r}; give --data-path <file> and leave out --task, or drop {name}"
+                )
 
 
 def check_device(device: str) -> None:
