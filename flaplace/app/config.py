@@ -319,7 +319,7 @@ def user_spec(config: RunConfig) -> UserSpec:
     """The columns and files of task ``user`` from the run's options.
 
     Examples:
-        >>> user_spec(RunConfig(model="m", label_column="stars")).label
+        >>> user_spec(RunConfig(model="m", task="user", label_column="stars")).label
         'stars'
     """
     return UserSpec(
