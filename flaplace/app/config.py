@@ -28,7 +28,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from flaplace.app.hf import MODEL_KINDS
-from flaplace.app.tasks import KNOWN_TASKS
+from flaplace.app.tasks import KNOWN_TASKS, USER_TASK, UserSpec
 from flaplace.links import Link
 from flaplace.typing import FisherType, Sharing
 
@@ -44,7 +44,7 @@ DTYPES: tuple[str, ...] = ("float32", "float64", "bfloat16")
 NONE_WORDS: tuple[str, ...] = ("none", "null")
 
 #: How an option's text is read: the value types of the command line and TOML.
-OptionKind = Literal["str", "optional_str", "int", "optional_int", "float", "names"]
+OptionKind = Literal["str", "optional_str", "int", "optional_int", "float", "names", "optional_names"]
 
 
 def option(
@@ -89,8 +89,42 @@ class RunConfig:
     task: str = option("demo", f"task name, one of: {', '.join(KNOWN_TASKS)}", stage="map")
     data_path: str | None = option(
         None,
-        "folder with the task's files (else $FLAPLACE_DATA_DIR/<task>)",
+        "folder with the task's files (else $FLAPLACE_DATA_DIR/<task>); "
+        f"or your own .jsonl/.csv/.tsv training file (task {USER_TASK})",
         kind="optional_str",
+        stage="map",
+    )
+    validation_path: str | None = option(
+        None,
+        f"task {USER_TASK}: validation file (none: carve a tenth of --data-path)",
+        kind="optional_str",
+        stage="map",
+    )
+    test_path: str | None = option(
+        None,
+        f"task {USER_TASK}: test file (none: carve a tenth of --data-path)",
+        kind="optional_str",
+        stage="map",
+    )
+    text_column: str = option("text", f"task {USER_TASK}: column of the text or question", stage="map")
+    text_pair_column: str | None = option(
+        None,
+        f"task {USER_TASK}: column of a second text (none: single texts)",
+        kind="optional_str",
+        stage="map",
+    )
+    label_column: str = option("label", f"task {USER_TASK}: column of the label", stage="map")
+    choice_columns: tuple[str, ...] | None = option(
+        None,
+        f"task {USER_TASK}, multiple choice: a column holding the list of options, or one column "
+        "per option (e.g. A,B,C,D); none: classification",
+        kind="optional_names",
+        stage="map",
+    )
+    classes: tuple[str, ...] | None = option(
+        None,
+        f"task {USER_TASK}, classification: class names in index order (none: the sorted labels)",
+        kind="optional_names",
         stage="map",
     )
     lora_rank: int = option(8, "LoRA rank", kind="int", stage="map", positive=True)
@@ -149,8 +183,16 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.lora_targets = tuple(self.lora_targets)
+        for name in ("choice_columns", "classes"):
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(getattr(self, name)))
         check_config(self)
 
+
+#: The options that describe a user's own files (task ``user``); other tasks reject them.
+USER_OPTIONS: tuple[str, ...] = (
+    "validation_path", "test_path", "text_column", "text_pair_column", "label_column", "choice_columns", "classes",
+)  # fmt: skip
 
 #: The declared options, in order.
 OPTIONS: tuple[dataclasses.Field, ...] = dataclasses.fields(RunConfig)
@@ -202,6 +244,13 @@ def check_config(config: RunConfig) -> None:
     """
     for field in OPTIONS:
         check_option(field.name, getattr(config, field.name))
+    if config.task != USER_TASK:
+        for name in USER_OPTIONS:
+            if getattr(config, name) != RunConfig.__dataclass_fields__[name].default:
+                raise ValueError(
+                    f"{name} is read only for your own data (task {USER_TASK}), but the task is "
+                    f"{config.task!r}; give --data-path <file> and leave out --task, or drop {name}"
+                )
 
 
 def check_device(device: str) -> None:
@@ -259,11 +308,29 @@ def coerce_option(name: str, value: Any) -> Any:
     kind = RunConfig.__dataclass_fields__[name].metadata["kind"]
     if isinstance(value, str) and kind.startswith("optional_") and value.strip().lower() in NONE_WORDS:
         return None
-    if kind == "names":
+    if kind in ("names", "optional_names") and value is not None:
         return names(value) if isinstance(value, str) else tuple(value)
     if kind == "float" and _is_int(value):
         return float(value)
     return value
+
+
+def user_spec(config: RunConfig) -> UserSpec:
+    """The columns and files of task ``user`` from the run's options.
+
+    Examples:
+        >>> user_spec(RunConfig(model="m", task="user", label_column="stars")).label
+        'stars'
+    """
+    return UserSpec(
+        text=config.text_column,
+        label=config.label_column,
+        text_pair=config.text_pair_column,
+        choices=config.choice_columns,
+        classes=config.classes,
+        validation_path=config.validation_path,
+        test_path=config.test_path,
+    )
 
 
 def stage_key(config: RunConfig, stage: str) -> str:

@@ -15,8 +15,9 @@ matches; otherwise it and every later stage are recomputed. The final outputs
 run starts and ``results.json`` is written last, so a run that fails leaves nothing that
 looks like a finished result.
 
-[`run`][flaplace.app.pipeline.run] changes no process-wide state: it seeds a forked
-random-number generator and leaves the thread count to its caller (the command line).
+[`run`][flaplace.app.pipeline.run] changes no process-wide state: it seeds the random-number
+generators with ``transformers.set_seed`` inside [`seeded`][flaplace.app.pipeline.seeded], which
+restores their states afterwards, and leaves the thread count to its caller (the command line).
 
 Examples:
     >>> from flaplace.app.config import RunConfig
@@ -48,7 +49,7 @@ from flaplace.app.checkpoints import (
     stage_seconds,
     write_json,
 )
-from flaplace.app.config import STAGES, RunConfig, check_config, check_device, stage_key
+from flaplace.app.config import STAGES, RunConfig, check_config, check_device, stage_key, user_spec
 from flaplace.app.report import FINAL_OUTPUTS, versions
 from flaplace.app.stages import (
     covariances,
@@ -72,7 +73,12 @@ def _log(message: str, progress: bool) -> None:
 
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Seed Python's and torch's generators for the block, then restore their states.
+    """Seed the generators for the block with ``transformers.set_seed``, then restore their states.
+
+    ``transformers.set_seed`` seeds Python's, NumPy's and torch's (CPU and CUDA) generators, the
+    same call a Hugging Face ``Trainer`` makes. It leaves the process seeded, which a library
+    function must not do, so the states are saved before and restored after the block (torch's
+    by ``torch.random.fork_rng``).
 
     Examples:
         >>> with seeded(0):
@@ -81,14 +87,17 @@ def seeded(seed: int) -> Iterator[None]:
         ...     bool(torch.rand(1) == first)
         True
     """
-    state = random.getstate()
-    random.seed(seed)
+    import numpy as np
+    from transformers import set_seed
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng():
-            torch.manual_seed(seed)
+            set_seed(seed)
             yield
     finally:
-        random.setstate(state)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -125,7 +134,9 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
     started = tick = time.perf_counter()
     if task is None:
         limits = {"train": config.max_train, "validation": config.max_eval, "test": config.max_eval}
-        task = load_task(config.task, config.data_path, max_examples=limits, seed=config.seed)
+        task = load_task(
+            config.task, config.data_path, max_examples=limits, seed=config.seed, user=user_spec(config)
+        )
     with seeded(config.seed):
         loaded = hf.load_model(
             config.model,

@@ -1,7 +1,8 @@
 """Paired bootstrap intervals for metric differences, by ``scipy.stats.bootstrap``.
 
-Replaces the hand-written percentile bootstrap of the benchmarks and the pipeline (see the
-report: ``benchmarks/compare_peers.py`` and ``flaplace/workflow.py`` still have their own).
+The benchmarks (``benchmarks/peers_quality.py``, ``benchmarks/llm_quality.py``) call it in place
+of the percentile loops they had; their committed results came from those loops, so a rerun's
+intervals differ slightly (other random draws), while the point differences are the same.
 """
 
 from __future__ import annotations

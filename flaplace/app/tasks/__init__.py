@@ -5,7 +5,7 @@
 splits of [`Example`][flaplace.app.tasks.examples.Example]s. The package is split into
 [`examples`][flaplace.app.tasks.examples] (the records and batching),
 [`prompts`][flaplace.app.tasks.prompts], [`readers`][flaplace.app.tasks.readers] (one per data
-set) and the [`registry`][flaplace.app.tasks.registry].
+set), [`user`][flaplace.app.tasks.user] (the user's own files) and the [`registry`][flaplace.app.tasks.registry].
 """
 
 from flaplace.app.tasks.examples import DATA_DIR_ENV, SPLITS, Example, Task, TaskDataError, TaskKind, batches
@@ -18,6 +18,7 @@ from flaplace.app.tasks.prompts import (
     true_false_prompt,
 )
 from flaplace.app.tasks.registry import KNOWN_TASKS, demo_data_dir, load_task
+from flaplace.app.tasks.user import USER_TASK, UserSpec
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -30,6 +31,8 @@ __all__ = [
     "Task",
     "TaskDataError",
     "TaskKind",
+    "USER_TASK",
+    "UserSpec",
     "batches",
     "demo_data_dir",
     "format_prompt",

@@ -28,6 +28,7 @@ from flaplace.app.tasks.readers import (
     sst2_local,
     winogrande_local,
 )
+from flaplace.app.tasks.user import USER_TASK, UserSpec, read_user_splits
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ _TASKS: dict[str, _Spec] = {
     "demo": _Spec("classification", SST2_CHOICES, demo_local, None, "demo_train.jsonl"),
 }
 
-#: Names accepted by `load_task`.
-KNOWN_TASKS: tuple[str, ...] = tuple(_TASKS)
+#: Names accepted by `load_task` (``user``: the user's own files, see [`user`][flaplace.app.tasks.user]).
+KNOWN_TASKS: tuple[str, ...] = (*_TASKS, USER_TASK)
 
 
 def demo_data_dir() -> Path:
@@ -88,6 +89,11 @@ def _task_folder(name: str, path: Path, marker: str) -> Path:
     """Accept the task's own folder or a parent holding ``<name>/``."""
     if not (path / marker).is_file() and (path / name / marker).is_file():
         return path / name
+    if path.is_file():
+        raise FileNotFoundError(
+            f"task {name!r} reads a folder of its files, but {path} is a file; for your own data file "
+            f"use --task {USER_TASK} (or leave out --task)"
+        )
     if not path.is_dir():
         raise FileNotFoundError(f"data folder for task {name!r} not found: {path}")
     return path
@@ -144,6 +150,7 @@ def load_task(
     *,
     max_examples: Mapping[str, int | None] | int | None = None,
     seed: int = 0,
+    user: UserSpec | None = None,
 ) -> Task:
     """Load task ``name`` with ``train``, ``validation`` and ``test`` splits.
 
@@ -157,6 +164,11 @@ def load_task(
     seeded random subset, kept in file order. ``seed`` also fixes the
     deterministic carving of splits that the files do not provide.
 
+    Task ``user`` reads the user's own file: ``path`` is a ``.jsonl``, ``.csv`` or
+    ``.tsv`` training file and ``user`` (a [`UserSpec`][flaplace.app.tasks.user.UserSpec])
+    names its columns and the optional validation and test files; see
+    [`user`][flaplace.app.tasks.user] for how missing splits are carved.
+
     Raises ``ValueError`` for an unknown task, ``FileNotFoundError`` for a
     missing file or source, and `TaskDataError` (a ``ValueError``)
     naming the file and line for malformed records or labels outside the
@@ -169,11 +181,22 @@ def load_task(
         >>> task.choices
         ('negative', 'positive')
     """
-    if name not in _TASKS:
+    if name not in KNOWN_TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(KNOWN_TASKS)}")
-    spec = _TASKS[name]
     limits = _limits(max_examples)
     dropped: dict[str, int] = {}
+    if name == USER_TASK:
+        if path is None or not Path(path).is_file():
+            raise FileNotFoundError(
+                f"task {USER_TASK!r} reads your own data file: give --data-path <file.jsonl|.csv|.tsv>"
+                + ("" if path is None else f" (not found: {path})")
+            )
+        kind, choices, splits = read_user_splits(path, user or UserSpec(), seed)
+        for split in SPLITS:
+            splits[split] = _subsample(splits[split], limits[split], seed, split)
+        kind_: TaskKind = "multiple_choice" if kind == "multiple_choice" else "classification"
+        return Task(USER_TASK, kind_, len(choices), splits, choices, dropped, str(path))
+    spec = _TASKS[name]
     if path is None and os.environ.get(DATA_DIR_ENV) and name != "demo":
         path = Path(os.environ[DATA_DIR_ENV])
     if path is None and name == "demo":
