@@ -31,6 +31,7 @@ from flaplace.params import batch_targets
 from flaplace.posterior import PriorPrecision, with_prior_precision
 from flaplace.predictive import (
     CovarianceFeatures,
+    JacobianMethod,
     covariance_features,
     covariance_from_features,
     jacobians_and_logits,
@@ -62,7 +63,7 @@ def validation_features(
     batches: Iterable[Batch],
     *,
     chunk_size: int | None = None,
-    method: str = "auto",
+    method: JacobianMethod = "auto",
 ) -> ValidationFeatures:
     """Per-example Jacobian features of the validation set that do not depend on ``lambda``.
 
@@ -136,7 +137,7 @@ def tune_prior_nll(
     init: PriorPrecision | None = None,
     per_block: bool | Sequence[str] = False,
     chunk_size: int | None = None,
-    method: str = "auto",
+    method: JacobianMethod = "auto",
     progress: bool = True,
 ) -> tuple[Posterior, list[dict[str, Any]]]:
     """Minimise the validation NLL of the linearised predictive over ``log lambda`` with Adam.
