@@ -51,9 +51,9 @@ from flaplace.predictive import (
     predictive_precompute,
 )
 from flaplace.scoring import ClozeModelFunction, cloze_batch, cloze_scores, flatten_choices, pair_batch
+from flaplace.sequences import SequenceScores, linearised_decode, sequence_scores
 from flaplace.typing import Eigen, Factors, KronFactor, Params, Posterior
 from flaplace.validation import tune_prior_nll
-from flaplace.sequences import SequenceScores, linearised_decode, sequence_scores
 from flaplace.vocabulary import (
     NextTokenLogits,
     TokenLogitsFunction,

@@ -20,8 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from flaplace.params import LastTokenLogits, ModelFunction, select_params
 from flaplace.posterior import covariance_dense, make_posterior
 from flaplace.predictive import linearised_predictive
-from flaplace.typing import Eigen, KronFactor, Posterior
 from flaplace.sequences import continuation_targets, linearised_decode, sequence_scores
+from flaplace.typing import Eigen, KronFactor, Posterior
 from flaplace.vocabulary import (
     IGNORE_INDEX,
     NextTokenLogits,

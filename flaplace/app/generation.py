@@ -21,8 +21,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from flaplace.typing import Params, Posterior
 from flaplace.sequences import linearised_decode
+from flaplace.typing import Params, Posterior
 from flaplace.vocabulary import NextTokenLogits, TokenLogitsFunction, sample_perturbations
 
 
