@@ -37,7 +37,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "lora_targets": ("q_proj", "v_proj"),
     "lora_layers": 8,
     "steps": 24,
-    "lr": 1e-3,
+    "lr": 5e-3,
     "batch_size": 8,
     "eval_batch_size": 25,
     "max_length": 64,
