@@ -299,7 +299,7 @@ def options_markdown(defaults: dict[str, Any] | None = None) -> str:
 
     Examples:
         >>> print(options_markdown().splitlines()[2])
-        | `--model` | `""` | Hugging Face hub id or local model folder |
+        | `--model` | `""` | Hugging Face hub id, local model folder, GGUF file or folder, or smollm2 |
     """
     lines = ["| option | default | meaning |", "|---|---|---|"]
     for field in OPTIONS:
