@@ -189,7 +189,7 @@ def _quality_task(name: str, folder: Path, sizes: dict[str, int], seed: int, qui
     tick = time.perf_counter()
     model.train()
     trained, losses = stages.train_map(
-        model_fn,
+        model_fn.training(),  # dropout on while fitting the MAP, as before
         {n: named[n] for n in trainable},
         laplace_names,
         stages.training_batches(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -311,8 +312,11 @@ class ModelFunction:
     the module's own. ``transposed`` lists the selected weights stored as
     ``(in, out)`` (GPT-2 ``Conv1D``), found from the module structure.
 
-    The model is always evaluated in eval mode (dropout off), whatever mode it is in: each
-    call switches the modules that are training to eval and back afterwards. A wrapped model
+    The model is evaluated in eval mode (dropout off), whatever mode it is in: each call
+    switches the modules that are training to eval and back afterwards, so factors and
+    predictives are deterministic. [`training`][flaplace.params.ModelFunction.training] gives
+    the same function with the modules left in their own modes, for fitting the MAP with
+    dropout as the model is configured. A wrapped model
     (DDP, ``torch.compile``) is unwrapped ([`unwrap_model`][flaplace.params.unwrap_model]).
 
     When the output function reads a few positions only (`LastTokenLogits`) and the
@@ -335,6 +339,7 @@ class ModelFunction:
         output_fn: OutputFn = classifier_logits,
         *,
         trim_logits: bool = True,
+        eval_mode: bool = True,
     ):
         names = list(params)
         model = unwrap_model(model)
@@ -357,6 +362,29 @@ class ModelFunction:
             if len(by_tensor[id(known[n])]) > 1
         }
         self.trim_logits = trim_logits and _keeps_positions(model, names, output_fn)
+        self.eval_mode = eval_mode
+
+    def training(self) -> ModelFunction:
+        """The same function, evaluating the modules in their own modes (dropout on in training mode).
+
+        For fitting the MAP: call ``model.train()`` and train through ``f.training()``; the
+        curvature and the predictive use ``f`` itself, in eval mode.
+
+        Examples:
+            >>> import torch
+            >>> from torch import nn
+            >>> net = nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5)).train()
+            >>> f = ModelFunction(net, ["0.weight"], lambda out, batch: out)
+            >>> x = {"input": torch.ones(4, 3)}
+            >>> params = {"0.weight": net[0].weight}
+            >>> bool((f(params, x) == f(params, x)).all())  # eval mode: deterministic
+            True
+            >>> f.training().eval_mode, f.eval_mode
+            (False, True)
+        """
+        clone = copy.copy(self)
+        clone.eval_mode = False
+        return clone
 
     def __call__(self, params: Params, batch: Batch) -> Float[Tensor, "batch classes"]:
         args, kwargs = model_inputs(batch)
@@ -369,7 +397,7 @@ class ModelFunction:
             kwargs.update(self.output_fn.model_kwargs(batch))  # type: ignore[attr-defined]
         # Dropout and other training-mode layers would make f random: evaluate in eval mode
         # and give the modules back their own modes afterwards.
-        training = [m for m in self.model.modules() if m.training]
+        training = [m for m in self.model.modules() if m.training] if self.eval_mode else []
         for module in training:
             module.training = False
         try:

@@ -63,3 +63,22 @@ def test_no_trimming_when_the_head_itself_is_adapted_or_absent():
     bert = tiny_lora_model("bert")
     assert not ModelFunction(bert, select_params(bert, "lora"), classifier_logits).trim_logits
     assert not ModelFunction(bert, select_params(bert, "lora"), LastTokenLogits(ANSWERS)).trim_logits
+
+
+def test_training_function_keeps_dropout_and_the_default_turns_it_off():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Dropout(0.5)).train()
+    params = {"0.weight": net[0].weight}
+    f = ModelFunction(net, params, lambda out, batch: out)
+    x = {"input": torch.ones(8, 6)}
+    reference = net.eval()(x["input"])  # eval mode by hand: the independent reference
+    net.train()
+    torch.testing.assert_close(f(params, x), reference)
+    assert net.training  # the module's own mode is left as it was
+    trained = f.training()
+    first, second = trained(params, x), trained(params, x)
+    assert not torch.equal(first, second)  # dropout is on: two draws of the mask differ
+    # every entry is either dropped (0) or the eval output scaled by 1 / (1 - p)
+    for out in (first, second):
+        kept = out != 0
+        torch.testing.assert_close(out[kept], (reference * 2)[kept])

@@ -180,8 +180,8 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
                 train, loaded, task, batch_size=config.batch_size, max_length=config.max_length,
                 seed=config.seed, device=config.device,
             )  # fmt: skip
-            trained, losses = train_map(
-                model_fn, {n: named[n] for n in trainable}, laplace_names, data, n_train=len(train),
+            trained, losses = train_map(  # dropout as configured: train through f.training()
+                model_fn.training(), {n: named[n] for n in trainable}, laplace_names, data, n_train=len(train),
                 steps=config.steps, lr=config.lr, prior_precision=config.prior_precision, progress=progress,
             )  # fmt: skip
             model.eval()
