@@ -26,9 +26,9 @@ from flaplace.posterior import (
     PriorPrecision,
     assign_blocks,
     num_parameters,
-    validate_posterior,
     with_prior_precision,
 )
+from flaplace.posterior_io import validate_posterior
 from flaplace.typing import Posterior
 
 #: Default grid of prior precisions for `tune_prior_grid`: ``10^-4 ... 10^4``, 4 per decade.
@@ -48,7 +48,7 @@ def log_marginal_likelihood(posterior: Posterior, log_likelihood: Tensor | float
         prior precision tensors (and so in ``log lambda``).
 
     Raises:
-        ValueError: a posterior that fails [`validate_posterior`][flaplace.posterior.validate_posterior]
+        ValueError: a posterior that fails [`validate_posterior`][flaplace.posterior_io.validate_posterior]
             (e.g. a NaN or non-positive prior precision), or a log-likelihood that is not
             finite (NaN from K-FAC batches without labels: the message says so).
 

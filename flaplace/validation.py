@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flaplace.evidence import free_parameter_groups
+from flaplace.jacobians import JacobianMethod, jacobians_and_logits
 from flaplace.links import predictive_probs
 from flaplace.params import batch_targets
 from flaplace.posterior import PriorPrecision, with_prior_precision
@@ -33,7 +34,6 @@ from flaplace.predictive import (
     CovarianceFeatures,
     covariance_features,
     covariance_from_features,
-    jacobians_and_logits,
     predictive_precompute,
 )
 from flaplace.typing import Batch, Likelihood, ModelFn, Posterior
@@ -62,7 +62,7 @@ def validation_features(
     batches: Iterable[Batch],
     *,
     chunk_size: int | None = None,
-    method: str = "auto",
+    method: JacobianMethod = "auto",
 ) -> ValidationFeatures:
     """Per-example Jacobian features of the validation set that do not depend on ``lambda``.
 
@@ -136,7 +136,7 @@ def tune_prior_nll(
     init: PriorPrecision | None = None,
     per_block: bool | Sequence[str] = False,
     chunk_size: int | None = None,
-    method: str = "auto",
+    method: JacobianMethod = "auto",
     progress: bool = True,
 ) -> tuple[Posterior, list[dict[str, Any]]]:
     """Minimise the validation NLL of the linearised predictive over ``log lambda`` with Adam.
@@ -166,7 +166,7 @@ def tune_prior_nll(
         per_block: one ``lambda`` for all blocks (``False``), one per block (``True``), or one
             per keyword group.
         chunk_size: examples per vectorised Jacobian chunk.
-        method: how Jacobians are computed (see [`per_example_jacobians`][flaplace.predictive.per_example_jacobians]).
+        method: how Jacobians are computed (see [`per_example_jacobians`][flaplace.jacobians.per_example_jacobians]).
         progress: show a tqdm progress bar.
 
     Returns:
