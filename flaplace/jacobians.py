@@ -80,9 +80,9 @@ def per_example_jacobians(
         RuntimeError: ``vmap`` could not trace the model (the message suggests fixes).
 
     Examples:
-        >>> f = ModelFunction(model, select_params(model, "lora"), LastTokenLogits([id_a, id_b]))
-        >>> jac = per_example_jacobians(f, params, {"input_ids": ids, "attention_mask": mask})
-        >>> jac["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"].shape
+        >>> f = ModelFunction(model, select_params(model, "lora"), LastTokenLogits([id_a, id_b]))  # doctest: +SKIP
+        >>> jac = per_example_jacobians(f, params, {"input_ids": ids, "attention_mask": mask})  # doctest: +SKIP
+        >>> jac["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"].shape  # doctest: +SKIP
         torch.Size([8, 2, 2, 32])
     """
     jacobians, _ = _jacobians_and_logits(model_fn, params, batch, chunk_size=chunk_size, method=method)

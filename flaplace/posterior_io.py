@@ -57,7 +57,7 @@ def check_blocks(factors: Factors, params: Params) -> None:
         ValueError: naming the first mismatch.
 
     Examples:
-        >>> check_blocks(factors, select_params(model, "lora"))
+        >>> check_blocks(factors, params)  # silent when they match
     """
     if not params:
         raise ValueError("params is empty: there is no block to build a posterior over")
@@ -190,7 +190,8 @@ def load_posterior(
             (naming the first one) a name, shape or dtype mismatch.
 
     Examples:
-        >>> posterior = load_posterior("posterior.safetensors", select_params(model, "lora"))
+        >>> save_posterior("posterior.safetensors", posterior)
+        >>> posterior = load_posterior("posterior.safetensors", params)
     """
     if device is None:
         device = next(iter(params.values())).device if params else torch.device("cpu")
