@@ -108,7 +108,8 @@ def validation_nll(
         likelihood: ``"categorical"`` or ``"bernoulli"``.
 
     Examples:
-        >>> validation_nll(with_prior_precision(posterior, 10.0), features)
+        >>> features = validation_features(posterior, model_fn, val_batches)
+        >>> nll = validation_nll(with_prior_precision(posterior, 10.0), features)
     """
     if link not in DIFFERENTIABLE_LINKS:
         raise ValueError(f"link must be one of {DIFFERENTIABLE_LINKS} (differentiable), got {link!r}")

@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The other modules' examples are shown in the docs but not run yet.
 DOCTESTED = (
     "flaplace.typing",
+    "flaplace.params",
+    "flaplace.scoring",
+    "flaplace.validation",
     "flaplace.jacobians",
     "flaplace.kfac",
     "flaplace.kfac_state",
@@ -82,7 +85,7 @@ def tiny_namespace() -> dict:
     )
     return {
         "flaplace": flaplace, "params": params, "model_fn": model_fn, "f": model_fn, "batch": (x, y),
-        "loader": loader, "factors": factors, "state": state, "posterior": posterior, "ll": state.log_likelihood,
+        "loader": loader, "val_batches": loader, "with_prior_precision": flaplace.with_prior_precision, "factors": factors, "state": state, "posterior": posterior, "ll": state.log_likelihood,
         "name": "fc.weight", "f_mu": f_mu, "f_var": f_var, "s1": s1, "s2": s2,
         "linearised_predictive": flaplace.linearised_predictive,
         "log_marginal_likelihood": flaplace.log_marginal_likelihood, "make_posterior": flaplace.make_posterior,
