@@ -16,9 +16,11 @@ Examples:
 from flaplace.capture import CaptureError, capture
 from flaplace.evidence import log_marginal_likelihood, tune_prior_evidence, tune_prior_grid
 from flaplace.fisher import fisher_cotangents, log_likelihood
-from flaplace.kfac import KFAC, KFACState, build, input_factor_keys, kfac_factors, reduce_across_ranks
+from flaplace.jacobians import per_example_jacobians
+from flaplace.kfac import KFAC, build
 from flaplace.kfac import fit as fit_kfac
-from flaplace.laplace import LaplaceLoRA, laplace, sampling_probs
+from flaplace.kfac_state import KFACState, input_factor_keys, kfac_factors, reduce_across_ranks
+from flaplace.laplace import LaplaceLoRA, laplace
 from flaplace.links import (
     centre_moments,
     gaussian_predictive,
@@ -36,20 +38,10 @@ from flaplace.params import (
     token_mask,
     unwrap_model,
 )
-from flaplace.posterior import (
-    load_posterior,
-    make_posterior,
-    sample,
-    save_posterior,
-    validate_posterior,
-    with_prior_precision,
-)
-from flaplace.predictive import (
-    linearised_predictive,
-    per_example_jacobians,
-    predictive_covariance,
-    predictive_precompute,
-)
+from flaplace.posterior import make_posterior, sample, with_prior_precision
+from flaplace.posterior_io import load_posterior, save_posterior, validate_posterior
+from flaplace.predictive import linearised_predictive, predictive_covariance, predictive_precompute
+from flaplace.sampling import sampling_probs
 from flaplace.scoring import ClozeModelFunction, cloze_batch, cloze_scores, flatten_choices, pair_batch
 from flaplace.sequences import SequenceScores, linearised_decode, sequence_scores
 from flaplace.typing import Eigen, Factors, KronFactor, Params, Posterior

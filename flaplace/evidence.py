@@ -26,9 +26,9 @@ from flaplace.posterior import (
     PriorPrecision,
     assign_blocks,
     num_parameters,
-    validate_posterior,
     with_prior_precision,
 )
+from flaplace.posterior_io import validate_posterior
 from flaplace.typing import Posterior
 
 #: Default grid of prior precisions for `tune_prior_grid`: ``10^-4 ... 10^4``, 4 per decade.
@@ -48,7 +48,7 @@ def log_marginal_likelihood(posterior: Posterior, log_likelihood: Tensor | float
         prior precision tensors (and so in ``log lambda``).
 
     Raises:
-        ValueError: a posterior that fails [`validate_posterior`][flaplace.posterior.validate_posterior]
+        ValueError: a posterior that fails [`validate_posterior`][flaplace.posterior_io.validate_posterior]
             (e.g. a NaN or non-positive prior precision), or a log-likelihood that is not
             finite (NaN from K-FAC batches without labels: the message says so).
 
@@ -160,9 +160,9 @@ def tune_prior_evidence(
         out before the gradient fell below ``tol``.
 
     Examples:
-        >>> tuned, history = tune_prior_evidence(posterior, ll, per_block=["lora_A", "lora_B"])
-        >>> last = history[-1]
-        >>> last["log_evidence"], last["prior_precision"]
+        >>> tuned, history = tune_prior_evidence(posterior, ll, per_block=["lora_A", "lora_B"])  # doctest: +SKIP
+        >>> last = history[-1]  # doctest: +SKIP
+        >>> last["log_evidence"], last["prior_precision"]  # doctest: +SKIP
     """
     if steps < 0:
         raise ValueError(f"steps must be non-negative, got {steps}")
@@ -263,7 +263,7 @@ def tune_prior_grid(
         ValueError: an empty or non-positive grid, or no candidate with a finite NLL.
 
     Examples:
-        >>> tuned, table = tune_prior_grid(posterior, lambda p: validation_nll(p, val_loader))
+        >>> tuned, table = tune_prior_grid(posterior, lambda p: validation_nll(p, val_loader))  # doctest: +SKIP
     """
     candidates = DEFAULT_GRID if grid is None else [float(g) for g in grid]
     if len(candidates) == 0:
@@ -286,7 +286,7 @@ def evidence_gradient(posterior: Posterior, log_likelihood: Tensor | float) -> d
     """``d log Z / d log lambda`` for each block at the posterior's prior precision.
 
     Examples:
-        >>> evidence_gradient(posterior, ll)  # ~0 for every block after per-block tuning
+        >>> gradient = evidence_gradient(posterior, ll)  # ~0 for every block after per-block tuning
     """
     names = list(posterior.mean)
     log_lams = {n: posterior.prior_precision[n].detach().log().requires_grad_(True) for n in names}

@@ -16,10 +16,9 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from flaplace.jacobians import JacobianMethod, jacobians_and_logits
 from flaplace.predictive import (
-    JacobianMethod,
     PredictiveCache,
-    jacobians_and_logits,
     predictive_covariance,
     predictive_precompute,
 )

@@ -13,7 +13,8 @@ Two predictives are offered:
   (``"probit"``, ``"bridge"`` or ``"mc"``), see [`flaplace.predictive`][flaplace.predictive];
 * ``"nn"``: the sampling predictive. Weights ``theta_s ~ N(theta*, Sigma)`` are drawn from the
   posterior ([`sample`][flaplace.posterior.sample]), the model runs at each, and the class
-  probabilities are averaged: ``p = (1/S) sum_s softmax(f(theta_s, x))``.
+  probabilities are averaged: ``p = (1/S) sum_s softmax(f(theta_s, x))``, see
+  [`flaplace.sampling`][flaplace.sampling].
 """
 
 from __future__ import annotations
@@ -23,22 +24,24 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeAlias
 
 import torch
-from jaxtyping import Float
 from torch import Tensor, nn
 
 from flaplace.evidence import log_marginal_likelihood, tune_prior_evidence, tune_prior_grid
+from flaplace.jacobians import JacobianMethod
 from flaplace.kfac import fit as fit_kfac
 from flaplace.links import Link, predictive_probs
 from flaplace.metrics import nll as nll_metric
 from flaplace.params import ModelFunction, OutputFn, batch_targets, classifier_logits, select_params
 from flaplace.posterior import PriorPrecision, make_posterior, sample, with_prior_precision
 from flaplace.predictive import (
-    JacobianMethod,
     PredictiveCache,
     linearised_predictive,
     predictive_precompute,
 )
-from flaplace.typing import Batch, Likelihood, ModelFn, Params, Posterior
+from flaplace.sampling import batch_to as batch_to  # re-exported for existing callers
+from flaplace.sampling import logits_at as logits_at
+from flaplace.sampling import sampling_probs
+from flaplace.typing import Batch, Likelihood, Params, Posterior
 from flaplace.validation import tune_prior_nll
 
 PredType: TypeAlias = Literal["glm", "nn"]
@@ -47,92 +50,7 @@ PRIOR_METHODS: tuple[str, ...] = ("evidence", "val_nll", "grid", "none", "margli
 #: laplace-torch's names for the same methods.
 ALIASES = {"marglik": "evidence", "gridsearch": "grid"}
 
-__all__ = [
-    "LaplaceLoRA",
-    "batch_to",
-    "laplace",
-    "logits_at",
-    "sampling_probs",
-]
-
-
-def batch_to(batch: Batch, device: torch.device | str) -> Batch:
-    """The batch with every tensor moved to ``device`` (other leaves unchanged).
-
-    Examples:
-        >>> batch_to({"input_ids": ids, "labels": y}, "cuda")["input_ids"].device
-        device(type='cuda', index=0)
-    """
-    if isinstance(batch, Mapping):
-        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-    if isinstance(batch, tuple | list):
-        return type(batch)(v.to(device) if isinstance(v, Tensor) else v for v in batch)
-    raise TypeError(
-        f"a batch is a mapping of tensors or a tuple (inputs, targets); got {type(batch).__name__}"
-    )
-
-
-@torch.no_grad()
-def logits_at(model_fn: ModelFn, draws: Params, batch: Batch) -> Float[Tensor, "samples batch classes"]:
-    """The model's logits at each of ``S`` weight draws: ``f(theta_s, batch)`` stacked.
-
-    Args:
-        model_fn: ``f(params, batch) -> logits (B, C)``.
-        draws: ``{name: (S, *param.shape)}``, e.g. from [`sample`][flaplace.posterior.sample].
-        batch: the inputs.
-
-    Returns:
-        ``(S, B, C)`` logits (no gradient).
-
-    Examples:
-        >>> logits = logits_at(model_fn, sample(posterior, 16), batch)  # (16, B, C)
-    """
-    counts = {int(d.shape[0]) for d in draws.values()}
-    if len(counts) != 1:
-        raise ValueError(f"draws must all have the same number of samples, got {sorted(counts)}")
-    n = counts.pop()
-    return torch.stack([model_fn({name: d[s] for name, d in draws.items()}, batch) for s in range(n)])
-
-
-def sampling_probs(
-    model_fn: ModelFn,
-    posterior: Posterior,
-    batch: Batch,
-    n_samples: int = 100,
-    *,
-    generator: torch.Generator | None = None,
-    likelihood: Likelihood = "categorical",
-) -> Float[Tensor, "batch outcomes"]:
-    """The sampling (``"nn"``) predictive: average the class probabilities over posterior weight draws.
-
-    ``p(y | x) = (1/S) sum_s softmax(f(theta_s, x))`` with ``theta_s ~ N(theta*, Sigma)``
-    (sigmoid and ``[1 - p, p]`` for the bernoulli likelihood). Unlike the linearised predictive
-    it runs the network itself at each draw, so it needs no Jacobians; its error is the Monte
-    Carlo error of ``S`` samples.
-
-    Args:
-        model_fn: ``f(params, batch) -> logits (B, C)``.
-        posterior: from [`make_posterior`][flaplace.posterior.make_posterior].
-        batch: the inputs.
-        n_samples: weight draws ``S``.
-        generator: a ``torch.Generator`` on the posterior's device, for reproducible draws.
-        likelihood: ``"categorical"`` or ``"bernoulli"`` (one logit).
-
-    Returns:
-        Probabilities ``(B, C)``, or ``(B, 2)`` for the bernoulli likelihood.
-
-    Examples:
-        >>> probs = sampling_probs(model_fn, posterior, batch, 64, generator=torch.Generator().manual_seed(0))
-    """
-    if likelihood not in ("categorical", "bernoulli"):
-        raise ValueError(f"likelihood must be 'categorical' or 'bernoulli', got {likelihood!r}")
-    logits = logits_at(model_fn, sample(posterior, n_samples, generator), batch)
-    if likelihood == "bernoulli":
-        if logits.shape[-1] != 1:
-            raise ValueError(f"the bernoulli likelihood takes one logit per example, got {logits.shape[-1]}")
-        p = torch.sigmoid(logits[..., 0]).mean(0)
-        return torch.stack([1 - p, p], dim=-1)
-    return torch.softmax(logits, dim=-1).mean(0)
+__all__ = ["LaplaceLoRA", "laplace"]
 
 
 class LaplaceLoRA:
@@ -155,7 +73,7 @@ class LaplaceLoRA:
         batch_fn: applied to every batch before use (e.g. moving it to the device, or turning
             token labels into class indices); default: move tensors to the weights' device.
         jacobian_method: how the linearised predictive computes Jacobians (``"auto"``,
-            ``"vmap"``, ``"loop"`` or ``"capture"``, see [`per_example_jacobians`][flaplace.predictive.per_example_jacobians]).
+            ``"vmap"``, ``"loop"`` or ``"capture"``, see [`per_example_jacobians`][flaplace.jacobians.per_example_jacobians]).
         **kfac_options: passed to [`build`][flaplace.kfac.build] (``fisher``, ``sharing``,
             ``n_kfac``, ``lr_threshold``, ``generator``, ...).
 

@@ -27,7 +27,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     so flaplace evaluates the wrapped module itself (the weights are the same tensors).
 
     Examples:
-        >>> unwrap_model(DistributedDataParallel(model)) is model
+        >>> unwrap_model(DistributedDataParallel(model)) is model  # doctest: +SKIP
         True
     """
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
@@ -64,7 +64,7 @@ def select_params(
         ValueError: nothing is selected, or a keyword matches no parameter.
 
     Examples:
-        >>> params = select_params(peft_model, "lora")  # lora_A and lora_B weights
+        >>> params = select_params(peft_model, "lora")  # lora_A and lora_B weights  # doctest: +SKIP
     """
     model = unwrap_model(model)
     named = dict(model.named_parameters())
@@ -173,7 +173,7 @@ class LastTokenLogits:
     batch's ``attention_mask`` when it has one.
 
     Examples:
-        >>> output_fn = LastTokenLogits([tok(" A").input_ids[-1], tok(" B").input_ids[-1]])
+        >>> output_fn = LastTokenLogits([tok(" A").input_ids[-1], tok(" B").input_ids[-1]])  # doctest: +SKIP
     """
 
     def __init__(self, token_ids: Sequence[object] | Tensor, *, vocab_size: int | None = None):
@@ -221,7 +221,7 @@ class LastTokenLogits:
         model head projects one position per example instead of every position.
 
         Examples:
-            >>> LastTokenLogits([3, 5]).model_kwargs({"input_ids": ids, "attention_mask": mask})
+            >>> LastTokenLogits([3, 5]).model_kwargs({"input_ids": ids, "attention_mask": mask})  # doctest: +SKIP
             {'logits_to_keep': tensor([[5], [7]])}  # (batch, 1): each example's last real position
         """
         ids = batch["input_ids"] if isinstance(batch, Mapping) else batch[0]
@@ -327,9 +327,9 @@ class ModelFunction:
     off when a selected weight belongs to the head itself.
 
     Examples:
-        >>> params = select_params(model, "lora")
-        >>> f = ModelFunction(model, params, classifier_logits)
-        >>> logits = f(params, {"input_ids": ids, "attention_mask": mask})
+        >>> params = select_params(model, "lora")  # doctest: +SKIP
+        >>> f = ModelFunction(model, params, classifier_logits)  # doctest: +SKIP
+        >>> logits = f(params, {"input_ids": ids, "attention_mask": mask})  # doctest: +SKIP
     """
 
     def __init__(

@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flaplace.evidence import free_parameter_groups
+from flaplace.jacobians import JacobianMethod, jacobians_and_logits
 from flaplace.links import predictive_probs
 from flaplace.params import batch_targets
 from flaplace.posterior import PriorPrecision, with_prior_precision
@@ -34,7 +35,6 @@ from flaplace.predictive import (
     JacobianMethod,
     covariance_features,
     covariance_from_features,
-    jacobians_and_logits,
     predictive_precompute,
 )
 from flaplace.typing import Batch, Likelihood, ModelFn, Posterior
@@ -109,7 +109,8 @@ def validation_nll(
         likelihood: ``"categorical"`` or ``"bernoulli"``.
 
     Examples:
-        >>> validation_nll(with_prior_precision(posterior, 10.0), features)
+        >>> features = validation_features(posterior, model_fn, val_batches)
+        >>> nll = validation_nll(with_prior_precision(posterior, 10.0), features)
     """
     if link not in DIFFERENTIABLE_LINKS:
         raise ValueError(f"link must be one of {DIFFERENTIABLE_LINKS} (differentiable), got {link!r}")
@@ -167,7 +168,7 @@ def tune_prior_nll(
         per_block: one ``lambda`` for all blocks (``False``), one per block (``True``), or one
             per keyword group.
         chunk_size: examples per vectorised Jacobian chunk.
-        method: how Jacobians are computed (see [`per_example_jacobians`][flaplace.predictive.per_example_jacobians]).
+        method: how Jacobians are computed (see [`per_example_jacobians`][flaplace.jacobians.per_example_jacobians]).
         progress: show a tqdm progress bar.
 
     Returns:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flaplace
-from flaplace import fisher, jacobian_cache, kfac, predictive
+from flaplace import fisher, jacobian_cache, jacobians, kfac, kfac_state
 from flaplace.typing import Eigen, FisherType, Likelihood, Sharing
 
 
@@ -17,7 +17,7 @@ def test_option_tuples_are_the_literal_types():
     assert fisher.FISHER_TYPES == get_args(FisherType) == ("mc", "exact", "empirical")
     assert get_args(Likelihood) == fisher.LIKELIHOODS
     assert kfac.SHARINGS == get_args(Sharing) == ("expand", "reduce", "last")
-    assert get_args(predictive.JacobianMethod) == predictive.JACOBIAN_METHODS
+    assert get_args(jacobians.JacobianMethod) == jacobians.JACOBIAN_METHODS
 
 
 def test_eigen_dense_is_q_diag_qt():
@@ -69,7 +69,7 @@ def test_cached_covariance_equals_the_dense_predictive_for_every_prior():
         posterior = flaplace.make_posterior(factors, params, lam)
         f_var = jacobian_cache.cached_covariance(posterior, cache)
         # independent reference: dense precision S (x) A + lam I, J = d(x W^T)/d vec(W) row-major
-        precision = kfac.dense_block(factors["w"]) + lam * torch.eye(12, dtype=torch.float64)
+        precision = kfac_state.dense_block(factors["w"]) + lam * torch.eye(12, dtype=torch.float64)
         covariance = torch.linalg.inv(precision)
         jac = torch.einsum("ce,ni->ncei", torch.eye(3, dtype=torch.float64), x).reshape(len(x), 3, 12)
         torch.testing.assert_close(f_var, jac @ covariance @ jac.mT)
@@ -79,8 +79,8 @@ def test_cached_covariance_equals_the_dense_predictive_for_every_prior():
 
 def test_jacobians_and_logits_is_per_example_jacobians_plus_the_logits():
     params, model_fn, data, _ = _linear_problem()
-    jac, f_mu = predictive.jacobians_and_logits(model_fn, params, data[0], method="loop")
+    jac, f_mu = jacobians.jacobians_and_logits(model_fn, params, data[0], method="loop")
     torch.testing.assert_close(
-        jac["w"], predictive.per_example_jacobians(model_fn, params, data[0], method="loop")["w"]
+        jac["w"], jacobians.per_example_jacobians(model_fn, params, data[0], method="loop")["w"]
     )
     torch.testing.assert_close(f_mu, data[0][0] @ params["w"].T)

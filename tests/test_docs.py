@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import functools
 import importlib
 import re
 import subprocess
@@ -17,9 +18,23 @@ from flaplace.app.tasks import load_task
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Modules whose every ``Examples:`` block runs (lines that need a real model are marked
-#: ``# doctest: +SKIP``). The other modules' examples are shown in the docs but not run yet.
+#: ``# doctest: +SKIP``); the core modules' examples see the tiny objects of `tiny_namespace`.
+#: The other modules' examples are shown in the docs but not run yet.
 DOCTESTED = (
     "flaplace.typing",
+    "flaplace.params",
+    "flaplace.scoring",
+    "flaplace.validation",
+    "flaplace.jacobians",
+    "flaplace.kfac",
+    "flaplace.kfac_state",
+    "flaplace.lowrank",
+    "flaplace.posterior",
+    "flaplace.posterior_io",
+    "flaplace.evidence",
+    "flaplace.predictive",
+    "flaplace.links",
+    "flaplace.sampling",
     "flaplace.fisher",
     "flaplace.jacobian_cache",
     "flaplace.metrics",
@@ -43,11 +58,47 @@ RESULTS = {
 }
 
 
+@functools.cache
+def tiny_namespace() -> dict:
+    """The names the core modules' examples use, on a tiny model: one 3 x 4 linear layer, 6 examples."""
+    import flaplace
+    from flaplace.lowrank import empty_sketch, merge_rows
+
+    g = torch.Generator().manual_seed(0)
+    params = {"fc.weight": torch.randn(3, 4, dtype=torch.float64, generator=g)}
+
+    def model_fn(p, batch):
+        return torch.nn.functional.linear(batch[0], p["fc.weight"])
+
+    x, y = torch.randn(6, 4, dtype=torch.float64, generator=g), torch.randint(0, 3, (6,), generator=g)
+    loader = [(x[:3], y[:3]), (x[3:], y[3:])]
+    factors, state = flaplace.fit_kfac(
+        model_fn, params, loader, fisher="exact", lr_threshold=None, progress=False
+    )
+    posterior = flaplace.make_posterior(factors, params, 1.0)
+    f_mu, f_var = flaplace.linearised_predictive(model_fn, posterior, (x, y))
+    s1, s2 = (
+        merge_rows(
+            empty_sketch(5, 3, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64, generator=g)
+        )
+        for _ in range(2)
+    )
+    return {
+        "flaplace": flaplace, "params": params, "model_fn": model_fn, "f": model_fn, "batch": (x, y),
+        "loader": loader, "val_batches": loader, "with_prior_precision": flaplace.with_prior_precision, "factors": factors, "state": state, "posterior": posterior, "ll": state.log_likelihood,
+        "name": "fc.weight", "f_mu": f_mu, "f_var": f_var, "s1": s1, "s2": s2,
+        "linearised_predictive": flaplace.linearised_predictive,
+        "log_marginal_likelihood": flaplace.log_marginal_likelihood, "make_posterior": flaplace.make_posterior,
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize("name", DOCTESTED)
 def test_examples_run(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     module = importlib.import_module(name)
     namespace = {"torch": torch, "load_task": load_task, "results": RESULTS}
+    if not name.startswith("flaplace.app"):
+        namespace.update(tiny_namespace())
     flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
     outcome = doctest.testmod(module, extraglobs=namespace, optionflags=flags, report=True)
     assert outcome.attempted > 0, f"{name} has no examples"

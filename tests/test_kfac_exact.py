@@ -6,7 +6,8 @@ import pytest
 import torch
 from tiny_models import ANSWERS, float64_rms_norm, tiny_lora_model
 
-from flaplace.kfac import build, dense_block, fit, kfac_factors
+from flaplace.kfac import build, fit
+from flaplace.kfac_state import dense_block, kfac_factors
 from flaplace.params import LastTokenLogits, ModelFunction, select_params
 
 
@@ -194,19 +195,3 @@ def test_pooled_classifier_head_has_one_row_per_example():
     assert _rel(dense_block(factors[head]), torch.kron(S, A)) < 1e-10
     for name in lora:
         assert _rel(dense_block(factors[name]), dense_block(only_lora[name])) < 1e-12
-
-
-@pytest.mark.parametrize("classes", [2, 3, 7])
-def test_exact_cotangents_are_a_rank_c_minus_1_root_of_lambda(classes):
-    """C - 1 cotangents per example whose outer products sum to diag(p) - p p^T, also for peaked p."""
-    from flaplace.fisher import fisher_cotangents
-
-    torch.manual_seed(classes)
-    scales = torch.tensor([0.1, 3.0, 50.0], dtype=torch.float64).repeat(14)[:40, None]  # flat to peaked p
-    logits = torch.randn(40, classes, dtype=torch.float64) * scales
-    logits[0] = 0.0  # uniform p: every u_k ties; the argmax still picks one column to drop
-    v = fisher_cotangents(logits, "categorical", "exact")
-    assert v.shape == (classes - 1, 40, classes)
-    p = logits.softmax(-1)
-    lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    assert torch.allclose(torch.einsum("kbi,kbj->bij", v, v), lam, atol=1e-15, rtol=0)

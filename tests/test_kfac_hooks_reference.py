@@ -7,7 +7,8 @@ import torch
 from tiny_models import ANSWERS, padded_batch, tiny_lora_model
 
 from flaplace.fisher import fisher_cotangents
-from flaplace.kfac import build, kfac_factors
+from flaplace.kfac import build
+from flaplace.kfac_state import kfac_factors
 from flaplace.params import LastTokenLogits, ModelFunction, classifier_logits, select_params
 
 

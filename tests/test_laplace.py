@@ -17,12 +17,13 @@ import torch
 from torch import nn
 from torch.func import jvp
 
-from flaplace.laplace import LaplaceLoRA, batch_to, laplace, logits_at, sampling_probs
+from flaplace.laplace import LaplaceLoRA, laplace
 from flaplace.links import mc_probs, predictive_probs
 from flaplace.metrics import nll
 from flaplace.params import ModelFunction, select_params
 from flaplace.posterior import make_posterior, sample, with_prior_precision
 from flaplace.predictive import linearised_predictive
+from flaplace.sampling import batch_to, logits_at, sampling_probs
 from flaplace.typing import Eigen, KronFactor
 from flaplace.validation import tune_prior_nll, validation_features, validation_nll
 

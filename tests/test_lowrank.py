@@ -5,7 +5,8 @@ from __future__ import annotations
 import optree
 import torch
 
-from flaplace.kfac import build, fit, kfac_factors
+from flaplace.kfac import build, fit
+from flaplace.kfac_state import kfac_factors
 from flaplace.lowrank import empty_sketch, merge_rows, merge_sketches
 from flaplace.params import ModelFunction, select_params
 

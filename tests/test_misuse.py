@@ -19,10 +19,13 @@ from torch.func import jacrev
 
 import flaplace
 from flaplace.capture import CaptureError, capture
-from flaplace.kfac import build, fit, kfac_factors
+from flaplace.jacobians import per_example_jacobians
+from flaplace.kfac import build, fit
+from flaplace.kfac_state import kfac_factors
 from flaplace.params import LastTokenLogits, ModelFunction, classifier_logits, select_params, token_mask
-from flaplace.posterior import load_posterior, make_posterior, save_posterior, with_prior_precision
-from flaplace.predictive import linearised_predictive, per_example_jacobians
+from flaplace.posterior import make_posterior, with_prior_precision
+from flaplace.posterior_io import load_posterior, save_posterior
+from flaplace.predictive import linearised_predictive
 from flaplace.typing import Eigen, KronFactor, Posterior
 
 F64 = torch.float64

@@ -6,9 +6,10 @@ import pytest
 import torch
 from tiny_models import ANSWERS, padded_batch, tiny_lora_model
 
-from flaplace.kfac import build, kfac_factors
+from flaplace.jacobians import per_example_jacobians
+from flaplace.kfac import build
+from flaplace.kfac_state import kfac_factors
 from flaplace.params import LastTokenLogits, ModelFunction, classifier_logits, select_params
-from flaplace.predictive import per_example_jacobians
 
 
 def _right_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -17,8 +17,8 @@ from flaplace.app.config import RunConfig
 from flaplace.app.pipeline import run
 from flaplace.app.tasks import Example, Task, TaskDataError
 from flaplace.evidence import log_marginal_likelihood
-from flaplace.posterior import load_posterior
-from flaplace.predictive import per_example_jacobians
+from flaplace.jacobians import per_example_jacobians
+from flaplace.posterior_io import load_posterior
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,12 @@ import torch
 from flaplace.posterior import (
     assign_blocks,
     covariance_dense,
-    load_posterior,
     make_posterior,
     precision_dense,
     sample,
-    save_posterior,
     with_prior_precision,
 )
+from flaplace.posterior_io import load_posterior, save_posterior
 from flaplace.typing import Eigen, KronFactor
 
 DTYPE = torch.float64

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.func import jacrev
 
+from flaplace.jacobians import per_example_jacobians
 from flaplace.links import (
     gaussian_predictive,
     laplace_bridge_probs,
@@ -26,7 +27,6 @@ from flaplace.params import LastTokenLogits, ModelFunction, classifier_logits, s
 from flaplace.predictive import (
     PredictiveCache,
     linearised_predictive,
-    per_example_jacobians,
     predictive_covariance,
     predictive_precompute,
 )
@@ -534,6 +534,9 @@ def test_covariance_and_predictive_step_compile_without_graph_breaks() -> None:
 
     plain = unchecked_predictive_module()
     plain_links = unchecked_predictive_module("links")
+    plain.jacobians_and_logits = unchecked_predictive_module(
+        "jacobians"
+    ).jacobians_and_logits  # from flaplace.jacobians
     torch._dynamo.reset()
     posterior = make_posterior(SPECS["transposed"])
     jac = {name: torch.randn(4, 3, *p.shape, dtype=F64) for name, p in posterior.mean.items()}

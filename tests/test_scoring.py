@@ -13,10 +13,12 @@ import torch
 from tiny_models import LORA_TARGETS, float64_rms_norm, tiny_lora_model
 
 from flaplace.fisher import fisher_cotangents
-from flaplace.kfac import build, dense_block, kfac_factors
+from flaplace.jacobians import per_example_jacobians
+from flaplace.kfac import build
+from flaplace.kfac_state import dense_block, kfac_factors
 from flaplace.params import ModelFunction, classifier_logits, select_params
 from flaplace.posterior import make_posterior
-from flaplace.predictive import linearised_predictive, per_example_jacobians
+from flaplace.predictive import linearised_predictive
 from flaplace.scoring import ClozeModelFunction, cloze_batch, cloze_scores, flatten_choices, pair_batch
 
 

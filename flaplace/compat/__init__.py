@@ -37,9 +37,10 @@ from flaplace.compat.cholesky import stable_cholesky
 from flaplace.compat.factors import ForwardCall, KFACFactors, calculate_kronecker_factors
 from flaplace.compat.roots import eigen_factors, prior_precision_of, weight_name
 from flaplace.evidence import log_marginal_likelihood
+from flaplace.jacobians import JacobianMethod, jacobians_and_logits
 from flaplace.params import ModelFunction, last_positions, logits_of
 from flaplace.posterior import make_posterior
-from flaplace.predictive import JacobianMethod, jacobians_and_logits, predictive_covariance
+from flaplace.predictive import predictive_covariance
 from flaplace.typing import Batch, Posterior
 
 __all__ = [
@@ -161,7 +162,7 @@ def jacobian_mean(
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Per-example Jacobians of the logits w.r.t. every parameter that requires grad, and the logits.
 
-    Runs [`flaplace.predictive.per_example_jacobians`][flaplace.predictive.per_example_jacobians]: the cost grows linearly with the
+    Runs [`flaplace.jacobians.per_example_jacobians`][flaplace.jacobians.per_example_jacobians]: the cost grows linearly with the
     batch (bayesian-lora differentiates the whole batch at once, quadratic in the batch).
 
     Args:
@@ -179,7 +180,7 @@ def jacobian_mean(
             2-D logits as they are; then ``target_ids``.
         method: ``"capture"`` (default: one forward of the batch and ``C`` pull-backs; every
             differentiated parameter must be a weight used through ``F.linear``, as LoRA's are),
-            ``"vmap"`` or ``"loop"`` (see [`flaplace.predictive.per_example_jacobians`][flaplace.predictive.per_example_jacobians]).
+            ``"vmap"`` or ``"loop"`` (see [`flaplace.jacobians.per_example_jacobians`][flaplace.jacobians.per_example_jacobians]).
         chunk_size: examples per chunk, to bound memory.
 
     Returns:
