@@ -148,7 +148,7 @@ def _metrics(probs: Tensor, labels: Tensor) -> dict[str, float]:
 
 
 def _quality_task(name: str, folder: Path, sizes: dict[str, int], seed: int, quick: bool) -> dict[str, Any]:
-    from flaplace.app import hf, stages
+    from flaplace.app import hf, lora, stages
     from flaplace.app.cli import demo_model_path
     from flaplace.app.config import RunConfig
     from flaplace.app.tasks import load_task
@@ -163,11 +163,11 @@ def _quality_task(name: str, folder: Path, sizes: dict[str, int], seed: int, qui
     torch.manual_seed(seed)
     model_path = demo_model_path()
     loaded = hf.load_model(model_path, n_classes=task.n_classes, kind="seq_cls")
-    model = hf.attach_lora(
+    model = lora.attach_lora(
         loaded, rank=QUALITY["lora_rank"], alpha=QUALITY["lora_alpha"], targets=QUALITY["lora_targets"]
     )
-    laplace_names = hf.laplace_param_names(model)
-    trainable = hf.trainable_param_names(model)
+    laplace_names = lora.laplace_param_names(model)
+    trainable = lora.trainable_param_names(model)
     model_fn = hf.model_function(model, trainable, loaded, task)
     named = dict(model.named_parameters())
     config = RunConfig(

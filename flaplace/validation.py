@@ -32,7 +32,6 @@ from flaplace.params import batch_targets
 from flaplace.posterior import PriorPrecision, with_prior_precision
 from flaplace.predictive import (
     CovarianceFeatures,
-    JacobianMethod,
     covariance_features,
     covariance_from_features,
     predictive_precompute,

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 from tiny_hf import save_tiny_model, write_demo_files
 
-from flaplace.app import cli, hf, models
+from flaplace.app import cli, hf, lora, models
 from flaplace.app.config import RunConfig
 
 GGUF_NAME = models.PACKAGED["smollm2"][1]
@@ -113,12 +113,12 @@ def test_load_model_gguf_errors(fake_gguf, monkeypatch):
 
 def test_lora_on_the_last_blocks_only(tiny_llama):
     loaded = hf.load_model(tiny_llama, n_classes=2)
-    model = hf.attach_lora(loaded, rank=2, alpha=4.0, targets=["q_proj", "v_proj"], last_layers=1)
-    names = hf.laplace_param_names(model)
+    model = lora.attach_lora(loaded, rank=2, alpha=4.0, targets=["q_proj", "v_proj"], last_layers=1)
+    names = lora.laplace_param_names(model)
     assert len(names) == 4 and all(".layers.1." in n for n in names)
     loaded = hf.load_model(tiny_llama, n_classes=2)
     with pytest.raises(ValueError, match="lora_layers must be between 1 and 2"):
-        hf.attach_lora(loaded, rank=2, alpha=4.0, targets=["q_proj"], last_layers=3)
+        lora.attach_lora(loaded, rank=2, alpha=4.0, targets=["q_proj"], last_layers=3)
 
 
 def test_lora_layers_option_is_declared_once():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_hf import TARGETS, save_tiny_model, write_arc_files, write_demo_files
 
-from flaplace.app import checkpoints, hf, report, stages
+from flaplace.app import checkpoints, hf, lora, report, stages
 from flaplace.app import config as config_module
 from flaplace.app.config import RunConfig
 from flaplace.app.pipeline import run
@@ -82,8 +82,8 @@ def test_pipeline_end_to_end(models, data, tmp_path, arch, task, kind):
     assert {"torch", "transformers", "peft", "flaplace"} <= set(results["versions"])
     # the saved posterior reloads onto the model's adapter weights
     loaded = hf.load_model(models[arch], n_classes=n_classes)
-    model = hf.attach_lora(loaded, rank=2, alpha=4.0, targets=TARGETS[arch])
-    names = hf.laplace_param_names(model)
+    model = lora.attach_lora(loaded, rank=2, alpha=4.0, targets=TARGETS[arch])
+    names = lora.laplace_param_names(model)
     params = {n: p.detach() for n, p in model.named_parameters() if n in names}
     posterior = load_posterior(tmp_path / "posterior.safetensors", params)
     assert list(posterior.mean) == names == results["posterior"]["names"]
@@ -119,13 +119,13 @@ def test_head_jacobians_match_jacrev_per_example(models, data):
                                                          Example("the meal was awful . the book", ("negative", "positive"), 0)]},
                 choices=("negative", "positive"))  # fmt: skip
     loaded = hf.load_model(models["bert"], n_classes=2, dtype="float64")
-    model = hf.attach_lora(loaded, rank=2, alpha=4.0, targets=TARGETS["bert"])
+    model = lora.attach_lora(loaded, rank=2, alpha=4.0, targets=TARGETS["bert"])
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn_like(p) * 0.3)
-    names = hf.laplace_param_names(model)
+    names = lora.laplace_param_names(model)
     f = hf.model_function(model, names, loaded, task)
     params = {n: p.detach() for n, p in model.named_parameters() if n in names}
     batch = hf.encode(task.split("test"), loaded, task, max_length=16)

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from flaplace.app import hf
+from flaplace.app import hf, lora
 from flaplace.app.checkpoints import (
     StageCache,
     atomic_path,
@@ -147,13 +147,13 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         )
         if loaded.kind == "causal":
             hf.answer_token_ids(loaded.tokenizer, task.choices)  # fails early, naming the answer
-        model = hf.attach_lora(
+        model = lora.attach_lora(
             loaded, rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets,
             last_layers=config.lora_layers,
         )  # fmt: skip
         model.to(config.device)
-        laplace_names = hf.laplace_param_names(model)
-        trainable = hf.trainable_param_names(model)
+        laplace_names = lora.laplace_param_names(model)
+        trainable = lora.trainable_param_names(model)
         model_fn = hf.model_function(model, trainable, loaded, task)
         named = dict(model.named_parameters())
         train = task.split("train")
