@@ -30,33 +30,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-for _folder in (ROOT, ROOT / "benchmarks", ROOT / "tests"):  # flaplace, _common.py, tiny_models.py
-    if str(_folder) not in sys.path:
-        sys.path.insert(0, str(_folder))
-
-
-RESULTS = ROOT / "benchmarks" / "results" / "compare_peers.json"
-IMAGES = ROOT / "docs" / "img"
-DEFAULT_DATA = ROOT.parent / "shared" / "data"
-SEED = 0
-
-warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
-warnings.filterwarnings("ignore", message=".*By default `link_approx` is `probit`.*")
-warnings.filterwarnings(
-    "ignore", message=".*There is a performance drop because we have not yet implemented.*"
-)
 from peers_agreement import agreement  # noqa: E402
-from peers_common import environment  # noqa: E402
+from peers_common import (  # first: puts flaplace and tests/ on sys.path
+    DEFAULT_DATA,
+    RESULTS,
+    SEED,
+    environment,  # noqa: E402
+)
 from peers_cost import _merge_cost, cost  # noqa: E402
 from peers_quality import QUALITY_TASKS, quality  # noqa: E402
 from peers_report import make_plots, markdown_tables  # noqa: E402

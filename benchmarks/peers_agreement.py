@@ -3,37 +3,22 @@
 from __future__ import annotations
 
 import math
-import sys
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-
-ROOT = Path(__file__).resolve().parents[1]
-for _folder in (ROOT, ROOT / "benchmarks", ROOT / "tests"):  # flaplace, _common.py, tiny_models.py
-    if str(_folder) not in sys.path:
-        sys.path.insert(0, str(_folder))
-
+from peers_common import (  # first: puts flaplace and tests/ on sys.path
+    SEED,
+    fit_map,
+    relative,
+    scalar_relative,
+)
 from tiny_models import LogitsModule, float64_rms_norm, token_data  # noqa: E402
 from tiny_models import peer_llama_lora as llama_lora  # noqa: E402
+from torch import Tensor, nn
 
 import flaplace  # noqa: E402
 from flaplace.params import LastTokenLogits  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results" / "compare_peers.json"
-IMAGES = ROOT / "docs" / "img"
-DEFAULT_DATA = ROOT.parent / "shared" / "data"
-SEED = 0
-
-warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
-warnings.filterwarnings("ignore", message=".*By default `link_approx` is `probit`.*")
-warnings.filterwarnings(
-    "ignore", message=".*There is a performance drop because we have not yet implemented.*"
-)
-from peers_common import fit_map, relative, scalar_relative  # noqa: E402
 
 # =============================================================================================
 # Part 1: agreement with laplace-torch

@@ -5,37 +5,22 @@ from __future__ import annotations
 import copy
 import gc
 import os
-import sys
 import time
-import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-for _folder in (ROOT, ROOT / "benchmarks", ROOT / "tests"):  # flaplace, _common.py, tiny_models.py
-    if str(_folder) not in sys.path:
-        sys.path.insert(0, str(_folder))
-
+from peers_common import (  # first: puts flaplace and tests/ on sys.path
+    SEED,
+    _bayesian_lora_factors,
+    _bayesian_lora_predictive,
+    _bayesian_lora_tune,
+)
 from tiny_models import LogitsModule, token_data  # noqa: E402
 from tiny_models import peer_llama_lora as llama_lora  # noqa: E402
 
 import flaplace  # noqa: E402
 from flaplace.params import LastTokenLogits  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results" / "compare_peers.json"
-IMAGES = ROOT / "docs" / "img"
-DEFAULT_DATA = ROOT.parent / "shared" / "data"
-SEED = 0
-
-warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
-warnings.filterwarnings("ignore", message=".*By default `link_approx` is `probit`.*")
-warnings.filterwarnings(
-    "ignore", message=".*There is a performance drop because we have not yet implemented.*"
-)
-from peers_common import _bayesian_lora_factors, _bayesian_lora_predictive, _bayesian_lora_tune  # noqa: E402
 
 # =============================================================================================
 # Part 2: cost

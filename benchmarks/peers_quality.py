@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -11,31 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-
-ROOT = Path(__file__).resolve().parents[1]
-for _folder in (ROOT, ROOT / "benchmarks", ROOT / "tests"):  # flaplace, _common.py, tiny_models.py
-    if str(_folder) not in sys.path:
-        sys.path.insert(0, str(_folder))
-
+from peers_common import (  # first: puts flaplace and tests/ on sys.path
+    SEED,
+    _bayesian_lora_factors,
+    _bayesian_lora_predictive,
+    _bayesian_lora_tune,
+)
+from peers_cost import LR_THRESHOLD, N_KFAC, _describe  # noqa: E402
+from peers_report import _reliability_bins, _reliability_png  # noqa: E402
 from tiny_models import LogitsModule  # noqa: E402
+from torch import Tensor, nn
 
 import flaplace  # noqa: E402
 from flaplace.app.stats import paired_bootstrap  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results" / "compare_peers.json"
-IMAGES = ROOT / "docs" / "img"
-DEFAULT_DATA = ROOT.parent / "shared" / "data"
-SEED = 0
-
-warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
-warnings.filterwarnings("ignore", message=".*By default `link_approx` is `probit`.*")
-warnings.filterwarnings(
-    "ignore", message=".*There is a performance drop because we have not yet implemented.*"
-)
-from peers_common import _bayesian_lora_factors, _bayesian_lora_predictive, _bayesian_lora_tune  # noqa: E402
-from peers_cost import LR_THRESHOLD, N_KFAC, _describe  # noqa: E402
-from peers_report import _reliability_bins, _reliability_png  # noqa: E402
 
 # =============================================================================================
 # Part 3: quality on real data

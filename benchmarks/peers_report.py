@@ -2,30 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
+from peers_common import IMAGES  # first: puts flaplace and tests/ on sys.path
 from torch import Tensor
-
-ROOT = Path(__file__).resolve().parents[1]
-for _folder in (ROOT, ROOT / "benchmarks", ROOT / "tests"):  # flaplace, _common.py, tiny_models.py
-    if str(_folder) not in sys.path:
-        sys.path.insert(0, str(_folder))
-
-
-RESULTS = ROOT / "benchmarks" / "results" / "compare_peers.json"
-IMAGES = ROOT / "docs" / "img"
-DEFAULT_DATA = ROOT.parent / "shared" / "data"
-SEED = 0
-
-warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
-warnings.filterwarnings("ignore", message=".*By default `link_approx` is `probit`.*")
-warnings.filterwarnings(
-    "ignore", message=".*There is a performance drop because we have not yet implemented.*"
-)
 
 
 def _reliability_bins(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, list[float]]:
