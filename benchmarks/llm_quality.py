@@ -495,7 +495,8 @@ def run_peers(args, model, scorer, params, train, val_batches, splits, times, be
     model_fn = scorer.model_fn
     bs = args.batch_size
     test = splits["test"][: args.peers_n_test or len(splits["test"])]
-    test_batches = scorer.batches(test, bs)
+    # the peers vmap their Jacobians over the B*C outputs: one test example at a time
+    test_batches = scorer.batches(test, 1)
     val_mu, val_labels = logits_of(model_fn, params, val_batches)
     temperature = fit_temperature(val_mu, val_labels)
     mu, labels = logits_of(model_fn, params, test_batches)
