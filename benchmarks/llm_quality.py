@@ -474,7 +474,7 @@ def bayesian_lora_probs(
             "predictive": round(time.perf_counter() - clock - t_fit, 1),
         },
     }
-    return torch.cat(probs).float(), extra
+    return torch.cat(probs).detach().float(), extra
 
 
 def write_records(out: Path, records: list[dict[str, Any]]) -> None:
@@ -509,7 +509,7 @@ def run_peers(args, model, scorer, params, train, val_batches, splits, times, be
         log_likelihood = -torch.nn.functional.cross_entropy(train_mu, train_labels, reduction="sum")
     forward = PeerForward(model, scorer)
     extras: dict[str, dict[str, Any]] = {}
-    for method in ("laplace-torch", "bayesian-lora"):
+    for method in args.peer_methods.split(","):
         clock = time.perf_counter()
         try:
             if method == "laplace-torch":
@@ -517,8 +517,10 @@ def run_peers(args, model, scorer, params, train, val_batches, splits, times, be
                     forward, scorer.batches(list(train), bs), len(train), test_batches, 2000
                 )
             else:
+                # two examples a batch: bayesian-lora's variance squeezes the Jacobian, which
+                # drops the batch axis of a batch of one
                 probs[method], extras[method] = bayesian_lora_probs(
-                    forward, list(train), scorer, test_batches, log_likelihood, args.rank, 2000
+                    forward, list(train), scorer, scorer.batches(test, 2), log_likelihood, args.rank, 2000
                 )
         except Exception as error:  # noqa: BLE001
             log(f"{method} failed: {type(error).__name__}: {error}")
@@ -530,7 +532,7 @@ def run_peers(args, model, scorer, params, train, val_batches, splits, times, be
     for method in ("laplace-torch", "bayesian-lora"):
         if method not in probs:
             continue
-        p = probs[method].float()
+        p = probs[method].detach().float()
         metrics = flaplace.classification_metrics(p, labels)
         p_np = p.double().numpy()
         record = {
@@ -598,6 +600,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--peers-n-test", type=int, default=None, help="test examples for the peers (default --n-test)"
+    )
+    parser.add_argument(
+        "--peer-methods", default="laplace-torch,bayesian-lora", help="comma-separated peers for --peers"
     )
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = parser.parse_args(argv)
