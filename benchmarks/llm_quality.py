@@ -50,7 +50,8 @@ if str(ROOT) not in sys.path:
 import flaplace  # noqa: E402
 from flaplace.app import stats  # noqa: E402
 from flaplace.app.models import load_causal_lm  # noqa: E402
-from flaplace.scoring import ClozeModelFunction, cloze_batch  # noqa: E402
+from flaplace.params import logits_of as token_logits  # noqa: E402
+from flaplace.scoring import ClozeModelFunction, cloze_batch, cloze_scores, flatten_choices  # noqa: E402
 
 DATA = Path("/work/shared/data")
 RESULTS = ROOT / "benchmarks" / "results" / "llm_quality.json"
@@ -319,6 +320,219 @@ def markdown(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+class PeerForward(torch.nn.Module):
+    """``forward(batch) -> (B, C)`` scores with the model's own weights: what the peers call.
+
+    Cloze batches are flattened to ``B*C`` rows with only the choice positions projected onto the
+    vocabulary; BoolQ batches are read at the last position (" yes", " no"), as in `Scorer`.
+    """
+
+    def __init__(self, model, scorer: "Scorer"):
+        super().__init__()
+        self.model, self.scorer = model, scorer
+
+    def model_kwargs(self, batch) -> dict[str, torch.Tensor]:
+        if self.scorer.task == "boolq":
+            return {k: v for k, v in batch.items() if k != "labels"}
+        kwargs = flatten_choices(batch)
+        kwargs["logits_to_keep"] = batch["choice_positions"].flatten(0, 1)
+        return kwargs
+
+    def scores(self, output, batch) -> torch.Tensor:
+        if self.scorer.task == "boolq":
+            return self.scorer.model_fn.output_fn(output, batch)
+        return cloze_scores(token_logits(output), batch, normalize=self.scorer.model_fn.normalize)
+
+    def forward(self, batch) -> torch.Tensor:
+        return self.scores(self.model(**self.model_kwargs(batch)), batch)
+
+
+class _Loader:
+    """Pre-built batches with ``.dataset`` of the data size (what laplace-torch's ``fit`` reads)."""
+
+    def __init__(self, batches, n: int):
+        self.batches, self.dataset = batches, range(n)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def laplace_torch_probs(forward: PeerForward, train_batches, n_train: int, test_batches, samples: int):
+    """laplace-torch: KronLaplace (exact GGN through curvlinops) over the LoRA weights, scalar prior by
+    its marginal likelihood, GLM predictive with its Monte Carlo link."""
+    from laplace import KronLaplace
+    from laplace.curvature import CurvlinopsGGN
+
+    clock = time.perf_counter()
+    la = KronLaplace(forward, "classification", backend=CurvlinopsGGN, prior_precision=1.0)
+    la.fit(_Loader(train_batches, n_train))
+    la.optimize_prior_precision(pred_type="glm", method="marglik", prior_structure="scalar")
+    t_fit = time.perf_counter() - clock
+    torch.manual_seed(0)
+    probs = [la(b, pred_type="glm", link_approx="mc", n_samples=samples).detach() for b in test_batches]
+    extra = {
+        "lambda": float(la.prior_precision.reshape(-1)[0]),
+        "log_evidence": float(la.log_marginal_likelihood().detach()),
+        "n_params": int(la.n_params),
+        "peer_times_s": {
+            "fit_and_prior": round(t_fit, 1),
+            "predictive": round(time.perf_counter() - clock - t_fit, 1),
+        },
+    }
+    return torch.cat(probs), extra
+
+
+def bayesian_lora_probs(
+    forward: PeerForward, train_examples, scorer, test_batches, log_likelihood, rank, samples
+):
+    """bayesian-lora as its README runs it: K-FAC from its hooks (one example per batch, labels
+    sampled from the model, the last token position of every row, low-rank factors of rank 10
+    above side 100), prior variance by AdamW on its evidence, its Jacobians and variance, Monte
+    Carlo link."""
+    import bayesian_lora
+    from bayesian_lora.main import jacobian_mean
+    from transformers import BatchEncoding
+
+    n_kfac, lr_threshold = 10, 100
+    model = forward.model
+    clock = time.perf_counter()
+    single = [scorer.batch([e]) for e in train_examples]
+    factors = bayesian_lora.calculate_kronecker_factors(
+        model, lambda m, b: forward(b), single, n_kfac, lr_threshold, ["lora"]
+    )
+    factors = bayesian_lora.cholesky_decompose_small_factors(factors, lr_threshold, "cpu", torch.float32)
+    model.eval()
+    s2 = torch.tensor(0.1, requires_grad=True)
+    optimizer = torch.optim.AdamW([s2], lr=1e-2)
+    for _ in range(200):
+        optimizer.zero_grad()
+        loss = bayesian_lora.model_evidence(model, log_likelihood, factors, rank, n_kfac, s2)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(s2, 1.0)
+        optimizer.step()
+    s2 = s2.detach()
+    note = None
+    if not (torch.isfinite(s2) and s2 > 0):
+        note = f"tuned prior variance {float(s2)} is not positive; used the initial 0.1"
+        s2 = torch.tensor(0.1)
+    t_fit = time.perf_counter() - clock
+    generator = torch.Generator().manual_seed(0)
+    probs = []
+    for b in test_batches:
+        kwargs = forward.model_kwargs(b)
+        jac, f_mu = jacobian_mean(
+            model, BatchEncoding(kwargs), output_callback=lambda out, b=b: forward.scores(out, b)
+        )
+        n_classes = f_mu.shape[-1]
+        f_var = bayesian_lora.variance(
+            BatchEncoding({"input_ids": b["input_ids"]}), jac, factors, s2, n_classes, rank, n_kfac, "cpu"
+        )
+        scale = bayesian_lora.stable_cholesky(f_var.double())
+        noise = torch.randn((samples, *f_mu.shape, 1), generator=generator, dtype=torch.float64)
+        logits = f_mu.detach().double()[..., None] + scale @ noise
+        probs.append(logits.squeeze(-1).softmax(-1).mean(0))
+    extra = {
+        "prior_variance": float(s2),
+        "lambda": 1.0 / float(s2),
+        "note": note,
+        "peer_times_s": {
+            "fit_and_prior": round(t_fit, 1),
+            "predictive": round(time.perf_counter() - clock - t_fit, 1),
+        },
+    }
+    return torch.cat(probs).detach().float(), extra
+
+
+def write_records(out: Path, records: list[dict[str, Any]]) -> None:
+    """Replace the records of the same (task, method) in ``out`` and keep the others."""
+    existing = json.loads(out.read_text()) if out.exists() else []
+    new = {(x["task"], x["method"]) for x in records}
+    keep = [r for r in existing if (r["task"], r["method"]) not in new]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(keep + records, indent=1) + "\n")
+
+
+def run_peers(args, model, scorer, params, train, val_batches, splits, times, best_epoch, cache) -> None:
+    """laplace-torch and bayesian-lora rows on the cached MAP weights, with the same test examples."""
+    if cache is None or not cache.exists():
+        raise SystemExit(
+            "--peers needs --cache-dir holding this task's MAP (run the task without --peers first)"
+        )
+    model_fn = scorer.model_fn
+    bs = args.batch_size
+    test = splits["test"][: args.peers_n_test or len(splits["test"])]
+    # the peers vmap their Jacobians over the B*C outputs: one test example at a time
+    test_batches = scorer.batches(test, 1)
+    val_mu, val_labels = logits_of(model_fn, params, val_batches)
+    temperature = fit_temperature(val_mu, val_labels)
+    mu, labels = logits_of(model_fn, params, test_batches)
+    probs = {"map": mu.softmax(-1), "temperature": (mu / temperature).softmax(-1)}
+    kfac_cache = cache.with_name(f"{args.task}_kfac.pt")
+    if kfac_cache.exists():
+        log_likelihood = torch.load(kfac_cache, weights_only=False)[1].log_likelihood.detach().float()
+    else:
+        train_mu, train_labels = logits_of(model_fn, params, scorer.batches(list(train), bs))
+        log_likelihood = -torch.nn.functional.cross_entropy(train_mu, train_labels, reduction="sum")
+    forward = PeerForward(model, scorer)
+    extras: dict[str, dict[str, Any]] = {}
+    for method in args.peer_methods.split(","):
+        clock = time.perf_counter()
+        try:
+            if method == "laplace-torch":
+                probs[method], extras[method] = laplace_torch_probs(
+                    forward, scorer.batches(list(train), bs), len(train), test_batches, 2000
+                )
+            else:
+                # two examples a batch: bayesian-lora's variance squeezes the Jacobian, which
+                # drops the batch axis of a batch of one
+                probs[method], extras[method] = bayesian_lora_probs(
+                    forward, list(train), scorer, scorer.batches(test, 2), log_likelihood, args.rank, 2000
+                )
+        except Exception as error:  # noqa: BLE001
+            log(f"{method} failed: {type(error).__name__}: {error}")
+            continue
+        times[method] = time.perf_counter() - clock
+        log(f"{method}: {extras[method]} in {times[method]:.0f} s")
+    labels_np = labels.numpy()
+    records = []
+    for method in ("laplace-torch", "bayesian-lora"):
+        if method not in probs:
+            continue
+        p = probs[method].detach().float()
+        metrics = flaplace.classification_metrics(p, labels)
+        p_np = p.double().numpy()
+        record = {
+            "task": args.task,
+            "method": method,
+            **metrics,
+            "n_test": len(labels),
+            "n_train": len(train),
+            "n_val": len(splits["validation"]),
+            "best_epoch": best_epoch,
+            "link": "mc (2000 samples)",
+            "map_on_same_examples": flaplace.classification_metrics(probs["map"], labels),
+            "temperature_on_same_examples": flaplace.classification_metrics(probs["temperature"], labels),
+            **extras[method],
+            "times_s": {k: round(v, 1) for k, v in times.items()},
+        }
+        for ref in ("map", "temperature"):
+            record.update(
+                {
+                    f"vs_{ref}_{k}": v
+                    for k, v in paired_bootstrap(p_np, probs[ref].double().numpy(), labels_np).items()
+                }
+            )
+        records.append(record)
+        log(
+            f"test {method}: "
+            + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "nll", "ece", "brier"))
+        )
+    write_records(Path(args.out), records)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=sorted(TASKS))
@@ -347,6 +561,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--normalize", action="store_true", help="length-normalised cloze scores")
     parser.add_argument(
         "--cache-dir", default=None, help="keep the MAP weights and K-FAC factors here and reuse them"
+    )
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="only the laplace-torch and bayesian-lora rows, on the MAP of --cache-dir (replaces only those rows)",
+    )
+    parser.add_argument(
+        "--peers-n-test", type=int, default=None, help="test examples for the peers (default --n-test)"
+    )
+    parser.add_argument(
+        "--peer-methods", default="laplace-torch,bayesian-lora", help="comma-separated peers for --peers"
     )
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = parser.parse_args(argv)
@@ -426,6 +651,9 @@ def main(argv: list[str] | None = None) -> None:
             p.copy_(map_params[n])
     params = {n: p.detach() for n, p in live.items()}
     log(f"MAP: best epoch {best_epoch}; {sum(p.numel() for p in params.values())} LoRA weights")
+    if args.peers:
+        run_peers(args, model, scorer, params, train, val_batches, splits, times, best_epoch, cache)
+        return
 
     # K-FAC on the training set at the MAP
     kfac_cache = None if cache is None else cache.with_name(f"{args.task}_kfac.pt")
@@ -460,6 +688,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     last_post, _ = flaplace.tune_prior_evidence(last_post, state.log_likelihood, progress=False)
     lam_last = float(next(iter(last_post.prior_precision.values())))
+    # issue 16 variant: a posterior over the lora_B weights only (lora_A fixed at the MAP)
+    b_names = [n for n in params if "lora_B" in n]
+    b_post = flaplace.make_posterior(
+        {n: factors[n] for n in b_names}, {n: params[n] for n in b_names}, prior_precision=1.0
+    )
+    b_post, _ = flaplace.tune_prior_evidence(b_post, state.log_likelihood, progress=False)
+    lam_b = float(next(iter(b_post.prior_precision.values())))
     times["prior_evidence"] = time.perf_counter() - clock
     log(f"evidence: lambda {lam_evidence:.4g} (all LoRA), {lam_last:.4g} (last block {last_block})")
 
@@ -488,11 +723,18 @@ def main(argv: list[str] | None = None) -> None:
     # Test
     def evaluate(batches):
         clock = time.perf_counter()
-        mus, fvars, labels = [], {"flaplace": [], "flaplace-val": [], "last_layer": []}, []
+        mus, labels = [], []
+        fvars: dict[str, list[torch.Tensor]] = {
+            "flaplace": [],
+            "flaplace-val": [],
+            "last_layer": [],
+            "flaplace-lora_B": [],
+        }
         caches = {
             "flaplace": flaplace.predictive_precompute(posterior),
             "flaplace-val": flaplace.predictive_precompute(tuned_val),
             "last_layer": flaplace.predictive_precompute(last_post),
+            "flaplace-lora_B": flaplace.predictive_precompute(b_post),
         }
         for b in batches:
             jac, mu = flaplace.predictive._jacobians_and_logits(
@@ -504,6 +746,9 @@ def main(argv: list[str] | None = None) -> None:
             fvars["flaplace-val"].append(flaplace.predictive_covariance(caches["flaplace-val"], jac))
             fvars["last_layer"].append(
                 flaplace.predictive_covariance(caches["last_layer"], {n: jac[n] for n in last_names})
+            )
+            fvars["flaplace-lora_B"].append(
+                flaplace.predictive_covariance(caches["flaplace-lora_B"], {n: jac[n] for n in b_names})
             )
         mu = torch.cat(mus)
         probs = {"map": mu.softmax(-1), "temperature": (mu / temperature).softmax(-1)}
@@ -519,7 +764,12 @@ def main(argv: list[str] | None = None) -> None:
         return probs, torch.cat(labels), time.perf_counter() - clock, extra
 
     probs, labels, times["test_predictive"], extra = evaluate(test_batches)
-    lam = {"flaplace": lam_evidence, "flaplace-val": lam_val, "last_layer": lam_last}
+    lam = {
+        "flaplace": lam_evidence,
+        "flaplace-val": lam_val,
+        "last_layer": lam_last,
+        "flaplace-lora_B": lam_b,
+    }
     labels_np = labels.numpy()
     records = []
     common = {
@@ -543,6 +793,8 @@ def main(argv: list[str] | None = None) -> None:
         "lambda_evidence": lam_evidence,
         "lambda_validation": lam_val,
         "lambda_last_layer": lam_last,
+        "lambda_lora_B": lam_b,
+        "validation_metrics": val_metrics,
     }
     for method, p in probs.items():
         p_np = p.double().numpy()
@@ -597,11 +849,7 @@ def main(argv: list[str] | None = None) -> None:
         r["times_s"] = {k: round(v, 1) for k, v in times.items()}
         r["validation_history"] = history
         r["lambda_grid_validation_nll"] = table
-    out = Path(args.out)
-    existing = json.loads(out.read_text()) if out.exists() else []
-    keep = [r for r in existing if r["task"] not in {x["task"] for x in records}]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(keep + records, indent=1) + "\n")
+    write_records(Path(args.out), records)
     log(f"times: {times}")
 
 
