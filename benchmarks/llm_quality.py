@@ -29,7 +29,6 @@ Each run replaces its task's records in ``benchmarks/results/llm_quality.json``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import random
@@ -50,84 +49,15 @@ if str(ROOT) not in sys.path:
 import flaplace  # noqa: E402
 from flaplace.app import stats  # noqa: E402
 from flaplace.app.models import load_causal_lm  # noqa: E402
-from flaplace.params import logits_of as token_logits  # noqa: E402
-from flaplace.scoring import ClozeModelFunction, cloze_batch, cloze_scores, flatten_choices  # noqa: E402
+from flaplace.scoring import ClozeModelFunction, cloze_batch  # noqa: E402
 
-DATA = Path("/work/shared/data")
 RESULTS = ROOT / "benchmarks" / "results" / "llm_quality.json"
-Example = tuple[str, list[str], int]  # (prompt, choices, index of the right one)
 
 
 # ------------------------------------------------------------------------------------------------
 # Data (read by path from the shared data folder, never copied)
-# ------------------------------------------------------------------------------------------------
-
-
-def _arc_prompt(stem: str) -> str:
-    return f"Question: {stem.strip()}\nAnswer:"
-
-
-def arc_easy(split: str) -> list[Example]:
-    """ARC-Easy: train from the instruction-format ``train.json``; dev and test from the raw jsonl."""
-    out: list[Example] = []
-    if split == "train":
-        for item in json.loads((DATA / "arc_easy" / "train.json").read_text()):
-            text = item["instruction"].split("Please choose the correct answer to the question: ", 1)[1]
-            stem, rest = text.split("\n\nAnswer1: ", 1)
-            listed = rest.split("\n\nAnswer format")[0]
-            options = re.split(r" Answer\d: ", listed)
-            label = int(item["answer"].replace("answer", "")) - 1
-            if len(options) == 4 and 0 <= label < 4:
-                out.append((_arc_prompt(stem), [o.strip() for o in options], label))
-        return out
-    name = {"validation": "Dev", "test": "Test"}[split]
-    for line in (DATA / "arc_easy" / f"ARC-Easy-{name}.jsonl").read_text().splitlines():
-        item = json.loads(line)
-        choices = item["question"]["choices"]
-        labels = [c["label"] for c in choices]
-        if len(choices) == 4 and item["answerKey"] in labels:
-            out.append(
-                (
-                    _arc_prompt(item["question"]["stem"]),
-                    [c["text"] for c in choices],
-                    labels.index(item["answerKey"]),
-                )
-            )
-    return out
-
-
-def openbookqa(split: str) -> list[Example]:
-    """OpenBookQA: the question stem is the prompt and each choice continues it."""
-    name = {"train": "train", "validation": "dev", "test": "test"}[split]
-    out: list[Example] = []
-    with open(DATA / "openbookqa" / f"{name}.tsv", newline="") as handle:
-        for row in csv.DictReader(handle, delimiter="\t"):
-            options = re.split(r"\s*\([A-D]\)\s*", row["Choices"])[1:]
-            key = row["Answer Key"].strip()
-            if len(options) == 4 and key in "ABCD":
-                out.append((row["Question Stem"].strip(), [o.strip() for o in options], "ABCD".index(key)))
-    return out
-
-
-def boolq(split: str, seed: int = 0) -> list[Example]:
-    """BoolQ with passages: ``val.jsonl`` (the only split with passages here), split by a fixed shuffle.
-
-    The first 2,000 shuffled examples are the train pool, the next 500 validation, the rest test.
-    Choices are ``yes`` (true) and ``no`` (false).
-    """
-    items = [json.loads(line) for line in (DATA / "boolq" / "val.jsonl").read_text().splitlines()]
-    random.Random(seed).shuffle(items)
-    part = {"train": items[:2000], "validation": items[2000:2500], "test": items[2500:]}[split]
-    out: list[Example] = []
-    for item in part:
-        passage = item["passage"].split(" -- ", 1)[-1]
-        prompt = f"{passage}\nQuestion: {item['question']}?\nAnswer:"
-        out.append((prompt, ["yes", "no"], 0 if item["label"] in ("true", True) else 1))
-    return out
-
-
-TASKS = {"arc_easy": arc_easy, "openbookqa": openbookqa, "boolq": boolq}
-
+from llm_peers import PeerForward, bayesian_lora_probs, laplace_torch_probs  # noqa: E402
+from llm_tasks import TASKS, Example  # noqa: E402  (readers of the shared data folder)
 
 # ------------------------------------------------------------------------------------------------
 # Batches
@@ -318,132 +248,6 @@ def markdown(records: list[dict[str, Any]]) -> str:
             f"| {r['n_test']} |"
         )
     return "\n".join(lines)
-
-
-class PeerForward(torch.nn.Module):
-    """``forward(batch) -> (B, C)`` scores with the model's own weights: what the peers call.
-
-    Cloze batches are flattened to ``B*C`` rows with only the choice positions projected onto the
-    vocabulary; BoolQ batches are read at the last position (" yes", " no"), as in `Scorer`.
-    """
-
-    def __init__(self, model, scorer: "Scorer"):
-        super().__init__()
-        self.model, self.scorer = model, scorer
-
-    def model_kwargs(self, batch) -> dict[str, torch.Tensor]:
-        if self.scorer.task == "boolq":
-            return {k: v for k, v in batch.items() if k != "labels"}
-        kwargs = flatten_choices(batch)
-        kwargs["logits_to_keep"] = batch["choice_positions"].flatten(0, 1)
-        return kwargs
-
-    def scores(self, output, batch) -> torch.Tensor:
-        if self.scorer.task == "boolq":
-            return self.scorer.model_fn.output_fn(output, batch)
-        return cloze_scores(token_logits(output), batch, normalize=self.scorer.model_fn.normalize)
-
-    def forward(self, batch) -> torch.Tensor:
-        return self.scores(self.model(**self.model_kwargs(batch)), batch)
-
-
-class _Loader:
-    """Pre-built batches with ``.dataset`` of the data size (what laplace-torch's ``fit`` reads)."""
-
-    def __init__(self, batches, n: int):
-        self.batches, self.dataset = batches, range(n)
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def laplace_torch_probs(forward: PeerForward, train_batches, n_train: int, test_batches, samples: int):
-    """laplace-torch: KronLaplace (exact GGN through curvlinops) over the LoRA weights, scalar prior by
-    its marginal likelihood, GLM predictive with its Monte Carlo link."""
-    from laplace import KronLaplace
-    from laplace.curvature import CurvlinopsGGN
-
-    clock = time.perf_counter()
-    la = KronLaplace(forward, "classification", backend=CurvlinopsGGN, prior_precision=1.0)
-    la.fit(_Loader(train_batches, n_train))
-    la.optimize_prior_precision(pred_type="glm", method="marglik", prior_structure="scalar")
-    t_fit = time.perf_counter() - clock
-    torch.manual_seed(0)
-    probs = [la(b, pred_type="glm", link_approx="mc", n_samples=samples).detach() for b in test_batches]
-    extra = {
-        "lambda": float(la.prior_precision.reshape(-1)[0]),
-        "log_evidence": float(la.log_marginal_likelihood().detach()),
-        "n_params": int(la.n_params),
-        "peer_times_s": {
-            "fit_and_prior": round(t_fit, 1),
-            "predictive": round(time.perf_counter() - clock - t_fit, 1),
-        },
-    }
-    return torch.cat(probs), extra
-
-
-def bayesian_lora_probs(
-    forward: PeerForward, train_examples, scorer, test_batches, log_likelihood, rank, samples
-):
-    """bayesian-lora as its README runs it: K-FAC from its hooks (one example per batch, labels
-    sampled from the model, the last token position of every row, low-rank factors of rank 10
-    above side 100), prior variance by AdamW on its evidence, its Jacobians and variance, Monte
-    Carlo link."""
-    import bayesian_lora
-    from bayesian_lora.main import jacobian_mean
-    from transformers import BatchEncoding
-
-    n_kfac, lr_threshold = 10, 100
-    model = forward.model
-    clock = time.perf_counter()
-    single = [scorer.batch([e]) for e in train_examples]
-    factors = bayesian_lora.calculate_kronecker_factors(
-        model, lambda m, b: forward(b), single, n_kfac, lr_threshold, ["lora"]
-    )
-    factors = bayesian_lora.cholesky_decompose_small_factors(factors, lr_threshold, "cpu", torch.float32)
-    model.eval()
-    s2 = torch.tensor(0.1, requires_grad=True)
-    optimizer = torch.optim.AdamW([s2], lr=1e-2)
-    for _ in range(200):
-        optimizer.zero_grad()
-        loss = bayesian_lora.model_evidence(model, log_likelihood, factors, rank, n_kfac, s2)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(s2, 1.0)
-        optimizer.step()
-    s2 = s2.detach()
-    note = None
-    if not (torch.isfinite(s2) and s2 > 0):
-        note = f"tuned prior variance {float(s2)} is not positive; used the initial 0.1"
-        s2 = torch.tensor(0.1)
-    t_fit = time.perf_counter() - clock
-    generator = torch.Generator().manual_seed(0)
-    probs = []
-    for b in test_batches:
-        kwargs = forward.model_kwargs(b)
-        jac, f_mu = jacobian_mean(
-            model, BatchEncoding(kwargs), output_callback=lambda out, b=b: forward.scores(out, b)
-        )
-        n_classes = f_mu.shape[-1]
-        f_var = bayesian_lora.variance(
-            BatchEncoding({"input_ids": b["input_ids"]}), jac, factors, s2, n_classes, rank, n_kfac, "cpu"
-        )
-        scale = bayesian_lora.stable_cholesky(f_var.double())
-        noise = torch.randn((samples, *f_mu.shape, 1), generator=generator, dtype=torch.float64)
-        logits = f_mu.detach().double()[..., None] + scale @ noise
-        probs.append(logits.squeeze(-1).softmax(-1).mean(0))
-    extra = {
-        "prior_variance": float(s2),
-        "lambda": 1.0 / float(s2),
-        "note": note,
-        "peer_times_s": {
-            "fit_and_prior": round(t_fit, 1),
-            "predictive": round(time.perf_counter() - clock - t_fit, 1),
-        },
-    }
-    return torch.cat(probs).detach().float(), extra
 
 
 def write_records(out: Path, records: list[dict[str, Any]]) -> None:

@@ -25,6 +25,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import _common as common
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path("/work/shared/data/arc_easy")
+DATA = Path(os.environ.get("FLAPLACE_DATA_DIR", ROOT.parent / "shared" / "data")) / "arc_easy"
 OUTPUT = common.RESULTS / "vocab_selective.json"
 PICTURE = ROOT / "docs" / "img" / "vocab_generation_mi.png"
 SELECTIVE = ROOT / "docs" / "img" / "vocab_selective.png"
