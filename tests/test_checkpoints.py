@@ -76,18 +76,20 @@ def test_killed_in_a_stage_resumes_with_nothing_lost(tmp_path, capsys):
     out = tmp_path / "out"
     args = [
         "run", "--model", str(model), "--task", "demo", "--data-path", str(data), "--lora-rank", "2",
-        "--lora-targets", ",".join(TARGETS["gpt2"]), "--steps", "400", "--batch-size", "4", "--max-length", "32",
+        "--lora-targets", ",".join(TARGETS["gpt2"]), "--steps", "1000", "--batch-size", "4", "--max-length", "32",
         "--eval-batch-size", "2", "--lr-threshold", "12", "--n-kfac", "4", "--output-dir", str(out), "--threads", "1",
     ]  # fmt: skip
     command = [sys.executable, "-m", "flaplace", *args]
     checkpoints = out / "checkpoints"
 
     # killed during the MAP: nothing of the stage is kept, no result appears
-    _kill_when(command, "MAP fine-tuning", 1.0)
+    # (killed as soon as the stage's progress bar appears: a fixed delay raced a fast machine,
+    # where the tiny MAP could finish first)
+    _kill_when(command, "MAP fine-tuning", 0.0)
     assert not (checkpoints / "map.json").exists() and not (out / "results.json").exists()
 
     # killed during K-FAC: the MAP is kept, K-FAC is not
-    _kill_when(command, "K-FAC", 0.5)
+    _kill_when(command, "K-FAC", 0.0)
     assert (checkpoints / "map.json").is_file() and (checkpoints / "map.safetensors").is_file()
     assert not (checkpoints / "kfac.json").exists() and not (out / "results.json").exists()
     map_bytes = (checkpoints / "map.safetensors").read_bytes()
