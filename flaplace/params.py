@@ -387,6 +387,22 @@ class ModelFunction:
         return clone
 
     def __call__(self, params: Params, batch: Batch) -> Float[Tensor, "batch classes"]:
+        return self.evaluate(params, batch)
+
+    def evaluate(self, params: Params, batch: Batch) -> Tensor:
+        """The output function's result for ``batch`` at ``params``, whatever its shape.
+
+        ``__call__`` is this with the shape of classification logits; subclasses for other
+        outputs (token logits) reuse it: the weight swap, the tied names, the trimmed logits
+        and the eval mode are the same.
+
+        Examples:
+            >>> import torch
+            >>> net = torch.nn.Linear(3, 2)
+            >>> f = ModelFunction(net, ["weight"], lambda out, batch: out)
+            >>> f.evaluate({"weight": torch.zeros(2, 3)}, {"input": torch.ones(1, 3)}).shape
+            torch.Size([1, 2])
+        """
         args, kwargs = model_inputs(batch)
         if self.aliases:
             params = dict(params)

@@ -28,9 +28,9 @@ from typing import NamedTuple
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vmap
+from torch.func import jvp, vmap
 
-from flaplace.params import ModelFunction, OutputFn, logits_of, model_inputs
+from flaplace.params import ModelFunction, OutputFn, logits_of
 from flaplace.posterior import sqrt_covariance_times
 from flaplace.typing import Batch, Params, Posterior
 
@@ -100,16 +100,7 @@ class TokenLogitsFunction(ModelFunction):
         super().__init__(model, params, output_fn)
 
     def __call__(self, params: Params, batch: Batch) -> Float[Tensor, "batch tokens vocab"]:
-        args, kwargs = model_inputs(batch)
-        if self.aliases:
-            params = dict(params)
-            for name, others in self.aliases.items():
-                if name in params:
-                    params.update(dict.fromkeys(others, params[name]))
-        if self.trim_logits and "logits_to_keep" not in kwargs:
-            kwargs.update(self.output_fn.model_kwargs(batch))  # type: ignore[attr-defined]
-        output = functional_call(self.model, params, args, kwargs, tie_weights=False)
-        return self.output_fn(output, batch)
+        return self.evaluate(params, batch)  # in eval mode, like every model function
 
 
 # --------------------------------------------------------------------------- sampling
