@@ -258,11 +258,13 @@ class LaplaceLoRA:
         Examples:
             >>> f_mu, f_var = la.predictive(batch)
         """
+        return self._moments(self.batch_fn(batch))
+
+    def _moments(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The linearised predictive of a batch already passed through ``batch_fn``."""
         if self._cache is None:
             self._cache = predictive_precompute(self._posterior())
-        return linearised_predictive(
-            self.model_fn, self._cache, self.batch_fn(batch), method=self.jacobian_method
-        )
+        return linearised_predictive(self.model_fn, self._cache, batch, method=self.jacobian_method)
 
     def predict(
         self,
@@ -303,11 +305,7 @@ class LaplaceLoRA:
         generator: torch.Generator | None = None,
     ) -> Tensor:
         if pred_type == "glm":
-            if self._cache is None:
-                self._cache = predictive_precompute(self._posterior())
-            f_mu, f_var = linearised_predictive(
-                self.model_fn, self._cache, batch, method=self.jacobian_method
-            )
+            f_mu, f_var = self._moments(batch)
             return predictive_probs(
                 f_mu, f_var, link, self.likelihood, n_samples=n_samples, generator=generator
             ).detach()
