@@ -301,6 +301,8 @@ def run_peers(args, model, scorer, params, train, val_batches, splits, times, be
         times[method] = time.perf_counter() - clock
         log(f"{method}: {extras[method]} in {times[method]:.0f} s")
     labels_np = labels.numpy()
+    peers = {m: probs[m] for m in ("laplace-torch", "bayesian-lora") if m in probs}
+    save_probs(cache.with_name(f"{args.task}_probs.pt"), peers, labels)
     records = []
     for method in ("laplace-torch", "bayesian-lora"):
         if method not in probs:
@@ -335,6 +337,34 @@ def run_peers(args, model, scorer, params, train, val_batches, splits, times, be
             + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "nll", "ece", "brier"))
         )
     write_records(Path(args.out), records)
+
+
+def save_probs(path: Path, probs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+    """Add these methods' test probabilities to ``path`` (kept only if the labels are the same)."""
+    saved = torch.load(path) if path.exists() else {"labels": labels, "probs": {}}
+    if not torch.equal(saved["labels"][: len(labels)], labels):
+        saved = {"labels": labels, "probs": {}}
+    saved["probs"].update({k: v.detach().double() for k, v in probs.items()})
+    torch.save(saved, path)
+
+
+def plot_reliability(task: str, cache_dir: Path) -> Path:
+    """docs/img/llm_reliability_<task>.png from the probabilities a task's run saved."""
+    from flaplace.app.plots import reliability_diagram
+
+    saved = torch.load(cache_dir / f"{task}_probs.pt")
+    labels = saved["labels"]
+    wanted = ("map", "temperature", "flaplace", "laplace-torch", "bayesian-lora")
+    # the peers may have seen only the first test examples: plot every method on those
+    n = min(len(saved["probs"][m]) for m in wanted if m in saved["probs"])
+    out = ROOT / "docs" / "img" / f"llm_reliability_{task}.png"
+    reliability_diagram(
+        {m: saved["probs"][m][:n] for m in wanted if m in saved["probs"]},
+        labels[:n],
+        out,
+        title=f"{task}: SmolLM2-135M + LoRA, {n} test questions",
+    )
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -378,9 +408,16 @@ def main(argv: list[str] | None = None) -> None:
         "--peer-methods", default="laplace-torch,bayesian-lora", help="comma-separated peers for --peers"
     )
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
+    plots_help = "only draw docs/img/llm_reliability_<task>.png from the probabilities in --cache-dir"
+    parser.add_argument("--plots", action="store_true", help=plots_help)
     args = parser.parse_args(argv)
     if args.table:
         print(markdown(json.loads(Path(args.out).read_text())))
+        return
+    if args.plots:
+        if args.task is None or args.cache_dir is None:
+            parser.error("--plots needs --task and the --cache-dir of that task's run")
+        print(plot_reliability(args.task, Path(args.cache_dir)))
         return
     if args.task is None:
         parser.error("--task is required (unless --table)")
@@ -568,6 +605,8 @@ def main(argv: list[str] | None = None) -> None:
         return probs, torch.cat(labels), time.perf_counter() - clock, extra
 
     probs, labels, times["test_predictive"], extra = evaluate(test_batches)
+    if cache is not None:  # per-example probabilities, for the reliability diagrams (--plots)
+        save_probs(cache.with_name(f"{args.task}_probs.pt"), probs, labels)
     lam = {
         "flaplace": lam_evidence,
         "flaplace-val": lam_val,
