@@ -12,11 +12,9 @@ validation NLL), then, on the same MAP weights,
   with cloze scoring is taken as its last adapted block), prior by the evidence;
 
 all with the linearised predictive and the Monte Carlo link (probabilities averaged over logit
-samples). Multiple-choice tasks (ARC-Easy, OpenBookQA) use cloze scoring
-(:class:`flaplace.scoring.ClozeModelFunction`); BoolQ scores " yes" against " no" at the last
-position (:class:`flaplace.LastTokenLogits`), which for one-token answers gives the same class
-probabilities and the same Laplace predictive as cloze scoring of the two answers at half the
-cost (the two cloze logits differ from the two token logits by one shared shift).
+samples). ARC-Easy and OpenBookQA use cloze scoring (``ClozeModelFunction``); BoolQ scores
+" yes" against " no" at the last position (``LastTokenLogits``): for one-token answers, the same
+class probabilities and Laplace predictive as cloze scoring at half the cost (one shared shift).
 
 Usage (from the repository root)::
 
@@ -469,6 +467,8 @@ def main(argv: list[str] | None = None) -> None:
     test_batches = scorer.batches(splits["test"], bs)
 
     cache = None if args.cache_dir is None else Path(args.cache_dir) / f"{args.task}_map.pt"
+    if cache is not None:  # made before the training, not after it
+        cache.parent.mkdir(parents=True, exist_ok=True)
     clock = time.perf_counter()
     if cache is not None and cache.exists():
         map_params, best_epoch, history, times["map_training"] = torch.load(cache)
