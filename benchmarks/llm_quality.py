@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
 import flaplace  # noqa: E402
 from flaplace.app import stats  # noqa: E402
 from flaplace.app.models import load_causal_lm  # noqa: E402
+from flaplace.jacobians import jacobians_and_logits  # noqa: E402
 from flaplace.scoring import ClozeModelFunction, cloze_batch  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "llm_quality.json"
@@ -578,9 +579,7 @@ def main(argv: list[str] | None = None) -> None:
             "flaplace-lora_B": flaplace.predictive_precompute(b_post),
         }
         for b in batches:
-            jac, mu = flaplace.predictive._jacobians_and_logits(
-                model_fn, params, b, chunk_size=None, method="capture"
-            )
+            jac, mu = jacobians_and_logits(model_fn, params, b, method="capture")
             mus.append(mu)
             labels.append(b["labels"])
             fvars["flaplace"].append(flaplace.predictive_covariance(caches["flaplace"], jac))
