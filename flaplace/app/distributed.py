@@ -413,13 +413,15 @@ class RankStages:
             return self.cache.get(stage, key, compute, save=save, load=load)
         stored = self.cache.has(stage, key, data=save is not None) if self.cache is not None else False
         loaded = broadcast(stored, "cpu")
+        result: tuple[Any, dict[str, Any]] = (
+            None,
+            {},
+        )  # on the other ranks of a loaded stage: rank 0's, below
         if self.cache is not None:
-            value, record = self.cache.get(stage, key, compute, save=save, load=load)
+            result = self.cache.get(stage, key, compute, save=save, load=load)
         elif not loaded:
-            value, record = compute()
-        else:
-            value, record = None, {}  # type: ignore[assignment]  # rank 0's, sent below
+            result = compute()
         if loaded:
-            value, record = broadcast((value, record), self.device)
+            result = broadcast(result, self.device)
         self._status[stage] = "loaded" if loaded else "computed"
-        return value, record
+        return result

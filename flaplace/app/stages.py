@@ -144,8 +144,8 @@ def _data_parallel_step(
     n = len(batch["labels"])
     local = rows(batch, ranks)
     optimizer.zero_grad(set_to_none=True)
-    penalty = sum(leaves[name].float().square().sum() for name in laplace_names)
     nll = torch.zeros((), device=batch["labels"].device)
+    penalty = sum((leaves[name].float().square().sum() for name in laplace_names), nll)
     if len(local["labels"]):  # a batch of fewer rows than ranks leaves some ranks without one
         nll = F.cross_entropy(model_fn(leaves, local).float(), local["labels"], reduction="sum")
     (nll / n + scale * penalty / ranks.world).backward()
