@@ -16,7 +16,7 @@ from app_dist_worker import run_rank
 from safetensors.torch import load_file
 from tiny_hf import TARGETS, save_tiny_model, write_demo_files
 
-from flaplace.app.config import RunConfig
+from flaplace.app.config import STAGES, RunConfig
 from flaplace.app.distributed import (
     SINGLE,
     Ranks,
@@ -64,7 +64,8 @@ def options(setup, out: Path, **overrides) -> dict:
 
 def test_two_processes_give_the_single_process_run(setup, tmp_path):
     """MAP (data parallel), K-FAC (sharded, all-reduced), grid prior (sharded validation) and
-    predictive (sharded test set, gathered) equal one process's run to round-off."""
+    predictive (sharded test set, gathered) equal one process's run to round-off; a resumed
+    run gives every rank the stored stages."""
     alone = run(RunConfig(**options(setup, tmp_path / "alone")), progress=False)
     together_dir = tmp_path / "together"
     mp.spawn(
@@ -73,11 +74,17 @@ def test_two_processes_give_the_single_process_run(setup, tmp_path):
         nprocs=2,
         join=True,
     )
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["processes"] == 2
+    (first, again), (other, other_again) = (
+        json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)
+    )
+    assert first["processes"] == 2
+    assert first["stages"] == other["stages"] == dict.fromkeys(STAGES, "computed")
+    # resumed: rank 0 loads every stage and sends it; rank 1 never reads the folder
+    assert again["stages"] == other_again["stages"] == dict.fromkeys(STAGES, "loaded")
     for key in ("metrics", "prior_precision", "prior_tuning", "log_evidence", "train_log_likelihood"):
-        assert ranks[1][key] == ranks[0][key], key  # every rank holds the same result
-    together = ranks[0]
+        for result in (other, again, other_again):
+            assert result[key] == first[key], key  # every rank holds the same result
+    together = first
     assert together["prior_precision"] == alone["prior_precision"]
     assert math.isclose(together["log_evidence"], alone["log_evidence"], rel_tol=1e-9)
     assert math.isclose(together["train_log_likelihood"], alone["train_log_likelihood"], rel_tol=1e-9)
@@ -124,12 +131,13 @@ def test_a_rank_whose_peer_fails_or_hangs_stops_instead_of_waiting():
     for role in ("crash", "hang"):
         env = {
             **os.environ, "PYTHONPATH": str(root), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()), "FLAPLACE_DIST_TIMEOUT_S": "4", "OMP_NUM_THREADS": "1",
+            "MASTER_PORT": str(_free_port()), "FLAPLACE_DIST_TIMEOUT_S": "10", "OMP_NUM_THREADS": "1",
         }  # fmt: skip
         runs[role] = [
             subprocess.Popen(
                 [sys.executable, str(worker), role],
                 env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -137,15 +145,23 @@ def test_a_rank_whose_peer_fails_or_hangs_stops_instead_of_waiting():
             for r in (0, 1)
         ]
     try:
+        for pair in runs.values():
+            for process in pair:
+                assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+        for pair in runs.values():
+            for process in pair:
+                assert process.stdin is not None
+                process.stdin.write("go\n")
+                process.stdin.flush()
         for role, (first, _) in runs.items():
-            out, err = first.communicate(timeout=120)
+            out, err = first.communicate(timeout=180)
             assert first.returncode == 1, err[-2000:]
             report = json.loads(out.strip().splitlines()[-1])
             assert report["error"] == "RuntimeError"
             if role == "hang":  # the timeout, not the peer's exit, ended the wait
-                assert 3.5 < report["seconds"] < 60 and "Timed out" in report["message"]
+                assert 9 < report["seconds"] < 120 and "Timed out" in report["message"]
             else:
-                assert report["seconds"] < 60 and "closed by peer" in report["message"]
+                assert report["seconds"] < 120 and "closed by peer" in report["message"]
     finally:
         for pair in runs.values():
             for process in pair:

@@ -28,7 +28,7 @@ import datetime
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -252,6 +252,19 @@ def all_sum(values: Tensor) -> Tensor:
         out = out.cuda()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.to(values.device)
+
+
+def broadcast_(tensors: Iterable[Tensor]) -> None:
+    """Overwrite ``tensors`` in place with rank 0's (each on its rank's device); nothing for one process.
+
+    Examples:
+        >>> broadcast_([torch.zeros(2)])
+    """
+    if current_ranks().world == 1:
+        return
+    with torch.no_grad():
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
 
 
 class _OnDevice:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flaplace.app.distributed import SINGLE, all_sum, current_ranks, rank_seed, rows
+from flaplace.app.distributed import SINGLE, all_sum, broadcast_, current_ranks, rank_seed, rows
 from flaplace.app.hf import LoadedModel, encode
 from flaplace.app.tasks import Example, Task, batches
 from flaplace.evidence import tune_prior_evidence, tune_prior_grid
@@ -104,6 +104,8 @@ def train_map(
     scale = prior_precision / (2 * n_train)
     losses: list[float] = []
     ranks = current_ranks() if distributed else SINGLE
+    if ranks.world > 1:  # every rank starts from rank 0's weights, as DistributedDataParallel does
+        broadcast_(leaves.values())
     bar = tqdm(range(steps), desc="MAP fine-tuning", disable=not progress, unit="step")
     for _ in bar:
         batch = next(data)
