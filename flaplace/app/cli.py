@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
         # process-wide settings belong to the entry point, not to the pipeline
         ranks, started = start(config.device)
-        torch.set_num_threads(threads_per_rank(config.threads or default_threads()))
+        torch.set_num_threads(config.threads or threads_per_rank(default_threads()))
         results = run(config, progress=not args.quiet)
         tuned = None
         if args.command == "demo" and config.prior_tuning == "evidence" and not args.evidence_only:
