@@ -42,6 +42,7 @@ DOCTESTED = (
     "flaplace.app.checkpoints",
     "flaplace.app.stages",
     "flaplace.app.pipeline",
+    "flaplace.app.distributed",
     "flaplace.app.report",
     "flaplace.app.cli",
     "flaplace.app.tasks.examples",

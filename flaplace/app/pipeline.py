@@ -19,6 +19,10 @@ looks like a finished result.
 generators with ``transformers.set_seed`` inside [`seeded`][flaplace.app.pipeline.seeded], which
 restores their states afterwards, and leaves the thread count to its caller (the command line).
 
+Called on every rank of an initialised ``torch.distributed`` process group (e.g. under
+``torchrun``, see [`distributed`][flaplace.app.distributed]), the stages split their work over
+the ranks and give every rank the same result; only rank 0 writes files and shows progress.
+
 Examples:
     >>> from flaplace.app.config import RunConfig
     >>> from flaplace.app.pipeline import run
@@ -50,6 +54,15 @@ from flaplace.app.checkpoints import (
     write_json,
 )
 from flaplace.app.config import STAGES, RunConfig, check_config, check_device, stage_key, user_spec
+from flaplace.app.distributed import (
+    RankStages,
+    check_same_config,
+    current_ranks,
+    gather,
+    rank_device,
+    rank_seeded,
+    shard,
+)
 from flaplace.app.report import FINAL_OUTPUTS, versions
 from flaplace.app.stages import (
     covariances,
@@ -60,7 +73,7 @@ from flaplace.app.stages import (
     training_batches,
     tune_prior,
 )
-from flaplace.app.tasks import Task, load_task
+from flaplace.app.tasks import Task, batches, load_task
 from flaplace.evidence import log_marginal_likelihood
 from flaplace.metrics import classification_metrics
 from flaplace.posterior import load_posterior, make_posterior, save_posterior
@@ -124,12 +137,23 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         >>> results = run(RunConfig(model=minilm_dir, task="demo", output_dir="outputs/demo"))  # doctest: +SKIP
     """
     check_config(config)
+    ranks = current_ranks()
+    many = ranks.world > 1
+    if many:  # each rank on its own device; every rank must have been given the same options
+        config = dataclasses.replace(config, device=rank_device(config.device, ranks))
+        check_same_config(
+            {k: v for k, v in dataclasses.asdict(config).items() if k not in ("device", "threads")}
+        )
+        progress = progress and ranks.main
     check_device(config.device)
     out = Path(config.output_dir)
-    for name in FINAL_OUTPUTS:  # a failed run must not leave an older result behind
-        (out / name).unlink(missing_ok=True)
-    remove_stale_temporaries(out)
-    cache = StageCache(out / "checkpoints")
+    if ranks.main:
+        for name in FINAL_OUTPUTS:  # a failed run must not leave an older result behind
+            (out / name).unlink(missing_ok=True)
+        remove_stale_temporaries(out)
+    cache: StageCache | RankStages = (
+        RankStages(out / "checkpoints", ranks, config.device) if many else StageCache(out / "checkpoints")
+    )
     timings: dict[str, float] = {}
     started = tick = time.perf_counter()
     if task is None:
@@ -165,11 +189,20 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
             progress,
         )
 
-        def encoded(split: str) -> list[dict[str, torch.Tensor]]:
-            return hf.encode_batches(
-                task.split(split), loaded, task, batch_size=config.eval_batch_size,
-                max_length=config.max_length, device=config.device,
-            )  # fmt: skip
+        def encoded(split: str, share: bool = False) -> list[dict[str, torch.Tensor]]:
+            """The split's batches; ``share``: this rank's contiguous share of them."""
+            if not (share and many):
+                return hf.encode_batches(
+                    task.split(split), loaded, task, batch_size=config.eval_batch_size,
+                    max_length=config.max_length, device=config.device,
+                )  # fmt: skip
+            chunks = shard(
+                list(batches(task.split(split), config.eval_batch_size)), ranks, f"{split} batches"
+            )
+            return [
+                hf.encode(chunk, loaded, task, max_length=config.max_length, device=config.device)
+                for chunk in chunks
+            ]
 
         # 1. MAP
         tick = time.perf_counter()
@@ -180,10 +213,12 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
                 train, loaded, task, batch_size=config.batch_size, max_length=config.max_length,
                 seed=config.seed, device=config.device,
             )  # fmt: skip
-            trained, losses = train_map(  # dropout as configured: train through f.training()
-                model_fn.training(), {n: named[n] for n in trainable}, laplace_names, data, n_train=len(train),
-                steps=config.steps, lr=config.lr, prior_precision=config.prior_precision, progress=progress,
-            )  # fmt: skip
+            with rank_seeded(config.seed, ranks, config.device):  # dropout masks differ between ranks
+                trained, losses = train_map(  # dropout as configured: train through f.training()
+                    model_fn.training(), {n: named[n] for n in trainable}, laplace_names, data,
+                    n_train=len(train), steps=config.steps, lr=config.lr,
+                    prior_precision=config.prior_precision, progress=progress, distributed=many,
+                )  # fmt: skip
             model.eval()
             return trained, {"losses": losses}
 
@@ -214,9 +249,9 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
 
         def compute_kfac() -> tuple[Any, dict[str, Any]]:
             factors, log_likelihood = fit_factors(
-                laplace_fn, map_params, encoded("train"), fisher=config.fisher, sharing=config.sharing,
-                n_kfac=config.n_kfac, lr_threshold=config.lr_threshold, seed=config.seed,
-                device=config.device, progress=progress,
+                laplace_fn, map_params, encoded("train", share=True), fisher=config.fisher,
+                sharing=config.sharing, n_kfac=config.n_kfac, lr_threshold=config.lr_threshold,
+                seed=config.seed, device=config.device, progress=progress, distributed=many,
             )  # fmt: skip
             return factors, {"log_likelihood": log_likelihood}
 
@@ -238,15 +273,16 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
             return link_probs(f_mu, f_var, link=config.link, n_samples=config.n_samples, seed=config.seed)
 
         def validation() -> tuple[Any, torch.Tensor]:
+            data = encoded("validation", share=True)
             labels = torch.tensor([ex.label for ex in task.split("validation")])
-            return moments(
-                laplace_fn, posterior, encoded("validation"), progress=progress, desc="validation"
-            ), labels
+            if many:  # this rank's share
+                labels = torch.cat([batch["labels"] for batch in data]).cpu()
+            return moments(laplace_fn, posterior, data, progress=progress, desc="validation"), labels
 
         def compute_prior() -> tuple[None, dict[str, Any]]:
             precision, record = tune_prior(
                 posterior, log_likelihood, method=config.prior_tuning, validation=validation, probs=probs,
-                progress=progress,
+                progress=progress, distributed=many,
             )  # fmt: skip
             return None, {"prior_precision": precision, "tuning": record}
 
@@ -262,10 +298,14 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
 
         def compute_predictive() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             f_mu, jacobians = moments(
-                laplace_fn, posterior, encoded("test"), progress=progress, desc="test predictive"
+                laplace_fn, posterior, encoded("test", share=True), progress=progress, desc="test predictive"
             )
+            f_var = covariances(posterior, jacobians)
+            if many:  # every rank's share, in order
+                parts = gather((f_mu, f_var), config.device)
+                f_mu, f_var = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             labels = torch.tensor([ex.label for ex in test])
-            return {"f_mu": f_mu, "f_var": covariances(posterior, jacobians), "labels": labels}, {}
+            return {"f_mu": f_mu, "f_var": f_var, "labels": labels}, {}
 
         saved, _ = cache.get(
             "predictive", stage_key(config, "predictive"), compute_predictive, save=_save_tensors,
@@ -282,17 +322,18 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         "map": classification_metrics(map_probs, labels),
         "laplace": classification_metrics(laplace_probs, labels),
     }
-    with atomic_path(out / "posterior.safetensors") as tmp:
-        save_posterior(tmp, posterior)
-    from flaplace.app.plots import reliability_diagram
+    if ranks.main:  # the other ranks hold the same results and write nothing
+        with atomic_path(out / "posterior.safetensors") as tmp:
+            save_posterior(tmp, posterior)
+        from flaplace.app.plots import reliability_diagram
 
-    with atomic_path(out / "reliability.png") as tmp:
-        reliability_diagram(
-            {"MAP": map_probs, f"Laplace ({config.link})": laplace_probs},
-            labels,
-            tmp,
-            title=f"{task.name} test split ({len(test)} examples)",
-        )
+        with atomic_path(out / "reliability.png") as tmp:
+            reliability_diagram(
+                {"MAP": map_probs, f"Laplace ({config.link})": laplace_probs},
+                labels,
+                tmp,
+                title=f"{task.name} test split ({len(test)} examples)",
+            )
     timings["total"] = time.perf_counter() - started
     results = {
         "config": dataclasses.asdict(config),
@@ -319,6 +360,8 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         "timings_s": timings,
         "stage_seconds_when_computed": {stage: stage_seconds(cache.marker(stage)) for stage in STAGES},
         "versions": versions(),
+        "processes": ranks.world,
     }
-    write_json(out / "results.json", results)
+    if ranks.main:
+        write_json(out / "results.json", results)
     return results

@@ -26,6 +26,8 @@ Examples:
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeAlias, cast
 
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from flaplace.app.distributed import SINGLE, all_sum, broadcast_, current_ranks, rank_seed, rows
 from flaplace.app.hf import LoadedModel, encode
 from flaplace.app.tasks import Example, Task, batches
 from flaplace.evidence import tune_prior_evidence, tune_prior_grid
@@ -75,12 +78,18 @@ def train_map(
     lr: float,
     prior_precision: float,
     progress: bool = True,
+    distributed: bool = False,
 ) -> tuple[Params, list[float]]:
     """MAP fine-tuning: AdamW on ``mean NLL + prior_precision / (2 n_train) * ||theta||^2``.
 
     ``theta`` are the weights named ``laplace_names`` (the posterior's blocks); other
     entries of ``params`` (e.g. a head bias) are trained without a prior. The learning
     rate decays linearly to zero. Works on leaf copies of ``params``.
+
+    ``distributed=True`` (every rank of the ``torch.distributed`` group calls it with the same
+    ``data``): data parallel. Each rank takes its contiguous rows of every batch, and the
+    gradients and the summed NLL are all-reduced before the step, so every rank takes the
+    same step as one process would on the whole batch (to round-off).
 
     Returns:
         ``(trained params, loss per step)``.
@@ -94,9 +103,17 @@ def train_map(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
     scale = prior_precision / (2 * n_train)
     losses: list[float] = []
+    ranks = current_ranks() if distributed else SINGLE
+    if ranks.world > 1:  # every rank starts from rank 0's weights, as DistributedDataParallel does
+        broadcast_(leaves.values())
     bar = tqdm(range(steps), desc="MAP fine-tuning", disable=not progress, unit="step")
     for _ in bar:
         batch = next(data)
+        if ranks.world > 1:
+            losses.append(_data_parallel_step(model_fn, leaves, laplace_names, batch, optimizer, scale))
+            schedule.step()
+            bar.set_postfix(nll=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+            continue
         logits = model_fn(leaves, batch)
         nll = F.cross_entropy(logits.float(), batch["labels"])
         penalty = sum(leaves[n].float().square().sum() for n in laplace_names)
@@ -112,6 +129,42 @@ def train_map(
     return {n: p.detach() for n, p in leaves.items()}, losses
 
 
+def _data_parallel_step(
+    model_fn: ModelFn,
+    leaves: dict[str, Tensor],
+    laplace_names: Sequence[str],
+    batch: dict[str, Tensor],
+    optimizer: torch.optim.Optimizer,
+    scale: float,
+) -> float:
+    """One MAP step on this rank's rows of ``batch``, gradients summed over ranks; the batch's mean NLL.
+
+    Each rank's loss is its summed NLL over the whole batch's size plus its share of the
+    penalty, so the sum over ranks is the one-process loss.
+    """
+    ranks = current_ranks()
+    n = len(batch["labels"])
+    local = rows(batch, ranks)
+    optimizer.zero_grad(set_to_none=True)
+    nll = torch.zeros((), device=batch["labels"].device)
+    penalty = sum((leaves[name].float().square().sum() for name in laplace_names), nll)
+    if len(local["labels"]):  # a batch of fewer rows than ranks leaves some ranks without one
+        nll = F.cross_entropy(model_fn(leaves, local).float(), local["labels"], reduction="sum")
+    (nll / n + scale * penalty / ranks.world).backward()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in leaves.values()]
+    dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads), torch.float32)
+    flat = all_sum(torch.cat([nll.detach().reshape(1).to(dtype), *(g.reshape(-1).to(dtype) for g in grads)]))
+    mean_nll = float(flat[0]) / n
+    if not math.isfinite(mean_nll + scale * float(penalty.detach())):  # the same on every rank: all stop
+        raise FloatingPointError(f"the training loss is not finite ({mean_nll}); lower --lr")
+    offset = 1
+    for p, g in zip(leaves.values(), grads, strict=True):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()
+    optimizer.step()
+    return mean_nll
+
+
 def fit_factors(
     model_fn: ModelFn,
     params: Params,
@@ -124,11 +177,15 @@ def fit_factors(
     seed: int,
     device: str = "cpu",
     progress: bool = True,
+    distributed: bool = False,
 ) -> tuple[Factors, float]:
     """K-FAC factors of the posterior's weights and the summed training log-likelihood.
 
     One pass over the data: adapters used at every token and a classification head used
     once per example (on pooled features) are captured in the same forward.
+    ``distributed=True``: ``encoded`` is this rank's share of the data, the statistics are
+    summed over the ranks (every rank gets the same factors), and the Monte Carlo draws of
+    ``fisher="mc"`` are seeded with the rank (`rank_seed`).
 
     Examples:
         >>> factors, ll = fit_factors(model_fn, map_params, train_batches, fisher="exact",
@@ -143,7 +200,10 @@ def fit_factors(
         sharing=cast(Any, sharing),
         n_kfac=n_kfac,
         lr_threshold=lr_threshold,
-        generator=torch.Generator(device=device).manual_seed(seed),
+        generator=torch.Generator(device=device).manual_seed(
+            rank_seed(seed, current_ranks() if distributed else SINGLE)
+        ),
+        distributed=distributed,
     )
     return factors, float(state.log_likelihood)
 
@@ -204,12 +264,16 @@ def tune_prior(
     validation: Callable[[], tuple[Moments, Tensor]] | None = None,
     probs: Callable[[Tensor, Tensor], Tensor] | None = None,
     progress: bool = True,
+    distributed: bool = False,
 ) -> tuple[float, dict[str, Any]]:
     """The tuned prior precision and a record of the tuning.
 
     ``method="evidence"`` maximises the Laplace evidence; ``"grid"`` scores the
     validation NLL of the predictive (``validation()`` gives its moments and labels,
     ``probs(f_mu, f_var)`` the link) on a grid, reusing the Jacobians for every prior.
+    ``distributed=True``: ``validation()`` gives this rank's share of the validation set, and
+    each candidate's NLL is averaged over all ranks' examples (the evidence needs nothing:
+    every rank holds the summed factors).
 
     Examples:
         >>> precision, record = tune_prior(posterior, log_likelihood, method="evidence")  # doctest: +SKIP
@@ -223,7 +287,11 @@ def tune_prior(
         (f_mu, jacobians), labels = validation()
 
         def validation_nll(candidate: Posterior) -> float:
-            return classification_metrics(probs(f_mu, covariances(candidate, jacobians)), labels)["nll"]
+            nll = classification_metrics(probs(f_mu, covariances(candidate, jacobians)), labels)["nll"]
+            if not distributed:
+                return nll
+            total = all_sum(torch.tensor([nll * len(labels), len(labels)], dtype=torch.float64))
+            return float(total[0] / total[1])
 
         tuned, table = tune_prior_grid(posterior, validation_nll, progress=progress)
         record = {"method": "grid", "table": table}
