@@ -7,10 +7,11 @@ result with [`StageCache`][flaplace.app.checkpoints.StageCache].
 MAP fine-tuning minimises, per step,
 
 $$
-\\frac{1}{|B|} \\sum_{n \\in B} -\\log p(y_n \\mid x_n, \\theta) + \\frac{\\lambda}{2N} \\lVert \\theta \\rVert^2
+\\frac{1}{|B|} \\sum_{n \\in B} -\\log p(y_n \\mid x_n, \\theta) + \\frac{\\lambda}{2N} \\lVert \\theta - m \\rVert^2
 $$
 
-with ``N`` the number of training examples and ``lambda`` the prior precision: the MAP
+with ``N`` the number of training examples, ``lambda`` the prior precision and ``m`` the prior
+mean (zero, or the adapters' initialisation with ``--prior-mean init``): the MAP
 objective ``-log p(D | theta) - log p(theta)`` divided by ``N``. The L2 term is written into
 the loss and AdamW runs with ``weight_decay=0``: AdamW's decoupled decay is rescaled by
 Adam's preconditioner and is not the gradient of a Gaussian prior, so it would not give the
@@ -75,12 +76,15 @@ def train_map(
     lr: float,
     prior_precision: float,
     progress: bool = True,
+    prior_mean: Params | None = None,
 ) -> tuple[Params, list[float]]:
-    """MAP fine-tuning: AdamW on ``mean NLL + prior_precision / (2 n_train) * ||theta||^2``.
+    """MAP fine-tuning: AdamW on ``mean NLL + prior_precision / (2 n_train) * ||theta - m||^2``.
 
     ``theta`` are the weights named ``laplace_names`` (the posterior's blocks); other
-    entries of ``params`` (e.g. a head bias) are trained without a prior. The learning
-    rate decays linearly to zero. Works on leaf copies of ``params``.
+    entries of ``params`` (e.g. a head bias) are trained without a prior. ``m`` is
+    ``prior_mean`` (one tensor per name of ``laplace_names``; ``None``: zero), e.g. the
+    adapters at initialisation; the posterior must then carry the same prior mean. The
+    learning rate decays linearly to zero. Works on leaf copies of ``params``.
 
     Returns:
         ``(trained params, loss per step)``.
@@ -93,13 +97,14 @@ def train_map(
     optimizer = torch.optim.AdamW(leaves.values(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
     scale = prior_precision / (2 * n_train)
+    centre = {n: None if prior_mean is None else prior_mean[n].detach().float() for n in laplace_names}
     losses: list[float] = []
     bar = tqdm(range(steps), desc="MAP fine-tuning", disable=not progress, unit="step")
     for _ in bar:
         batch = next(data)
         logits = model_fn(leaves, batch)
         nll = F.cross_entropy(logits.float(), batch["labels"])
-        penalty = sum(leaves[n].float().square().sum() for n in laplace_names)
+        penalty = sum(_squared_distance(leaves[n], centre[n]) for n in laplace_names)
         loss = nll + scale * penalty
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the training loss is not finite ({float(loss)}); lower --lr")
@@ -110,6 +115,11 @@ def train_map(
         losses.append(nll.item())
         bar.set_postfix(nll=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
     return {n: p.detach() for n, p in leaves.items()}, losses
+
+
+def _squared_distance(weight: Tensor, centre: Tensor | None) -> Tensor:
+    delta = weight.float() if centre is None else weight.float() - centre
+    return delta.square().sum()
 
 
 def fit_factors(
