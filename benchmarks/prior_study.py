@@ -161,6 +161,31 @@ def only(posterior, names):
     )
 
 
+def informed_covariance(posterior, cache: JacobianCache) -> torch.Tensor:
+    """``J Sigma J^T`` restricted to the directions the data inform: eigenvalue ``s_i a_j > lambda``.
+
+    The posterior covariance of a block is ``sum_k v_k v_k^T / (e_k + lambda)`` over the
+    eigenvectors ``v_k = q_i (x) q_j`` of ``S (x) A`` (dense factors); this keeps only the terms
+    with ``e_k > lambda`` (where the data outweigh the prior) and drops the prior variance
+    ``1/lambda`` of every other direction.
+    """
+    out = []
+    for jac in cache.jacobians:
+        total = None
+        for n, g in jac.items():
+            factor = posterior.factors[n]
+            lam = posterior.prior_precision[n].to(g.dtype)
+            eig = factor.S.values.clamp(min=0)[:, None] * factor.A.values.clamp(min=0)[None, :]
+            weight = ((eig > lam).to(g.dtype) / (eig + lam)).to(g.dtype)
+            r = torch.einsum(
+                "oa,bcoi,ij->bcaj", factor.S.vectors.to(g.dtype), g, factor.A.vectors.to(g.dtype)
+            )
+            part = torch.einsum("bcaj,bdaj,aj->bcd", r, r, weight)
+            total = part if total is None else total + part
+        out.append(total)
+    return torch.cat(out).detach()
+
+
 def lam_of(posterior) -> float | dict[str, float]:
     values = {n: float(v) for n, v in posterior.prior_precision.items()}
     distinct = sorted(set(values.values()))
@@ -256,6 +281,14 @@ def main(argv: list[str] | None = None) -> None:
             centre = theta0 if prior == "init" else None
             tag = f"{args.task}_{regime}_{prior}_n{n_train}_s{steps}_lr{args.lr}_p{args.map_prior_precision}"
             map_file = None if cache_dir is None else cache_dir / f"{tag}_map.pt"
+            eval_file = None if cache_dir is None else cache_dir / f"{tag}_n{len(test_labels)}_eval.pt"
+            if eval_file is not None and eval_file.exists():  # this MAP's rows were computed already
+                saved = torch.load(eval_file, weights_only=False)
+                for store, part in zip((probs_by, lam_by, info_by, base_of), saved, strict=True):
+                    store.update(part)
+                log(f"{regime}/{prior}: evaluation from {eval_file}")
+                continue
+            before = {id(store): set(store) for store in (probs_by, lam_by, info_by, base_of)}
             clock = time.perf_counter()
             if map_file is not None and map_file.exists():
                 params, history, best_step = torch.load(map_file)
@@ -346,22 +379,34 @@ def main(argv: list[str] | None = None) -> None:
 
             grid_post, table = flaplace.tune_prior_grid(posterior, val_nll, grid=GRID, progress=False)
             variants[f"grid-val{suffix}"] = (grid_post, names)
+            variants[f"informed-{prior}"] = (tuned, names)
             for method, (post, subset) in variants.items():
                 cache = test_cache if subset is names else restrict(test_cache, subset)
-                f_var = cached_covariance(post, cache)
+                covariance = informed_covariance if method.startswith("informed") else cached_covariance
+                f_var = covariance(post, cache)
                 probs_by[method] = probs(f_mu, f_var).double()
                 lam_by[method] = lam_of(post)
                 base_of[method] = f"map{suffix}"
                 info_by.setdefault(method, dict(info))
                 info_by[method]["mean_logit_variance"] = float(f_var.diagonal(dim1=1, dim2=2).mean())
-                info_by[method]["validation_nll"] = val_nll(
-                    post, restrict(val_cache, subset) if subset is not names else val_cache
+                info_by[method]["validation_nll"] = (
+                    None
+                    if method.startswith("informed")
+                    else val_nll(post, restrict(val_cache, subset) if subset is not names else val_cache)
                 )
                 log(
                     f"{regime}/{method}: lambda {lam_by[method]}, variance {info_by[method]['mean_logit_variance']:.3g}"
                 )
             info_by[f"grid-val{suffix}"]["grid"] = table
             del val_cache, test_cache
+            if eval_file is not None:
+                torch.save(
+                    [
+                        {k: v for k, v in store.items() if k not in before[id(store)]}
+                        for store in (probs_by, lam_by, info_by, base_of)
+                    ],
+                    eval_file,
+                )
         for method, p in probs_by.items():
             metrics = flaplace.classification_metrics(p, test_labels)
             record: dict[str, Any] = {
