@@ -199,6 +199,7 @@ def lam_of(posterior) -> float | dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="sst2")
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"])
     parser.add_argument("--data-path", default=None, help="default: ../shared/data/<task>")
     parser.add_argument("--regimes", default="early,converged")
     parser.add_argument("--priors", default="zero,init")
@@ -209,10 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--early-steps", type=int, default=48)
     parser.add_argument("--eval-every", type=int, default=8)
-    parser.add_argument("--converged-epochs", type=int, default=20)
+    parser.add_argument("--converged-epochs", type=int, default=15)
     parser.add_argument("--map-prior-precision", type=float, default=1.0)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -233,15 +234,23 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     clock = time.perf_counter()
     torch.manual_seed(args.seed)
-    loaded = hf.load_model("smollm2", n_classes=task.n_classes, kind="causal")
-    model = lora.attach_lora(
-        loaded, rank=8, alpha=16.0, targets=("q_proj", "v_proj"), last_layers=args.layers
-    )
+    if args.model == "minilm":  # all-MiniLM-L6-v2 with a new two-label head: LoRA on every block
+        from flaplace.app.cli import demo_model_path
+
+        loaded = hf.load_model(demo_model_path(), n_classes=task.n_classes, kind="seq_cls")
+        targets, last_layers = ("query", "value"), None
+    else:
+        loaded = hf.load_model("smollm2", n_classes=task.n_classes, kind="causal")
+        targets, last_layers = ("q_proj", "v_proj"), args.layers
+    model = lora.attach_lora(loaded, rank=8, alpha=16.0, targets=targets, last_layers=last_layers)
     model.eval()
-    names = lora.laplace_param_names(model)
+    names = lora.laplace_param_names(model)  # the posterior's blocks (LoRA, a new head's weight)
+    trainable = lora.trainable_param_names(model)  # also a new head's bias (no prior)
     named = dict(model.named_parameters())
-    theta0 = {n: named[n].detach().clone() for n in names}
+    start = {n: named[n].detach().clone() for n in trainable}
+    theta0 = {n: start[n] for n in names}
     model.requires_grad_(False)
+    train_fn = hf.model_function(model, trainable, loaded, task)
     model_fn = hf.model_function(model, names, loaded, task)
     log(f"load {time.perf_counter() - clock:.0f} s; {sum(p.numel() for p in theta0.values())} LoRA weights")
     norm_a0 = math.sqrt(sum(float(p.square().sum()) for n, p in theta0.items() if "lora_A" in n))
@@ -279,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         base_of: dict[str, str] = {}
         for prior in args.priors.split(","):
             centre = theta0 if prior == "init" else None
-            tag = f"{args.task}_{regime}_{prior}_n{n_train}_s{steps}_lr{args.lr}_p{args.map_prior_precision}"
+            tag = f"{args.model}_{args.task}_{regime}_{prior}_n{n_train}_s{steps}_lr{args.lr}_p{args.map_prior_precision}"
             map_file = None if cache_dir is None else cache_dir / f"{tag}_map.pt"
             eval_file = None if cache_dir is None else cache_dir / f"{tag}_n{len(test_labels)}_eval.pt"
             if eval_file is not None and eval_file.exists():  # this MAP's rows were computed already
@@ -296,13 +305,17 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 log(f"{regime}/{prior}: MAP training, {steps} steps on {n_train} examples")
                 params, history, best_step = train(
-                    model_fn, theta0, names, train_batches, val_batches, steps=steps, lr=args.lr,
+                    train_fn, start, names, train_batches, val_batches, steps=steps, lr=args.lr,
                     precision=args.map_prior_precision, centre=centre, n_train=n_train,
                     eval_every=args.eval_every if regime == "early" else steps_per_epoch, keep=keep,
                 )  # fmt: skip
                 if map_file is not None:
                     torch.save((params, history, best_step), map_file)
             t_map = time.perf_counter() - clock
+            with torch.no_grad():  # a head bias (trained, not in the posterior) lives in the model
+                for n in trainable:
+                    named[n].copy_(params[n])
+            params = {n: params[n] for n in names}
             clock = time.perf_counter()
             kfac_file = None if cache_dir is None else cache_dir / f"{tag}_kfac.pt"
             if kfac_file is not None and kfac_file.exists():
@@ -364,8 +377,13 @@ def main(argv: list[str] | None = None) -> None:
             )  # fmt: skip
             info_by[f"evidence-{prior}"] = {**info, "log_evidence": hist[-1]["log_evidence"], "gamma": gamma}
             if prior == "init":
+                lora_names = [n for n in names if "lora_" in n]
                 grouped, _ = flaplace.tune_prior_evidence(
-                    posterior, log_likelihood, per_block=["lora_A", "lora_B"], progress=False
+                    posterior,
+                    log_likelihood,
+                    per_block=["lora_A", "lora_B"]
+                    + (["modules_to_save"] if len(names) > len(lora_names) else []),
+                    progress=False,
                 )
                 variants["evidence-init-groups"] = (grouped, names)
                 b_names = [n for n in names if "lora_B" in n]
@@ -410,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
         for method, p in probs_by.items():
             metrics = flaplace.classification_metrics(p, test_labels)
             record: dict[str, Any] = {
-                "task": args.task, "regime": regime, "method": method,
+                "task": args.task if args.model == "smollm2" else f"{args.task} ({args.model})", "regime": regime, "method": method,
                 "lambda": lam_by.get(method), "nll": metrics["nll"], "ece": metrics["ece"],
                 "accuracy": metrics["accuracy"], "brier": metrics["brier"],
             }  # fmt: skip
