@@ -192,7 +192,7 @@ def make_posterior(
         mean=dict(params),
         factors={n: factors[n] for n in names},
         prior_precision=precision,
-        prior_mean=None if prior_mean is None else {n: prior_mean[n].detach() for n in names},
+        prior_mean=None if prior_mean is None else {n: prior_mean[n].detach().clone() for n in names},
     )
     validate_posterior(posterior, values=False)  # the blocks were checked in full just above
     return posterior

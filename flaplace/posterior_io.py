@@ -84,8 +84,10 @@ def check_blocks(factors: Factors, params: Params) -> None:
             raise ValueError(f"{name}: the MAP parameters are not finite")
 
 
-def check_prior_mean(prior_mean: Params, params: Params) -> None:
-    """Check that a prior mean has exactly the names, shapes and (finite) values of ``params``' blocks.
+def check_prior_mean(prior_mean: Params, params: Params, *, finite: bool = True) -> None:
+    """Check that a prior mean has exactly the names and shapes of ``params``' blocks (and finite values).
+
+    ``finite=False`` skips reading the values (names and shapes only).
 
     Raises:
         ValueError: naming the first block that is missing, unknown, misshapen or not finite.
@@ -116,7 +118,7 @@ def check_prior_mean(prior_mean: Params, params: Params) -> None:
             raise ValueError(
                 f"prior_mean of {name!r} has shape {shape} but the block's weight has shape {tuple(param.shape)}"
             )
-        if not bool(torch.isfinite(centre).all()):
+        if finite and not bool(torch.isfinite(centre).all()):
             raise ValueError(f"prior_mean of {name!r} is not finite")
 
 
@@ -158,7 +160,7 @@ def validate_posterior(posterior: Posterior, *, values: bool = True) -> None:
     if torch.compiler.is_compiling():
         return
     if posterior.prior_mean is not None:
-        check_prior_mean(posterior.prior_mean, posterior.mean)
+        check_prior_mean(posterior.prior_mean, posterior.mean, finite=values)
     for name in names:
         value = posterior.prior_precision[name]
         if not isinstance(value, Tensor) or value.numel() != 1:
