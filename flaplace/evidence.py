@@ -3,9 +3,10 @@
 Per block, with posterior precision ``P = S (x) A + lambda I`` and prior precision
 ``P0 = lambda I`` (the Conventions page of the docs),
 
-    log Z = LL(theta*) - sum_blocks [ (lambda/2) ||theta*||^2 + 1/2 sum_{i,j} log(1 + s_i a_j / lambda) ]
+    log Z = LL(theta*) - sum_blocks [ (lambda/2) ||theta* - m||^2 + 1/2 sum_{i,j} log(1 + s_i a_j / lambda) ]
 
-which equals ``LL - 1/2 theta^T P0 theta - 1/2 (logdet P - logdet P0)``: the eigenvalues of
+with ``m`` the prior mean (``posterior.prior_mean``; zero when it is ``None``), which equals
+``LL - 1/2 (theta* - m)^T P0 (theta* - m) - 1/2 (logdet P - logdet P0)``: the eigenvalues of
 ``P`` are ``s_i a_j + lambda`` on the span of the eigenbases and ``lambda`` elsewhere, where
 they cancel against ``P0``. Eigenvalues that round-off made slightly negative are clamped at 0.
 """
@@ -43,6 +44,10 @@ def log_marginal_likelihood(posterior: Posterior, log_likelihood: Tensor | float
         log_likelihood: ``LL(theta*)``, the log-likelihood of the training data at the
             MAP, SUMMED over examples (the normalisation of the factors: S sums over the data).
 
+    The prior term is ``(lambda/2) ||theta* - m||^2`` with ``m = posterior.prior_mean`` (zero
+    when ``None``): a prior centred at the adapters' initialisation charges only the distance
+    the data moved the weights.
+
     Returns:
         A 0-d tensor in the dtype of the prior precision, differentiable in the
         prior precision tensors (and so in ``log lambda``).
@@ -69,15 +74,39 @@ def log_marginal_likelihood(posterior: Posterior, log_likelihood: Tensor | float
         total = torch.tensor(float(log_likelihood), dtype=reference.dtype, device=reference.device)
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(total.detach())):
         raise ValueError(_not_finite_log_likelihood(float(total.detach())))
-    for name, mean in posterior.mean.items():
+    for name in posterior.mean:
         lam = posterior.prior_precision[name]
         factor = posterior.factors[name]
         s = factor.S.values.clamp(min=0).to(lam.dtype)
         a = factor.A.values.clamp(min=0).to(lam.dtype)
-        squared_norm = mean.to(lam.dtype).square().sum()
+        squared_norm = prior_distance(posterior, name, lam.dtype)
         log_det_ratio = torch.log1p(s[:, None] * a[None, :] / lam).sum()
         total = total - 0.5 * lam * squared_norm - 0.5 * log_det_ratio
     return total
+
+
+def prior_distance(posterior: Posterior, name: str, dtype: torch.dtype | None = None) -> Float[Tensor, ""]:
+    """``||theta* - m||^2`` of one block: the squared distance of the MAP from the prior mean.
+
+    ``m`` is ``posterior.prior_mean[name]``, or zero when the posterior has no prior mean.
+
+    Examples:
+        >>> import torch
+        >>> from flaplace.typing import Eigen, KronFactor
+        >>> unit = Eigen(torch.eye(2), torch.zeros(2))
+        >>> factors = {"W": KronFactor(unit, unit, torch.tensor(False))}
+        >>> post = make_posterior(factors, {"W": torch.ones(2, 2)}, 1.0)
+        >>> float(prior_distance(post, "W"))
+        4.0
+        >>> float(prior_distance(post._replace(prior_mean={"W": torch.ones(2, 2)}), "W"))
+        0.0
+    """
+    mean = posterior.mean[name]
+    dtype = mean.dtype if dtype is None else dtype
+    delta = mean.to(dtype)
+    if posterior.prior_mean is not None:
+        delta = delta - posterior.prior_mean[name].to(device=mean.device, dtype=dtype)
+    return delta.square().sum()
 
 
 def _not_finite_log_likelihood(value: float) -> str:
@@ -121,11 +150,19 @@ def tune_prior_evidence(
     tol: float = 1e-6,
     betas: tuple[float, float] = (0.5, 0.9),
     decay: float = 0.9,
+    method: str = "gradient",
 ) -> tuple[Posterior, list[dict[str, Any]]]:
-    """Maximise the evidence over the prior precision: Adam on ``log lambda``.
+    """Maximise the evidence over the prior precision: Adam on ``log lambda``, or MacKay's update.
 
     ``log Z`` is concave in ``log lambda`` (one term is ``-(c/2) e^t``, the others
-    ``-1/2 softplus(log(s a) - t)``), so its stationary point is the maximum.
+    ``-1/2 softplus(log(s a) - t)``), so its stationary point is the maximum. With the prior
+    mean ``m`` (``posterior.prior_mean``, zero when ``None``), that point satisfies, per tuned group,
+
+        lambda = gamma / ||theta* - m||^2,    gamma = sum_{i,j} s_i a_j / (s_i a_j + lambda),
+
+    ``gamma`` being the effective number of weights the data determine. ``method="fixed-point"``
+    iterates this equation (MacKay's update, as in Antoran et al. 2022's linearised Laplace)
+    instead of taking Adam steps; both stop at the same gradient test and reach the same optimum.
 
     Args:
         posterior: from [`make_posterior`][flaplace.posterior.make_posterior].
@@ -151,6 +188,9 @@ def tune_prior_evidence(
         decay: the learning rate is multiplied by ``decay`` after every step that
             lowered ``log Z``: an overshoot of the concave maximum. This damps the
             limit cycles Adam's normalised steps can fall into near the optimum.
+        method: ``"gradient"`` (Adam on ``log lambda``; ``lr``, ``betas`` and ``decay`` apply)
+            or ``"fixed-point"`` (``lambda <- gamma / ||theta* - m||^2`` per group; ``steps``
+            counts its iterations).
 
     Returns:
         ``(posterior, history)``: the posterior with the tuned (detached) prior
@@ -163,9 +203,16 @@ def tune_prior_evidence(
         >>> tuned, history = tune_prior_evidence(posterior, ll, per_block=["lora_A", "lora_B"])  # doctest: +SKIP
         >>> last = history[-1]  # doctest: +SKIP
         >>> last["log_evidence"], last["prior_precision"]  # doctest: +SKIP
+        >>> by_mackay, _ = tune_prior_evidence(posterior, ll, method="fixed-point", progress=False)
+        >>> by_adam, _ = tune_prior_evidence(posterior, ll, progress=False)
+        >>> a, b = (float(p.prior_precision[name]) for p in (by_mackay, by_adam))
+        >>> abs(a - b) / b < 1e-3
+        True
     """
     if steps < 0:
         raise ValueError(f"steps must be non-negative, got {steps}")
+    if method not in ("gradient", "fixed-point"):
+        raise ValueError(f"method must be 'gradient' or 'fixed-point', got {method!r}")
     if not (lr > 0 and tol > 0 and 0 < decay <= 1):
         raise ValueError(
             f"lr and tol must be positive and decay in (0, 1]; got lr={lr}, tol={tol}, decay={decay}"
@@ -193,6 +240,29 @@ def tune_prior_evidence(
         (grad,) = torch.autograd.grad(log_z, log_lam)
         return log_z.detach(), grad
 
+    def fixed_point_update() -> None:
+        """``log lambda <- log gamma - log ||theta* - m||^2`` for every group, in place."""
+        with torch.no_grad():
+            for k, members in enumerate(groups.values()):
+                lam = log_lam[k].exp()
+                gamma = log_lam.new_zeros(())
+                distance = log_lam.new_zeros(())
+                for n in members:
+                    factor = start.factors[n]
+                    eig = (
+                        factor.S.values.clamp(min=0).to(lam.dtype)[:, None]
+                        * factor.A.values.clamp(min=0).to(lam.dtype)[None, :]
+                    )
+                    gamma = gamma + (eig / (eig + lam)).sum()
+                    distance = distance + prior_distance(start, n, lam.dtype)
+                if not bool(distance > 0) or not bool(gamma > 0):
+                    raise ValueError(
+                        "method='fixed-point' needs a MAP away from the prior mean and some curvature in "
+                        f"every group; group {list(groups)[k]!r} has ||theta* - m||^2 = {float(distance):.3g} "
+                        f"and gamma = {float(gamma):.3g}; use method='gradient'"
+                    )
+                log_lam[k] = gamma.log() - distance.log()
+
     history: list[dict[str, Any]] = []
     converged = False
     bar = tqdm(total=steps, disable=not progress, desc="prior precision (evidence)")
@@ -216,6 +286,11 @@ def tune_prior_evidence(
             break
         if step == steps:
             break
+        if method == "fixed-point":
+            fixed_point_update()
+            bar.update(1)
+            bar.set_postfix(log_evidence=f"{float(log_z):.4g}", grad=f"{grad_norm:.2e}")
+            continue
         if len(history) > 1 and history[-1]["log_evidence"] < history[-2]["log_evidence"]:
             for group in optimizer.param_groups:  # overshot the (concave) maximum: damp the steps
                 group["lr"] *= decay

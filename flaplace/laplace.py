@@ -70,6 +70,9 @@ class LaplaceLoRA:
         likelihood: ``"categorical"`` or ``"bernoulli"``.
         prior_precision: the starting prior precision ``lambda`` (see
             [`make_posterior`][flaplace.posterior.make_posterior]).
+        prior_mean: the centre of the prior, one tensor per selected weight (e.g. the LoRA
+            weights at initialisation, when the MAP was trained with an L2 term towards them);
+            ``None`` (default): zero.
         batch_fn: applied to every batch before use (e.g. moving it to the device, or turning
             token labels into class indices); default: move tensors to the weights' device.
         jacobian_method: how the linearised predictive computes Jacobians (``"auto"``,
@@ -91,6 +94,7 @@ class LaplaceLoRA:
         exclude: str | Sequence[str] = (),
         likelihood: Likelihood = "categorical",
         prior_precision: PriorPrecision = 1.0,
+        prior_mean: Params | None = None,
         batch_fn: Callable[[Batch], Batch] | None = None,
         jacobian_method: JacobianMethod = "auto",
         **kfac_options: Any,
@@ -105,6 +109,7 @@ class LaplaceLoRA:
         self.model_fn = ModelFunction(model, self.params, output_fn)
         self.likelihood: Likelihood = likelihood
         self.initial_prior_precision = prior_precision
+        self.prior_mean = prior_mean
         self.kfac_options = kfac_options
         self.jacobian_method: JacobianMethod = jacobian_method
         device = next(iter(self.params.values())).device
@@ -138,7 +143,9 @@ class LaplaceLoRA:
             progress=progress,
             **self.kfac_options,
         )
-        self.posterior = make_posterior(factors, self.params, self.initial_prior_precision)
+        self.posterior = make_posterior(
+            factors, self.params, self.initial_prior_precision, prior_mean=self.prior_mean
+        )
         self.log_likelihood = state.log_likelihood
         self._cache = None
         return self

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from flaplace.posterior_io import check_blocks, validate_posterior
+from flaplace.posterior_io import check_blocks, check_prior_mean, validate_posterior
 from flaplace.posterior_io import load_posterior as load_posterior  # re-exported for existing callers
 from flaplace.posterior_io import save_posterior as save_posterior
 from flaplace.typing import Eigen, Factors, KronFactor, Params, Posterior
@@ -144,7 +144,12 @@ def prior_precision_per_block(
 # --------------------------------------------------------------------------- construction
 
 
-def make_posterior(factors: Factors, params: Params, prior_precision: PriorPrecision) -> Posterior:
+def make_posterior(
+    factors: Factors,
+    params: Params,
+    prior_precision: PriorPrecision,
+    prior_mean: Params | None = None,
+) -> Posterior:
     """The Laplace posterior ``N(theta*, P^{-1})`` with ``P = S (x) A + lambda I`` per block.
 
     Args:
@@ -156,10 +161,16 @@ def make_posterior(factors: Factors, params: Params, prior_precision: PriorPreci
             mapping from exact parameter names or case-insensitive group keywords
             to values, e.g. ``{"lora_A": 1.0, "lora_B": 10.0}``; every block must
             be covered by exactly one key.
+        prior_mean: the centre ``m`` of the prior ``N(m, 1/lambda I)``, one tensor per block
+            with the names and shapes of ``params``; ``None`` (default): a prior centred at
+            zero. Pass the adapter weights at initialisation (e.g. LoRA's random ``lora_A``
+            and zero ``lora_B``) when the MAP was trained with an L2 term towards them; the
+            evidence then charges only ``||theta* - m||^2``, the distance the data moved them.
 
     Returns:
         A [`Posterior`][flaplace.typing.Posterior], with the prior precision stored as a
-        0-d tensor per block in the dtype and device of the factors.
+        0-d tensor per block in the dtype and device of the factors, and the prior mean
+        (detached copies) or ``None``.
 
     Raises:
         ValueError: names or shapes that do not match, non-finite values, a
@@ -168,8 +179,12 @@ def make_posterior(factors: Factors, params: Params, prior_precision: PriorPreci
     Examples:
         >>> params = select_params(model, "lora")  # doctest: +SKIP
         >>> posterior = make_posterior(factors, params, {"lora_A": 1.0, "lora_B": 10.0})  # doctest: +SKIP
+        >>> init = {n: p.detach().clone() for n, p in select_params(model, "lora").items()}  # doctest: +SKIP
+        >>> centred = make_posterior(factors, trained, 1.0, prior_mean=init)  # doctest: +SKIP
     """
     check_blocks(factors, params)
+    if prior_mean is not None:
+        check_prior_mean(prior_mean, params)
     names = list(params)
     first = factors[names[0]].S.values
     precision = prior_precision_per_block(names, prior_precision, dtype=first.dtype, device=first.device)
@@ -177,6 +192,7 @@ def make_posterior(factors: Factors, params: Params, prior_precision: PriorPreci
         mean=dict(params),
         factors={n: factors[n] for n in names},
         prior_precision=precision,
+        prior_mean=None if prior_mean is None else {n: prior_mean[n].detach().clone() for n in names},
     )
     validate_posterior(posterior, values=False)  # the blocks were checked in full just above
     return posterior

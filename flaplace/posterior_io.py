@@ -21,7 +21,7 @@ from torch import Tensor
 
 from flaplace.typing import Eigen, Factors, KronFactor, Params, Posterior
 
-__all__ = ["check_blocks", "load_posterior", "save_posterior", "validate_posterior"]
+__all__ = ["check_blocks", "check_prior_mean", "load_posterior", "save_posterior", "validate_posterior"]
 
 #: Version of the on-disk layout written by `save_posterior`.
 FORMAT_VERSION = "1"
@@ -30,6 +30,8 @@ FORMAT_NAME = "flaplace.posterior"
 #: names are dotted identifiers, so ``"|"`` never appears in them (checked on save).
 KEY_SEPARATOR = "|"
 FIELDS = ("mean", "S.vectors", "S.values", "A.vectors", "A.values", "prior_precision")
+#: The optional field of every block when the posterior has a prior mean (metadata ``prior_mean``).
+PRIOR_MEAN_FIELD = "prior_mean"
 
 
 # --------------------------------------------------------------------------- checks
@@ -82,13 +84,52 @@ def check_blocks(factors: Factors, params: Params) -> None:
             raise ValueError(f"{name}: the MAP parameters are not finite")
 
 
+def check_prior_mean(prior_mean: Params, params: Params, *, finite: bool = True) -> None:
+    """Check that a prior mean has exactly the names and shapes of ``params``' blocks (and finite values).
+
+    ``finite=False`` skips reading the values (names and shapes only).
+
+    Raises:
+        ValueError: naming the first block that is missing, unknown, misshapen or not finite.
+
+    Examples:
+        >>> check_prior_mean({"W": torch.zeros(2, 3)}, {"W": torch.ones(2, 3)})  # silent when they match
+        >>> check_prior_mean({"W": torch.zeros(3, 2)}, {"W": torch.ones(2, 3)})
+        Traceback (most recent call last):
+        ...
+        ValueError: prior_mean of 'W' has shape (3, 2) but the block's weight has shape (2, 3)
+    """
+    if not isinstance(prior_mean, dict):
+        raise TypeError(
+            f"prior_mean must be a dict of tensors keyed by parameter name (or None), got {type(prior_mean).__name__}"
+        )
+    missing = [n for n in params if n not in prior_mean]
+    if missing:
+        raise ValueError(
+            f"prior_mean has no tensor for block {missing[0]!r} ({len(missing)} missing); give one per block"
+        )
+    extra = [n for n in prior_mean if n not in params]
+    if extra:
+        raise ValueError(f"prior_mean has a tensor for {extra[0]!r}, which is not a block of the posterior")
+    for name, param in params.items():
+        centre = prior_mean[name]
+        if not isinstance(centre, Tensor) or tuple(centre.shape) != tuple(param.shape):
+            shape = tuple(centre.shape) if isinstance(centre, Tensor) else type(centre).__name__
+            raise ValueError(
+                f"prior_mean of {name!r} has shape {shape} but the block's weight has shape {tuple(param.shape)}"
+            )
+        if finite and not bool(torch.isfinite(centre).all()):
+            raise ValueError(f"prior_mean of {name!r} is not finite")
+
+
 def validate_posterior(posterior: Posterior, *, values: bool = True) -> None:
     """Check that ``posterior`` is a usable Laplace posterior; raise naming the first problem.
 
     The one validation every entry point runs (`make_posterior`, `load_posterior`,
     `with_prior_precision`, the evidence): the same names in ``mean``, ``factors`` and
     ``prior_precision``; each block a matrix whose factors fit its shape (`check_blocks`);
-    each prior precision a single positive, finite number.
+    each prior precision a single positive, finite number; a prior mean, when there is one,
+    with the names and shapes of the blocks (`check_prior_mean`).
 
     Args:
         posterior: the posterior to check.
@@ -118,6 +159,8 @@ def validate_posterior(posterior: Posterior, *, values: bool = True) -> None:
             raise ValueError(f"block {missing[0]!r} is in only one of posterior.mean and posterior.factors")
     if torch.compiler.is_compiling():
         return
+    if posterior.prior_mean is not None:
+        check_prior_mean(posterior.prior_mean, posterior.mean, finite=values)
     for name in names:
         value = posterior.prior_precision[name]
         if not isinstance(value, Tensor) or value.numel() != 1:
@@ -138,7 +181,8 @@ def save_posterior(path: str | PathLike[str], posterior: Posterior) -> None:
 
     Keys are ``"<parameter name>|<field>"``; the metadata records the format
     version, the block names in order and their transposed flags. Prior
-    precisions are saved detached.
+    precisions are saved detached; a prior mean, when the posterior has one, is saved
+    as one more field per block (and read back by `load_posterior`).
 
     Examples:
         >>> save_posterior("posterior.safetensors", posterior)
@@ -158,11 +202,15 @@ def save_posterior(path: str | PathLike[str], posterior: Posterior) -> None:
         )
         for field, tensor in zip(FIELDS, fields, strict=True):
             tensors[f"{name}{KEY_SEPARATOR}{field}"] = tensor.detach().contiguous().clone()
+        if posterior.prior_mean is not None:
+            centre = posterior.prior_mean[name]
+            tensors[f"{name}{KEY_SEPARATOR}{PRIOR_MEAN_FIELD}"] = centre.detach().contiguous().clone()
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "names": json.dumps(list(posterior.mean)),
         "transposed": json.dumps([bool(posterior.factors[n].transposed) for n in posterior.mean]),
+        "prior_mean": json.dumps(posterior.prior_mean is not None),
     }
     save_file(tensors, str(path), metadata=metadata)
 
@@ -202,6 +250,8 @@ def load_posterior(
     mean: Params = {}
     factors: Factors = {}
     precision: dict[str, Tensor] = {}
+    centred = any(key.endswith(f"{KEY_SEPARATOR}{PRIOR_MEAN_FIELD}") for key in stored)
+    prior_mean: Params | None = {} if centred else None
     for name, flag in zip(names, transposed, strict=True):
         field = {f: stored[f"{name}{KEY_SEPARATOR}{f}"].to(device) for f in FIELDS}
         mean[name] = field["mean"]
@@ -211,7 +261,12 @@ def load_posterior(
             transposed=torch.tensor(flag, device=device),
         )
         precision[name] = field["prior_precision"]
-    posterior = Posterior(mean=mean, factors=factors, prior_precision=precision)
+        if prior_mean is not None:
+            key = f"{name}{KEY_SEPARATOR}{PRIOR_MEAN_FIELD}"
+            if key not in stored:
+                raise ValueError(f"{path} is damaged: block {name!r} has no {PRIOR_MEAN_FIELD!r} tensor")
+            prior_mean[name] = stored[key].to(device)
+    posterior = Posterior(mean=mean, factors=factors, prior_precision=precision, prior_mean=prior_mean)
     try:
         validate_posterior(posterior)
     except ValueError as error:

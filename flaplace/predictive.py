@@ -95,7 +95,7 @@ def predictive_precompute(posterior: Posterior) -> PredictiveCache:
         >>> for batch in loader:
         ...     f_mu, f_var = linearised_predictive(f, cache, batch)
     """
-    mean, factors, prior = posterior
+    mean, factors, prior = posterior.mean, posterior.factors, posterior.prior_precision
     if set(factors) != set(mean) or set(prior) != set(mean):
         raise ValueError(
             "posterior.mean, .factors and .prior_precision need the same names; "

@@ -77,8 +77,14 @@ class Posterior(NamedTuple):
     ``mean`` is the MAP ``theta*``; ``factors`` the eigen-form K-FAC factors;
     ``prior_precision`` a 0-d tensor ``lambda`` per block (same keys as ``mean``).
     Block precision: ``P = S (x) A + lambda I``.
+
+    ``prior_mean`` is the centre ``m`` of the Gaussian prior ``N(m, 1/lambda I)``: ``None``
+    (the default) for a prior centred at zero, or one tensor per block (same keys and shapes
+    as ``mean``), e.g. the adapter weights at initialisation. It enters the evidence through
+    ``||theta* - m||^2``; samples and predictives are centred at ``mean`` either way.
     """
 
     mean: Params
     factors: Factors
     prior_precision: dict[str, Tensor]
+    prior_mean: Params | None = None

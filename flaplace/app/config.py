@@ -36,6 +36,8 @@ from flaplace.typing import FisherType, Sharing
 STAGES: tuple[str, ...] = ("map", "kfac", "prior", "predictive")
 #: How the prior precision is tuned.
 PRIOR_TUNINGS: tuple[str, ...] = ("evidence", "grid")
+#: Where the Gaussian prior is centred: at zero, or at the adapters' initialisation.
+PRIOR_MEANS: tuple[str, ...] = ("zero", "init")
 #: The links from logit moments to class probabilities.
 LINKS: tuple[str, ...] = get_args(Link)
 #: Parameter dtypes a run can load the model in.
@@ -176,6 +178,12 @@ class RunConfig:
     )
     prior_precision: float = option(
         1.0, "prior precision of the MAP objective; start of tuning", kind="float", stage="map", positive=True
+    )
+    prior_mean: str = option(
+        "zero",
+        "centre of the prior (and of the MAP's L2 term): zero, or init (the adapters at initialisation)",
+        stage="map",
+        choices=PRIOR_MEANS,
     )
     prior_tuning: str = option(
         "evidence", "how the prior precision is tuned", stage="prior", choices=PRIOR_TUNINGS

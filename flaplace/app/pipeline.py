@@ -177,6 +177,12 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         )  # fmt: skip
         model.to(config.device)
         laplace_names = lora.laplace_param_names(model)
+        # the prior's centre: the adapters as initialised (seeded), or zero
+        prior_mean = (
+            {n: p.detach().clone() for n, p in model.named_parameters() if n in set(laplace_names)}
+            if config.prior_mean == "init"
+            else None
+        )
         trainable = lora.trainable_param_names(model)
         model_fn = hf.model_function(model, trainable, loaded, task)
         named = dict(model.named_parameters())
@@ -217,7 +223,8 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
                 trained, losses = train_map(  # dropout as configured: train through f.training()
                     model_fn.training(), {n: named[n] for n in trainable}, laplace_names, data,
                     n_train=len(train), steps=config.steps, lr=config.lr,
-                    prior_precision=config.prior_precision, progress=progress, distributed=many,
+                    prior_precision=config.prior_precision, progress=progress, prior_mean=prior_mean,
+                    distributed=many,
                 )  # fmt: skip
             model.eval()
             return trained, {"losses": losses}
@@ -263,7 +270,7 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
             load=lambda path: load_posterior(path, map_params).factors,
         )
         log_likelihood = float(kfac_record["log_likelihood"])
-        posterior = make_posterior(factors, map_params, config.prior_precision)
+        posterior = make_posterior(factors, map_params, config.prior_precision, prior_mean=prior_mean)
         timings["kfac"] = time.perf_counter() - tick
 
         # 3. prior precision
@@ -288,7 +295,7 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
 
         _, prior_record = cache.get("prior", stage_key(config, "prior"), compute_prior)
         tuned_precision, tuning_record = float(prior_record["prior_precision"]), prior_record["tuning"]
-        posterior = make_posterior(factors, map_params, tuned_precision)
+        posterior = make_posterior(factors, map_params, tuned_precision, prior_mean=prior_mean)
         log_evidence = float(log_marginal_likelihood(posterior, log_likelihood).detach())
         timings["prior"] = time.perf_counter() - tick
 

@@ -7,10 +7,11 @@ result with [`StageCache`][flaplace.app.checkpoints.StageCache].
 MAP fine-tuning minimises, per step,
 
 $$
-\\frac{1}{|B|} \\sum_{n \\in B} -\\log p(y_n \\mid x_n, \\theta) + \\frac{\\lambda}{2N} \\lVert \\theta \\rVert^2
+\\frac{1}{|B|} \\sum_{n \\in B} -\\log p(y_n \\mid x_n, \\theta) + \\frac{\\lambda}{2N} \\lVert \\theta - m \\rVert^2
 $$
 
-with ``N`` the number of training examples and ``lambda`` the prior precision: the MAP
+with ``N`` the number of training examples, ``lambda`` the prior precision and ``m`` the prior
+mean (zero, or the adapters' initialisation with ``--prior-mean init``): the MAP
 objective ``-log p(D | theta) - log p(theta)`` divided by ``N``. The L2 term is written into
 the loss and AdamW runs with ``weight_decay=0``: AdamW's decoupled decay is rescaled by
 Adam's preconditioner and is not the gradient of a Gaussian prior, so it would not give the
@@ -78,13 +79,16 @@ def train_map(
     lr: float,
     prior_precision: float,
     progress: bool = True,
+    prior_mean: Params | None = None,
     distributed: bool = False,
 ) -> tuple[Params, list[float]]:
-    """MAP fine-tuning: AdamW on ``mean NLL + prior_precision / (2 n_train) * ||theta||^2``.
+    """MAP fine-tuning: AdamW on ``mean NLL + prior_precision / (2 n_train) * ||theta - m||^2``.
 
     ``theta`` are the weights named ``laplace_names`` (the posterior's blocks); other
-    entries of ``params`` (e.g. a head bias) are trained without a prior. The learning
-    rate decays linearly to zero. Works on leaf copies of ``params``.
+    entries of ``params`` (e.g. a head bias) are trained without a prior. ``m`` is
+    ``prior_mean`` (one tensor per name of ``laplace_names``; ``None``: zero), e.g. the
+    adapters at initialisation; the posterior must then carry the same prior mean. The
+    learning rate decays linearly to zero. Works on leaf copies of ``params``.
 
     ``distributed=True`` (every rank of the ``torch.distributed`` group calls it with the same
     ``data``): data parallel. Each rank takes its contiguous rows of every batch, and the
@@ -102,6 +106,7 @@ def train_map(
     optimizer = torch.optim.AdamW(leaves.values(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
     scale = prior_precision / (2 * n_train)
+    centre = {n: None if prior_mean is None else prior_mean[n].detach().float() for n in laplace_names}
     losses: list[float] = []
     ranks = current_ranks() if distributed else SINGLE
     if ranks.world > 1:  # every rank starts from rank 0's weights, as DistributedDataParallel does
@@ -110,13 +115,13 @@ def train_map(
     for _ in bar:
         batch = next(data)
         if ranks.world > 1:
-            losses.append(_data_parallel_step(model_fn, leaves, laplace_names, batch, optimizer, scale))
+            losses.append(_data_parallel_step(model_fn, leaves, laplace_names, centre, batch, optimizer, scale))
             schedule.step()
             bar.set_postfix(nll=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
             continue
         logits = model_fn(leaves, batch)
         nll = F.cross_entropy(logits.float(), batch["labels"])
-        penalty = sum(leaves[n].float().square().sum() for n in laplace_names)
+        penalty = sum(_squared_distance(leaves[n], centre[n]) for n in laplace_names)
         loss = nll + scale * penalty
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the training loss is not finite ({float(loss)}); lower --lr")
@@ -133,6 +138,7 @@ def _data_parallel_step(
     model_fn: ModelFn,
     leaves: dict[str, Tensor],
     laplace_names: Sequence[str],
+    centre: dict[str, Tensor | None],
     batch: dict[str, Tensor],
     optimizer: torch.optim.Optimizer,
     scale: float,
@@ -147,7 +153,7 @@ def _data_parallel_step(
     local = rows(batch, ranks)
     optimizer.zero_grad(set_to_none=True)
     nll = torch.zeros((), device=batch["labels"].device)
-    penalty = sum((leaves[name].float().square().sum() for name in laplace_names), nll)
+    penalty = sum((_squared_distance(leaves[name], centre[name]) for name in laplace_names), nll)
     if len(local["labels"]):  # a batch of fewer rows than ranks leaves some ranks without one
         nll = F.cross_entropy(model_fn(leaves, local).float(), local["labels"], reduction="sum")
     (nll / n + scale * penalty / ranks.world).backward()
@@ -163,6 +169,11 @@ def _data_parallel_step(
         offset += g.numel()
     optimizer.step()
     return mean_nll
+
+
+def _squared_distance(weight: Tensor, centre: Tensor | None) -> Tensor:
+    delta = weight.float() if centre is None else weight.float() - centre
+    return delta.square().sum()
 
 
 def fit_factors(

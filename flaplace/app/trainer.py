@@ -12,7 +12,9 @@ indices over the answer tokens (`answer_batch`).
 
 The MAP that the Laplace posterior is centred on should be trained with the prior's penalty:
 `GaussianPriorTrainer` adds it in ``compute_loss`` (see `gaussian_prior_penalty`
-for the exact scaling and the weight-decay equivalence).
+for the exact scaling and the weight-decay equivalence). The prior is centred at zero, or with
+``prior_mean="init"`` at the adapters as they were before training (LoRA's random ``lora_A``
+and zero ``lora_B``); `laplace_from_trainer` then gives the posterior the same centre.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from torch import Tensor, nn
 
 from flaplace.laplace import LaplaceLoRA, batch_to, laplace
 from flaplace.params import LastTokenLogits, classifier_logits, select_params
-from flaplace.typing import Batch
+from flaplace.typing import Batch, Params
 
 #: The label value Hugging Face losses ignore.
 IGNORE_INDEX = -100
+#: Where the Gaussian prior of the Trainer integration can be centred.
+PRIOR_MEANS: tuple[str, ...] = ("zero", "init")
 
 __all__ = [
     "GaussianPriorTrainer",
@@ -36,8 +40,34 @@ __all__ = [
     "answer_batch",
     "fit_laplace",
     "gaussian_prior_penalty",
+    "initial_prior_mean",
     "laplace_from_trainer",
 ]
+
+
+def initial_prior_mean(
+    model: nn.Module, prior_mean: str | Params | None, include: str | Sequence[str] = "lora"
+) -> Params | None:
+    """The prior's centre: ``None`` for ``"zero"``, a detached copy of the selected weights NOW for ``"init"``.
+
+    Call it before training for ``"init"``: the copy is the adapters' initialisation (LoRA's
+    random ``lora_A`` and zero ``lora_B``). A dict of tensors is returned as detached copies.
+
+    Raises:
+        ValueError: a ``prior_mean`` that is neither ``"zero"``, ``"init"``, ``None`` nor a dict.
+
+    Examples:
+        >>> centre = initial_prior_mean(peft_model, "init")  # before trainer.train()
+        >>> initial_prior_mean(peft_model, "zero") is None
+        True
+    """
+    if prior_mean is None or prior_mean == "zero":
+        return None
+    if prior_mean == "init":
+        return {n: p.detach().clone() for n, p in select_params(model, include).items()}
+    if isinstance(prior_mean, Mapping):
+        return {n: t.detach().clone() for n, t in prior_mean.items()}
+    raise ValueError(f"prior_mean must be one of {PRIOR_MEANS} or a dict of tensors, got {prior_mean!r}")
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -160,7 +190,8 @@ def laplace_from_trainer(
 
     Uses the Trainer's model and its training DataLoader (``trainer.get_train_dataloader()``,
     the Trainer's own collator and batch size); with ``prior="val_nll"`` or ``"grid"`` its
-    evaluation DataLoader too.
+    evaluation DataLoader too. A `GaussianPriorTrainer` trained with ``prior_mean="init"``
+    hands its prior's centre to the posterior (unless ``prior_mean`` is given here).
 
     Examples:
         >>> trainer.train()
@@ -168,6 +199,9 @@ def laplace_from_trainer(
         >>> probs = la(batch)
     """
     val = trainer.get_eval_dataloader() if prior in ("val_nll", "grid", "gridsearch") else None
+    centre = getattr(trainer, "prior_mean_values", None)
+    if centre is not None and "prior_mean" not in options:
+        options["prior_mean"] = centre
     return fit_laplace(
         trainer.model,
         trainer.get_train_dataloader(),
@@ -189,38 +223,72 @@ def _trainer_callback_base() -> type:
 class LaplaceCallback(_trainer_callback_base()):  # type: ignore[misc]
     """A ``TrainerCallback`` that fits the posterior when training ends; the result is ``.laplace``.
 
+    ``prior_mean="init"`` centres the posterior's prior at the adapters as they were when
+    training began (copied in ``on_train_begin``); pair it with a training loss whose L2 term
+    pulls towards the same weights (`GaussianPriorTrainer` with ``prior_mean="init"``).
+
     Examples:
         >>> callback = LaplaceCallback(answer_ids=answer_ids)
         >>> Trainer(model, args, train_dataset=data, callbacks=[callback]).train()
         >>> probs = callback.laplace(batch)
     """
 
-    def __init__(self, *, answer_ids: Sequence[int] | None = None, prior: str = "evidence", **options: Any):
+    def __init__(
+        self,
+        *,
+        answer_ids: Sequence[int] | None = None,
+        prior: str = "evidence",
+        prior_mean: str = "zero",
+        **options: Any,
+    ):
+        if prior_mean not in PRIOR_MEANS:
+            raise ValueError(f"prior_mean must be one of {PRIOR_MEANS}, got {prior_mean!r}")
         self.answer_ids = answer_ids
         self.prior = prior
+        self.prior_mean = prior_mean
+        self.prior_mean_values: Params | None = None
         self.options = options
         self.laplace: LaplaceLoRA | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.prior_mean == "init":
+            if model is None:
+                raise ValueError(
+                    "LaplaceCallback(prior_mean='init') needs the Trainer's model at on_train_begin"
+                )
+            self.prior_mean_values = initial_prior_mean(model, "init", self.options.get("include", "lora"))
+        return control
 
     def on_train_end(
         self, args, state, control, model=None, train_dataloader=None, eval_dataloader=None, **kwargs
     ):
         if model is None or train_dataloader is None:
             raise ValueError("LaplaceCallback needs the Trainer's model and train_dataloader at on_train_end")
+        options = dict(self.options)
+        if self.prior_mean_values is not None:
+            options.setdefault("prior_mean", self.prior_mean_values)
         self.laplace = fit_laplace(
             model,
             train_dataloader,
             answer_ids=self.answer_ids,
             val_loader=eval_dataloader,
             prior=self.prior,
-            **self.options,
+            **options,
         )
         return control
 
 
 def gaussian_prior_penalty(
-    model: nn.Module, prior_precision: float, n_train: int, include: str | Sequence[str] = "lora"
+    model: nn.Module,
+    prior_precision: float,
+    n_train: int,
+    include: str | Sequence[str] = "lora",
+    prior_mean: Params | None = None,
 ) -> Tensor:
-    """The Gaussian prior's term for a MEAN training loss: ``(lambda / (2 N)) ||theta||^2``.
+    """The Gaussian prior's term for a MEAN training loss: ``(lambda / (2 N)) ||theta - m||^2``.
+
+    ``m`` is ``prior_mean`` (a tensor per selected weight, e.g. from
+    `initial_prior_mean`), or zero when ``None``.
 
     With a prior ``N(0, (1/lambda) I)`` on the selected weights ``theta`` and ``N`` training
     examples, the negative log posterior is ``sum_n l_n(theta) + (lambda/2) ||theta||^2`` (+ const).
@@ -250,7 +318,16 @@ def gaussian_prior_penalty(
             f"prior_precision must be positive and n_train at least 1, got {prior_precision} and {n_train}"
         )
     names = set(select_params(model, include))
-    squared = sum(p.square().sum() for n, p in model.named_parameters() if n in names)
+    if prior_mean is not None and set(prior_mean) != names:
+        odd = sorted(set(prior_mean) ^ names)
+        raise ValueError(
+            f"prior_mean must have one tensor per selected weight; {odd[0]!r} is in only one of them"
+        )
+    squared = sum(
+        (p if prior_mean is None else p - prior_mean[n].to(p.device, p.dtype)).square().sum()
+        for n, p in model.named_parameters()
+        if n in names
+    )
     return prior_precision / (2 * n_train) * squared  # type: ignore[return-value]
 
 
@@ -265,9 +342,12 @@ def _trainer_base() -> type:
 class GaussianPriorTrainer(_trainer_base()):  # type: ignore[misc]
     """A ``Trainer`` whose loss is the MAP objective of a Gaussian prior on the LoRA weights.
 
-    ``loss = mean loss + (lambda / (2N)) ||theta||^2`` (`gaussian_prior_penalty`), with
+    ``loss = mean loss + (lambda / (2N)) ||theta - m||^2`` (`gaussian_prior_penalty`), with
     ``N = len(train_dataset)`` unless ``n_train`` is given. Set ``weight_decay=0`` in the
-    ``TrainingArguments`` (the prior replaces it).
+    ``TrainingArguments`` (the prior replaces it). ``prior_mean``: ``"zero"`` (``m = 0``),
+    ``"init"`` (``m`` = the selected weights when the Trainer is built, i.e. the adapters'
+    initialisation; kept as ``prior_mean_values`` and handed on by `laplace_from_trainer`), or
+    a dict of tensors.
 
     Examples:
         >>> trainer = GaussianPriorTrainer(model=peft_model, args=args, train_dataset=data, prior_precision=1.0)
@@ -279,17 +359,21 @@ class GaussianPriorTrainer(_trainer_base()):  # type: ignore[misc]
         prior_precision: float = 1.0,
         n_train: int | None = None,
         prior_include: str | Sequence[str] = "lora",
+        prior_mean: str | Params = "zero",
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.prior_precision = prior_precision
         self.n_train = n_train
         self.prior_include = prior_include
+        self.prior_mean_values = initial_prior_mean(self.model, prior_mean, prior_include)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
         n_train = self.n_train if self.n_train is not None else len(self.train_dataset)
-        loss = loss + gaussian_prior_penalty(model, self.prior_precision, n_train, self.prior_include)
+        loss = loss + gaussian_prior_penalty(
+            model, self.prior_precision, n_train, self.prior_include, self.prior_mean_values
+        )
         return (loss, outputs) if return_outputs else loss

@@ -1,0 +1,505 @@
+"""Issue 16: which prior makes the evidence-tuned Laplace-LoRA posterior help a real LLM.
+
+SmolLM2-135M-Instruct through the same app-wing path as ``flaplace run`` (task reader, prompt
+``<text> Answer:`` scored by the next-token logits of the answers, LoRA r=8 / alpha 16 on
+``q_proj,v_proj`` of the last 8 blocks), in two regimes:
+
+* ``early``: ``--n-train`` examples, AdamW for at most ``--early-steps`` steps, the MAP kept at
+  the step with the lowest validation NLL (checked every ``--eval-every`` steps);
+* ``converged``: ``--n-train-converged`` examples, ``--converged-epochs`` epochs, the last
+  weights kept (training NLL near 0: an overconfident MAP, as in the Laplace-LoRA paper).
+
+Per regime two MAPs are trained, one per prior: ``zero`` (L2 towards 0, the library's
+original convention) and ``init`` (L2 towards the adapters' initialisation ``theta0``: LoRA's
+random ``lora_A`` and zero ``lora_B``), both with precision ``--map-prior-precision`` in
+``mean NLL + lambda / (2N) ||theta - m||^2``. K-FAC (exact Fisher, dense factors) is fitted
+once per MAP. Methods, all with the linearised predictive and the probit link:
+
+* ``map`` / ``map-init``: the MAP's softmax (zero / init MAP);
+* ``temperature`` / ``temperature-init``: the MAP's logits over a temperature fitted on validation;
+* ``evidence-zero``: zero-mean prior, lambda by the evidence (the original default);
+* ``evidence-init``: prior centred at ``theta0``, lambda by the evidence (on the init MAP);
+* ``evidence-init-groups``: the same with one lambda for ``lora_A`` and one for ``lora_B``;
+* ``evidence-init-lora_B``: a posterior over ``lora_B`` only (``lora_A`` fixed), centred prior;
+* ``grid-val`` / ``grid-val-init``: lambda by the lowest validation NLL on a grid (uses validation).
+
+Every record has ``nll_diff_vs_map_lo/hi``: the paired bootstrap 95% interval of its NLL minus
+the NLL of the MAP it was built on, and ``*_vs_map0`` against the zero-prior MAP (the MAP a
+user of the original defaults gets) and ``*_vs_temperature`` against that MAP's temperature
+scaling. Recipes are chosen on validation only; the test split is read once per MAP.
+
+Usage (from the repository root; MAPs, factors and Jacobian-free results are cached)::
+
+    PYTHONPATH=$PWD python benchmarks/prior_study.py --task sst2 --cache-dir /tmp/prior/cache
+
+Writes (replacing the same task's records) ``benchmarks/results/prior_study.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+import flaplace  # noqa: E402
+from flaplace.app import hf, lora, stats  # noqa: E402
+from flaplace.app.stages import fit_factors, link_probs  # noqa: E402
+from flaplace.app.tasks import load_task  # noqa: E402
+from flaplace.jacobian_cache import JacobianCache, cache_jacobians, cached_covariance  # noqa: E402
+
+sys.path.append(str(Path(__file__).resolve().parent))
+from llm_tasks import DATA  # noqa: E402  (../shared/data or $FLAPLACE_DATA_DIR)
+
+RESULTS = ROOT / "benchmarks" / "results" / "prior_study.json"
+GRID = [10.0 ** (k / 2) for k in range(-4, 11)]  # 1e-2 ... 1e5, two per decade
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def validation_nll(model_fn, params, batches) -> tuple[float, torch.Tensor]:
+    with torch.no_grad():
+        logits = torch.cat([model_fn(params, b) for b in batches])
+    labels = torch.cat([b["labels"] for b in batches])
+    return float(F.cross_entropy(logits.double(), labels)), logits
+
+
+def train(
+    model_fn,
+    init,
+    names,
+    train_batches,
+    val_batches,
+    *,
+    steps,
+    lr,
+    precision,
+    centre,
+    n_train,
+    eval_every,
+    keep,
+):
+    """AdamW on ``mean NLL + precision/(2N) ||theta - centre||^2`` (as ``stages.train_map``), linear decay.
+
+    ``keep="best"`` returns the weights with the lowest validation NLL among the checks,
+    ``"last"`` the final ones. Returns ``(params, history)``.
+    """
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in init.items()}
+    optimizer = torch.optim.AdamW(leaves.values(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
+    scale = precision / (2 * n_train)
+    target = {n: torch.zeros_like(init[n]) if centre is None else centre[n] for n in names}
+    history: list[dict[str, float]] = []
+    best = (math.inf, {n: p.detach().clone() for n, p in leaves.items()}, 0)
+    losses: list[float] = []
+    for step in range(1, steps + 1):
+        batch = train_batches[(step - 1) % len(train_batches)]
+        nll = F.cross_entropy(model_fn(leaves, batch).float(), batch["labels"])
+        penalty = sum((leaves[n].float() - target[n].float()).square().sum() for n in names)
+        loss = nll + scale * penalty
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(nll))
+        if step % eval_every == 0 or step == steps:
+            current = {n: p.detach() for n, p in leaves.items()}
+            checked = keep == "best" or step == steps
+            val = validation_nll(model_fn, current, val_batches)[0] if checked else math.nan
+            history.append(
+                {
+                    "step": step,
+                    "train_nll": sum(losses[-eval_every:]) / len(losses[-eval_every:]),
+                    "val_nll": val,
+                }
+            )
+            log(f"  step {step}: train NLL {history[-1]['train_nll']:.4f}, validation NLL {val:.4f}")
+            if keep == "best" and val < best[0]:
+                best = (val, {n: p.detach().clone() for n, p in current.items()}, step)
+    if keep == "best":
+        return best[1], history, best[2]
+    return {n: p.detach().clone() for n, p in leaves.items()}, history, steps
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits.double() / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.exp())
+
+
+def restrict(cache: JacobianCache, names: list[str]) -> JacobianCache:
+    return JacobianCache(cache.logits, [{n: j[n] for n in names} for j in cache.jacobians])
+
+
+def only(posterior, names):
+    return flaplace.make_posterior(
+        {n: posterior.factors[n] for n in names},
+        {n: posterior.mean[n] for n in names},
+        {n: posterior.prior_precision[n] for n in names},
+        prior_mean=None if posterior.prior_mean is None else {n: posterior.prior_mean[n] for n in names},
+    )
+
+
+def informed_covariance(posterior, cache: JacobianCache) -> torch.Tensor:
+    """``J Sigma J^T`` restricted to the directions the data inform: eigenvalue ``s_i a_j > lambda``.
+
+    The posterior covariance of a block is ``sum_k v_k v_k^T / (e_k + lambda)`` over the
+    eigenvectors ``v_k = q_i (x) q_j`` of ``S (x) A`` (dense factors); this keeps only the terms
+    with ``e_k > lambda`` (where the data outweigh the prior) and drops the prior variance
+    ``1/lambda`` of every other direction.
+    """
+    out = []
+    for jac in cache.jacobians:
+        total = None
+        for n, g in jac.items():
+            factor = posterior.factors[n]
+            lam = posterior.prior_precision[n].to(g.dtype)
+            eig = factor.S.values.clamp(min=0)[:, None] * factor.A.values.clamp(min=0)[None, :]
+            weight = ((eig > lam).to(g.dtype) / (eig + lam)).to(g.dtype)
+            r = torch.einsum(
+                "oa,bcoi,ij->bcaj", factor.S.vectors.to(g.dtype), g, factor.A.vectors.to(g.dtype)
+            )
+            part = torch.einsum("bcaj,bdaj,aj->bcd", r, r, weight)
+            total = part if total is None else total + part
+        out.append(total)
+    return torch.cat(out).detach()
+
+
+def lam_of(posterior) -> float | dict[str, float]:
+    values = {n: float(v) for n, v in posterior.prior_precision.items()}
+    distinct = sorted(set(values.values()))
+    if len(distinct) == 1:
+        return distinct[0]
+    a = [v for n, v in values.items() if "lora_A" in n]
+    b = [v for n, v in values.items() if "lora_B" in n]
+    return {"lora_A": a[0], "lora_B": b[0]} if a and b else values
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="sst2")
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"])
+    parser.add_argument("--data-path", default=None, help="default: ../shared/data/<task>")
+    parser.add_argument("--regimes", default="early,converged")
+    parser.add_argument("--priors", default="zero,init")
+    parser.add_argument("--n-train", type=int, default=128)
+    parser.add_argument("--n-train-converged", type=int, default=64)
+    parser.add_argument("--n-val", type=int, default=100)
+    parser.add_argument("--n-test", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--early-steps", type=int, default=48)
+    parser.add_argument("--eval-every", type=int, default=8)
+    parser.add_argument("--converged-epochs", type=int, default=15)
+    parser.add_argument("--map-prior-precision", type=float, default=1.0)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    cache_dir = None if args.cache_dir is None else Path(args.cache_dir)
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    data_path = args.data_path or str(DATA / args.task)
+    n_train_max = max(args.n_train, args.n_train_converged)
+    task = load_task(
+        args.task, data_path, max_examples={"train": n_train_max, "validation": args.n_val, "test": args.n_test},
+        seed=args.seed,
+    )  # fmt: skip
+    clock = time.perf_counter()
+    torch.manual_seed(args.seed)
+    if args.model == "minilm":  # all-MiniLM-L6-v2 with a new two-label head: LoRA on every block
+        from flaplace.app.cli import demo_model_path
+
+        loaded = hf.load_model(demo_model_path(), n_classes=task.n_classes, kind="seq_cls")
+        targets, last_layers = ("query", "value"), None
+    else:
+        loaded = hf.load_model("smollm2", n_classes=task.n_classes, kind="causal")
+        targets, last_layers = ("q_proj", "v_proj"), args.layers
+    model = lora.attach_lora(loaded, rank=8, alpha=16.0, targets=targets, last_layers=last_layers)
+    model.eval()
+    names = lora.laplace_param_names(model)  # the posterior's blocks (LoRA, a new head's weight)
+    trainable = lora.trainable_param_names(model)  # also a new head's bias (no prior)
+    named = dict(model.named_parameters())
+    start = {n: named[n].detach().clone() for n in trainable}
+    theta0 = {n: start[n] for n in names}
+    model.requires_grad_(False)
+    train_fn = hf.model_function(model, trainable, loaded, task)
+    model_fn = hf.model_function(model, names, loaded, task)
+    log(f"load {time.perf_counter() - clock:.0f} s; {sum(p.numel() for p in theta0.values())} LoRA weights")
+    norm_a0 = math.sqrt(sum(float(p.square().sum()) for n, p in theta0.items() if "lora_A" in n))
+
+    def encoded(examples, size):
+        return hf.encode_batches(examples, loaded, task, batch_size=size, max_length=args.max_length)
+
+    val_batches = encoded(task.split("validation"), args.eval_batch_size)
+    test_batches = encoded(task.split("test"), args.eval_batch_size)
+    val_labels = torch.cat([b["labels"] for b in val_batches])
+    test_labels = torch.cat([b["labels"] for b in test_batches])
+
+    def probs(f_mu, f_var):
+        return link_probs(f_mu, f_var, link="probit", n_samples=1, seed=args.seed)
+
+    records: list[dict[str, Any]] = []
+    for regime in args.regimes.split(","):
+        n_train = args.n_train if regime == "early" else args.n_train_converged
+        train_examples = task.split("train")[:n_train]
+        import random
+
+        shuffled = list(train_examples)
+        random.Random(args.seed).shuffle(shuffled)
+        steps_per_epoch = math.ceil(n_train / args.batch_size)
+        if regime == "early":
+            steps, keep = args.early_steps, "best"
+        else:
+            steps, keep = args.converged_epochs * steps_per_epoch, "last"
+        # one fixed shuffled order per epoch is enough here: batches cycle through the examples
+        train_batches = encoded(shuffled, args.batch_size)
+        kfac_batches = encoded(train_examples, args.eval_batch_size)
+        probs_by: dict[str, torch.Tensor] = {}
+        lam_by: dict[str, Any] = {}
+        info_by: dict[str, dict[str, Any]] = {}
+        base_of: dict[str, str] = {}
+        for prior in args.priors.split(","):
+            centre = theta0 if prior == "init" else None
+            tag = f"{args.model}_{args.task}_{regime}_{prior}_n{n_train}_s{steps}_lr{args.lr}_p{args.map_prior_precision}"
+            map_file = None if cache_dir is None else cache_dir / f"{tag}_map.pt"
+            eval_file = None if cache_dir is None else cache_dir / f"{tag}_n{len(test_labels)}_eval.pt"
+            if eval_file is not None and eval_file.exists():  # this MAP's rows were computed already
+                saved = torch.load(eval_file, weights_only=False)
+                for store, part in zip((probs_by, lam_by, info_by, base_of), saved, strict=True):
+                    store.update(part)
+                log(f"{regime}/{prior}: evaluation from {eval_file}")
+                continue
+            before = {id(store): set(store) for store in (probs_by, lam_by, info_by, base_of)}
+            clock = time.perf_counter()
+            if map_file is not None and map_file.exists():
+                params, history, best_step = torch.load(map_file)
+                log(f"{regime}/{prior}: MAP from {map_file}")
+            else:
+                log(f"{regime}/{prior}: MAP training, {steps} steps on {n_train} examples")
+                params, history, best_step = train(
+                    train_fn, start, names, train_batches, val_batches, steps=steps, lr=args.lr,
+                    precision=args.map_prior_precision, centre=centre, n_train=n_train,
+                    eval_every=args.eval_every if regime == "early" else steps_per_epoch, keep=keep,
+                )  # fmt: skip
+                if map_file is not None:
+                    torch.save((params, history, best_step), map_file)
+            t_map = time.perf_counter() - clock
+            with torch.no_grad():  # a head bias (trained, not in the posterior) lives in the model
+                for n in trainable:
+                    named[n].copy_(params[n])
+            params = {n: params[n] for n in names}
+            clock = time.perf_counter()
+            kfac_file = None if cache_dir is None else cache_dir / f"{tag}_kfac.pt"
+            if kfac_file is not None and kfac_file.exists():
+                factors, log_likelihood = torch.load(kfac_file, weights_only=False)
+            else:
+                factors, log_likelihood = fit_factors(
+                    model_fn, params, kfac_batches, fisher="exact", sharing="expand", n_kfac=10,
+                    lr_threshold=None, seed=args.seed, progress=False,
+                )  # fmt: skip
+                if kfac_file is not None:
+                    torch.save((factors, log_likelihood), kfac_file)
+            t_kfac = time.perf_counter() - clock
+            clock = time.perf_counter()
+            val_cache = cache_jacobians(model_fn, params, val_batches, method="capture")
+            test_cache = cache_jacobians(model_fn, params, test_batches, method="capture")
+            t_jac = time.perf_counter() - clock
+            distance = {
+                part: math.sqrt(
+                    sum(
+                        float((params[n] - (0 if centre is None else centre[n])).square().sum())
+                        for n in names
+                        if part in n
+                    )
+                )
+                for part in ("lora_A", "lora_B")
+            }
+            norm_a = math.sqrt(sum(float(params[n].square().sum()) for n in names if "lora_A" in n))
+            move_a = math.sqrt(
+                sum(float((params[n] - theta0[n]).square().sum()) for n in names if "lora_A" in n)
+            )
+            info = {
+                "map_steps": steps, "best_step": best_step, "history": history, "train_log_likelihood": log_likelihood,
+                "n_train": n_train, "lora_A_norm_init": norm_a0, "lora_A_norm_map": norm_a, "lora_A_moved": move_a,
+                "distance_to_prior_mean": distance, "times_s": {"map": t_map, "kfac": t_kfac, "jacobians": t_jac},
+            }  # fmt: skip
+            log(
+                f"{regime}/{prior}: best step {best_step}; |A0| {norm_a0:.2f}, |A| {norm_a:.2f}, moved {move_a:.2f}"
+            )
+            suffix = "" if prior == "zero" else "-init"
+            f_mu = test_cache.logits
+            probs_by[f"map{suffix}"] = torch.softmax(f_mu.double(), -1)
+            temperature = fit_temperature(val_cache.logits, val_labels)
+            probs_by[f"temperature{suffix}"] = torch.softmax(f_mu.double() / temperature, -1)
+            lam_by[f"temperature{suffix}"] = None
+            info_by[f"temperature{suffix}"] = {**info, "temperature": temperature}
+            info_by[f"map{suffix}"] = info
+            base_of[f"map{suffix}"] = base_of[f"temperature{suffix}"] = f"map{suffix}"
+            posterior = flaplace.make_posterior(factors, params, 1.0, prior_mean=centre)
+            variants: dict[str, tuple[Any, list[str]]] = {}
+            tuned, hist = flaplace.tune_prior_evidence(posterior, log_likelihood, progress=False)
+            variants[f"evidence-{prior}"] = (tuned, names)
+            gamma = sum(
+                float((e / (e + v)).sum())
+                for n in names
+                for e, v in [(
+                    posterior.factors[n].S.values.clamp(min=0)[:, None] * posterior.factors[n].A.values.clamp(min=0)[None, :],
+                    tuned.prior_precision[n],
+                )]
+            )  # fmt: skip
+            info_by[f"evidence-{prior}"] = {**info, "log_evidence": hist[-1]["log_evidence"], "gamma": gamma}
+            if prior == "init":
+                lora_names = [n for n in names if "lora_" in n]
+                grouped, _ = flaplace.tune_prior_evidence(
+                    posterior,
+                    log_likelihood,
+                    per_block=["lora_A", "lora_B"]
+                    + (["modules_to_save"] if len(names) > len(lora_names) else []),
+                    progress=False,
+                )
+                variants["evidence-init-groups"] = (grouped, names)
+                b_names = [n for n in names if "lora_B" in n]
+                b_tuned, _ = flaplace.tune_prior_evidence(
+                    only(posterior, b_names), log_likelihood, progress=False
+                )
+                variants["evidence-init-lora_B"] = (b_tuned, b_names)
+
+            def val_nll(candidate, cache=val_cache):
+                return flaplace.nll(probs(cache.logits, cached_covariance(candidate, cache)), val_labels)
+
+            grid_post, table = flaplace.tune_prior_grid(posterior, val_nll, grid=GRID, progress=False)
+            variants[f"grid-val{suffix}"] = (grid_post, names)
+            variants[f"informed-{prior}"] = (tuned, names)
+            for method, (post, subset) in variants.items():
+                cache = test_cache if subset is names else restrict(test_cache, subset)
+                covariance = informed_covariance if method.startswith("informed") else cached_covariance
+                f_var = covariance(post, cache)
+                probs_by[method] = probs(f_mu, f_var).double()
+                lam_by[method] = lam_of(post)
+                base_of[method] = f"map{suffix}"
+                info_by.setdefault(method, dict(info))
+                info_by[method]["mean_logit_variance"] = float(f_var.diagonal(dim1=1, dim2=2).mean())
+                info_by[method]["validation_nll"] = (
+                    None
+                    if method.startswith("informed")
+                    else val_nll(post, restrict(val_cache, subset) if subset is not names else val_cache)
+                )
+                log(
+                    f"{regime}/{method}: lambda {lam_by[method]}, variance {info_by[method]['mean_logit_variance']:.3g}"
+                )
+            info_by[f"grid-val{suffix}"]["grid"] = table
+            del val_cache, test_cache
+            if eval_file is not None:
+                torch.save(
+                    [
+                        {k: v for k, v in store.items() if k not in before[id(store)]}
+                        for store in (probs_by, lam_by, info_by, base_of)
+                    ],
+                    eval_file,
+                )
+        for method, p in probs_by.items():
+            metrics = flaplace.classification_metrics(p, test_labels)
+            record: dict[str, Any] = {
+                "task": args.task if args.model == "smollm2" else f"{args.task} ({args.model})", "regime": regime, "method": method,
+                "lambda": lam_by.get(method), "nll": metrics["nll"], "ece": metrics["ece"],
+                "accuracy": metrics["accuracy"], "brier": metrics["brier"],
+            }  # fmt: skip
+            base = base_of[method]
+            for ref_name, ref in (("map", base), ("map0", "map"), ("temperature", "temperature")):
+                if ref not in probs_by or ref == method:
+                    continue
+                found = stats.paired_bootstrap(p, probs_by[ref], test_labels, metrics=("nll", "ece"), seed=0)
+                key = "map" if ref_name == "map" else ref_name
+                record[f"nll_diff_vs_{key}"] = found["nll"]["diff"]
+                record[f"nll_diff_vs_{key}_lo"], record[f"nll_diff_vs_{key}_hi"] = found["nll"]["ci95"]
+                record[f"ece_diff_vs_{key}"] = found["ece"]["diff"]
+            if method == base:
+                record["nll_diff_vs_map"] = record["nll_diff_vs_map_lo"] = record["nll_diff_vs_map_hi"] = 0.0
+            record["baseline_map"] = base
+            record.update(
+                {
+                    "n_train": n_train, "n_val": len(val_labels), "n_test": len(test_labels), "link": "probit",
+                    "lr": args.lr, "map_prior_precision": args.map_prior_precision,
+                    "details": {k: v for k, v in info_by.get(method, {}).items() if k != "history"},
+                    "map_history": info_by.get(method, {}).get("history"),
+                }
+            )  # fmt: skip
+            records.append(record)
+            log(
+                f"{regime} {method}: NLL {metrics['nll']:.4f} ECE {metrics['ece']:.4f} acc {metrics['accuracy']:.3f} "
+                f"vs MAP {record.get('nll_diff_vs_map', 0):+.4f} [{record.get('nll_diff_vs_map_lo', 0):+.4f}, "
+                f"{record.get('nll_diff_vs_map_hi', 0):+.4f}]"
+            )
+        write_records(Path(args.out), [r for r in records if r["regime"] == regime])
+
+
+def write_records(out: Path, records: list[dict[str, Any]]) -> None:
+    """Replace the records of the same (task, regime, method) in ``out`` and keep the others."""
+    existing = json.loads(out.read_text()) if out.exists() else []
+    new = {(r["task"], r["regime"], r["method"]) for r in records}
+    keep = [r for r in existing if (r["task"], r["regime"], r["method"]) not in new]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(keep + records, indent=1) + "\n")
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """The markdown table of the records (docs/priors.md)."""
+    lines = [
+        "| task | regime | method | λ | NLL | ECE | accuracy | NLL − its MAP [95%] | NLL − MAP₀ [95%] |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lam = r["lambda"]
+        lam_text = (
+            ""
+            if lam is None
+            else (
+                f"{lam:.3g}" if isinstance(lam, float) else ", ".join(f"{k} {v:.3g}" for k, v in lam.items())
+            )
+        )
+
+        def interval(key: str, r=r) -> str:
+            if f"nll_diff_vs_{key}" not in r:
+                return ""
+            return f"{r[f'nll_diff_vs_{key}']:+.3f} [{r[f'nll_diff_vs_{key}_lo']:+.3f}, {r[f'nll_diff_vs_{key}_hi']:+.3f}]"
+
+        lines.append(
+            f"| {r['task']} | {r['regime']} | {r['method']} | {lam_text} | {r['nll']:.3f} | {r['ece']:.3f} "
+            f"| {r['accuracy']:.3f} | {interval('map')} | {interval('map0')} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--table"]:
+        print(table(json.loads(RESULTS.read_text())))
+    else:
+        main()
