@@ -115,7 +115,9 @@ def train_map(
     for _ in bar:
         batch = next(data)
         if ranks.world > 1:
-            losses.append(_data_parallel_step(model_fn, leaves, laplace_names, centre, batch, optimizer, scale))
+            losses.append(
+                _data_parallel_step(model_fn, leaves, laplace_names, centre, batch, optimizer, scale)
+            )
             schedule.step()
             bar.set_postfix(nll=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
             continue
