@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCTESTED = (
     "flaplace.typing",
     "flaplace.params",
+    "flaplace.sharding",
     "flaplace.scoring",
     "flaplace.validation",
     "flaplace.jacobians",
