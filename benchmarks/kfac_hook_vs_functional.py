@@ -120,7 +120,7 @@ def timing_worker(args) -> list[dict]:
             init, update = flaplace.build(
                 model_fn, fisher=fisher, sharing=sharing, lr_threshold=None, generator=torch.Generator(device)
             )
-            state = init(params)
+            state = init(params, batch)  # as fit does: q_proj and v_proj share one input factor
             cases[("flaplace", fisher, sharing, False, "dense")] = lambda u=update, s=state: u(
                 s, params, batch
             )
@@ -134,14 +134,14 @@ def timing_worker(args) -> list[dict]:
         )
     for sharing in ("last", "expand") if hidden <= 256 else ("last",):
         init, update = flaplace.build(model_fn, fisher="mc", sharing=sharing, **LOWRANK)
-        state = init(params)
+        state = init(params, batch)  # as fit does: q_proj and v_proj share one input factor
         cases[("flaplace-lowrank", "mc", sharing, False, "low-rank")] = lambda u=update, s=state: u(
             s, params, batch
         )
     for fisher, sharing in compiled_pairs if args.worker == "timing" else ():  # memory: eager cases only
         # No torch.Generator here: with one, compilation fails ("Cannot access storage of TensorWrapper").
         init, update = flaplace.build(model_fn, fisher=fisher, sharing=sharing, lr_threshold=None)
-        state = init(params)
+        state = init(params, batch)  # as fit does: q_proj and v_proj share one input factor
         key = ("flaplace", fisher, sharing, True, "dense")
         compiled, info = _compile(update, state, params, batch, args.backend, device)
         extra[key] = info
@@ -315,7 +315,7 @@ def accuracy_worker(args) -> list[dict]:
                 lr_threshold=None,
                 generator=torch.Generator().manual_seed(0),
             )
-            ours = _dense_flaplace(update(init(params), params, batch))
+            ours = _dense_flaplace(update(init(params, batch), params, batch))
             vs_hooks = max(
                 float(
                     (torch.kron(*ours[n]) - torch.kron(*hook_factors[n])).norm()
@@ -340,7 +340,7 @@ def accuracy_worker(args) -> list[dict]:
             "mc",
             sharing,
             "low-rank",
-            block_rel_errors(_dense_flaplace(update(init(params), params, batch)), ggn),
+            block_rel_errors(_dense_flaplace(update(init(params, batch), params, batch)), ggn),
         )
     torch.manual_seed(0)
     theirs = bayesian_lora_dense(bayesian_lora_factors(model, batch))

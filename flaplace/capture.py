@@ -57,7 +57,11 @@ class _ProbeMode(TorchFunctionMode):
         self.records = records
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        # Called for every torch function of the forward (a few hundred per decoder layer), so the
+        # common case, an operation that involves no target weight, is kept to a call and one
+        # look-up per argument.
+        if kwargs is None:
+            kwargs = {}
         if func is F.linear:
             x = args[0] if args else kwargs["input"]
             weight = args[1] if len(args) > 1 else kwargs["weight"]
@@ -67,12 +71,14 @@ class _ProbeMode(TorchFunctionMode):
             via_addmm = True
         else:
             out = func(*args, **kwargs)
-            self._note_other_use(func, args, kwargs, out)
+            if self._mentions_target(args, kwargs):
+                self._note_other_use(func, args, kwargs, out)
             return out
         name = self.names_by_id.get(id(weight))
         if name is None:
             out = func(*args, **kwargs)
-            self._note_other_use(func, args, kwargs, out)
+            if self._mentions_target(args, kwargs):
+                self._note_other_use(func, args, kwargs, out)
             return out
         if name in self.other_uses:
             raise CaptureError(_two_uses(name, self.other_uses[name]))
@@ -104,6 +110,17 @@ class _ProbeMode(TorchFunctionMode):
         # v_proj of one attention block) then record the same object, and K-FAC shares their A.
         self.records[name] = x if x.shape == shape else x.reshape(shape)
         return out + probe.reshape(out.shape).to(out.dtype)
+
+    def _mentions_target(self, args: tuple, kwargs: dict) -> bool:
+        """Whether a target weight is an argument (or an element of a list/tuple argument)."""
+        ids = self.names_by_id
+        for leaf in args:
+            if id(leaf) in ids or (isinstance(leaf, list | tuple) and any(id(v) in ids for v in leaf)):
+                return True
+        for leaf in kwargs.values():
+            if id(leaf) in ids or (isinstance(leaf, list | tuple) and any(id(v) in ids for v in leaf)):
+                return True
+        return False
 
     def _note_other_use(self, func, args, kwargs, out) -> None:
         """Record a target weight that reaches an operation other than its linear layer.
@@ -173,7 +190,8 @@ def capture(
         ``(logits, output_grads, inputs)``: ``output_grads(cotangent)`` maps a
         cotangent of the logits, shape ``(batch, classes)``, to
         ``{name: dL/dy}`` of shape ``(batch, tokens, o)``; it may be called
-        repeatedly and ``torch.func.vmap``-ed over several cotangents.
+        repeatedly and ``torch.func.vmap``-ed over several cotangents, until a call with
+        ``last=True``, which frees the forward's saved activations during its backward.
         ``inputs[name]`` has shape ``(batch, tokens, i)``, or ``(batch, 1, i)`` for a layer
         that sees one row per example (e.g. a classification head on pooled features); its
         output gradients then sit at position 0 and are zero elsewhere. Layers fed the same
@@ -223,8 +241,10 @@ def capture(
     with torch.no_grad():
         logits, pullback, inputs = torch.func.vjp(forward, probes, has_aux=True)  # type: ignore[misc]
 
-    def output_grads(cotangent: Tensor) -> dict[str, Tensor]:
+    def output_grads(cotangent: Tensor, *, last: bool = False) -> dict[str, Tensor]:
         with torch.no_grad():
-            return pullback(cotangent)[0]
+            # The last pull-back frees each saved activation as soon as the backward has used it
+            # (as autograd's own backward does), so that the backward's buffers reuse that memory.
+            return pullback(cotangent, retain_graph=not last)[0]
 
     return logits, output_grads, inputs
