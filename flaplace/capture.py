@@ -217,7 +217,7 @@ def capture(
         n: params[n].new_zeros(()).expand(*token_shape, output_dim(params[n], n in transposed)) for n in names
     }
 
-    def forward(probes: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(probes: dict[str, Tensor], params: Params = params) -> tuple[Tensor, dict[str, Tensor]]:
         records: dict[str, Tensor] = {}
         mode = _ProbeMode(names_by_id, probes, transposed, records)
         with mode:
@@ -235,6 +235,9 @@ def capture(
             )
         return logits, records
 
+    if _plain_autograd():
+        return _capture_with_autograd(forward, params, names, names_by_id, probes)
+
     # Under an outer no_grad, torch.func.vjp still differentiates with respect to the probes
     # (function transforms ignore it), but autograd records nothing for model weights that
     # happen to require grad: no graph, no memory for gradients nobody asked for.
@@ -248,3 +251,54 @@ def capture(
             return pullback(cotangent, retain_graph=not last)[0]
 
     return logits, output_grads, inputs
+
+
+def _plain_autograd() -> bool:
+    """Whether `capture` may differentiate with plain autograd: eager, outside every ``torch.func`` transform.
+
+    ``torch.func.vjp`` wraps every tensor that depends on a probe and dispatches each of the
+    forward's and the backward's operations through its transform layer, which costs a few
+    percent of a K-FAC update. Under ``torch.compile`` (which traces ``torch.func`` without graph
+    breaks), inside another transform, or in inference mode, the ``vjp`` form is used instead.
+    """
+    return (
+        not torch.compiler.is_compiling()
+        and not torch.is_inference_mode_enabled()
+        and torch._C._functorch.maybe_current_level() is None
+    )
+
+
+def _capture_with_autograd(
+    forward: Callable[..., tuple[Tensor, dict[str, Tensor]]],
+    params: Params,
+    names: list[str],
+    names_by_id: dict[int, str],
+    probes: dict[str, Tensor],
+) -> tuple[Tensor, Callable[..., dict[str, Tensor]], dict[str, Tensor]]:
+    """`capture`'s result with autograd: the probes are leaves that require grad.
+
+    The parameters go in detached, so that autograd records nothing for them: only the
+    operations downstream of a probe (or of another weight that requires grad) are recorded,
+    and the pull-backs compute the probes' gradients only.
+    """
+    detached = {k: v.detach() for k, v in params.items()}
+    names_by_id.clear()  # the mode recognises the targets by identity: the detached tensors now
+    names_by_id.update({id(detached[n]): n for n in names})
+    leaves = [probes[n].requires_grad_() for n in names]
+    with torch.enable_grad():
+        logits, records = forward(probes, detached)
+    shared: dict[int, Tensor] = {}  # one detached tensor per recorded object: shared inputs stay shared
+    inputs = {n: shared.setdefault(id(x), x.detach()) for n, x in records.items()}
+
+    def output_grads(cotangent: Tensor, *, last: bool = False) -> dict[str, Tensor]:
+        if not logits.requires_grad:  # no target reaches the logits
+            return {
+                n: torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+                for n, p in zip(names, leaves, strict=True)
+            }
+        grads = torch.autograd.grad(
+            logits, leaves, cotangent, retain_graph=not last, allow_unused=True, materialize_grads=True
+        )
+        return dict(zip(names, grads, strict=True))
+
+    return logits.detach(), output_grads, inputs
