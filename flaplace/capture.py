@@ -4,10 +4,16 @@ The mechanism is kfac-jax's, carried to PyTorch. Inside the function being
 transformed, a `torch.overrides.TorchFunctionMode` watches every
 ``F.linear`` (and ``torch.addmm``, the form of GPT-2's ``Conv1D``). When the
 weight of the call *is* one of the selected tensors (by identity), it records
-the layer input and adds a zero "probe" to the output. The forward is run under
-`torch.func.vjp` with respect to the probes, so pulling a cotangent of the
+the layer input and adds a zero "probe" to the output. The forward is
+differentiated with respect to the probes, so pulling a cotangent of the
 logits back gives ``dL/dy`` at every selected layer. The recorded inputs leave
-the transformed function as its auxiliary output, never through global state.
+the function as its auxiliary output, never through global state.
+
+In eager mode the probes are leaf tensors that require grad, the weights go in
+detached and ``torch.autograd.grad`` pulls back; under ``torch.compile``, inside
+another ``torch.func`` transform or in inference mode, the forward runs under
+`torch.func.vjp` instead (same results; the eager form skips the transform's
+wrapping of every tensor downstream of a probe, a few percent of a K-FAC update).
 """
 
 from __future__ import annotations
@@ -57,7 +63,11 @@ class _ProbeMode(TorchFunctionMode):
         self.records = records
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        # Called for every torch function of the forward (a few hundred per decoder layer), so the
+        # common case, an operation that involves no target weight, is kept to a call and one
+        # look-up per argument.
+        if kwargs is None:
+            kwargs = {}
         if func is F.linear:
             x = args[0] if args else kwargs["input"]
             weight = args[1] if len(args) > 1 else kwargs["weight"]
@@ -67,12 +77,14 @@ class _ProbeMode(TorchFunctionMode):
             via_addmm = True
         else:
             out = func(*args, **kwargs)
-            self._note_other_use(func, args, kwargs, out)
+            if self._mentions_target(args, kwargs):
+                self._note_other_use(func, args, kwargs, out)
             return out
         name = self.names_by_id.get(id(weight))
         if name is None:
             out = func(*args, **kwargs)
-            self._note_other_use(func, args, kwargs, out)
+            if self._mentions_target(args, kwargs):
+                self._note_other_use(func, args, kwargs, out)
             return out
         if name in self.other_uses:
             raise CaptureError(_two_uses(name, self.other_uses[name]))
@@ -104,6 +116,17 @@ class _ProbeMode(TorchFunctionMode):
         # v_proj of one attention block) then record the same object, and K-FAC shares their A.
         self.records[name] = x if x.shape == shape else x.reshape(shape)
         return out + probe.reshape(out.shape).to(out.dtype)
+
+    def _mentions_target(self, args: tuple, kwargs: dict) -> bool:
+        """Whether a target weight is an argument (or an element of a list/tuple argument)."""
+        ids = self.names_by_id
+        for leaf in args:
+            if id(leaf) in ids or (isinstance(leaf, list | tuple) and any(id(v) in ids for v in leaf)):
+                return True
+        for leaf in kwargs.values():
+            if id(leaf) in ids or (isinstance(leaf, list | tuple) and any(id(v) in ids for v in leaf)):
+                return True
+        return False
 
     def _note_other_use(self, func, args, kwargs, out) -> None:
         """Record a target weight that reaches an operation other than its linear layer.
@@ -173,7 +196,8 @@ def capture(
         ``(logits, output_grads, inputs)``: ``output_grads(cotangent)`` maps a
         cotangent of the logits, shape ``(batch, classes)``, to
         ``{name: dL/dy}`` of shape ``(batch, tokens, o)``; it may be called
-        repeatedly and ``torch.func.vmap``-ed over several cotangents.
+        repeatedly and ``torch.func.vmap``-ed over several cotangents, until a call with
+        ``last=True``, which frees the forward's saved activations during its backward.
         ``inputs[name]`` has shape ``(batch, tokens, i)``, or ``(batch, 1, i)`` for a layer
         that sees one row per example (e.g. a classification head on pooled features); its
         output gradients then sit at position 0 and are zero elsewhere. Layers fed the same
@@ -199,7 +223,7 @@ def capture(
         n: params[n].new_zeros(()).expand(*token_shape, output_dim(params[n], n in transposed)) for n in names
     }
 
-    def forward(probes: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(probes: dict[str, Tensor], params: Params = params) -> tuple[Tensor, dict[str, Tensor]]:
         records: dict[str, Tensor] = {}
         mode = _ProbeMode(names_by_id, probes, transposed, records)
         with mode:
@@ -217,14 +241,70 @@ def capture(
             )
         return logits, records
 
+    if _plain_autograd():
+        return _capture_with_autograd(forward, params, names, names_by_id, probes)
+
     # Under an outer no_grad, torch.func.vjp still differentiates with respect to the probes
     # (function transforms ignore it), but autograd records nothing for model weights that
     # happen to require grad: no graph, no memory for gradients nobody asked for.
     with torch.no_grad():
         logits, pullback, inputs = torch.func.vjp(forward, probes, has_aux=True)  # type: ignore[misc]
 
-    def output_grads(cotangent: Tensor) -> dict[str, Tensor]:
+    def output_grads(cotangent: Tensor, *, last: bool = False) -> dict[str, Tensor]:
         with torch.no_grad():
-            return pullback(cotangent)[0]
+            # The last pull-back frees each saved activation as soon as the backward has used it
+            # (as autograd's own backward does), so that the backward's buffers reuse that memory.
+            return pullback(cotangent, retain_graph=not last)[0]
 
     return logits, output_grads, inputs
+
+
+def _plain_autograd() -> bool:
+    """Whether `capture` may differentiate with plain autograd: eager, outside every ``torch.func`` transform.
+
+    ``torch.func.vjp`` wraps every tensor that depends on a probe and dispatches each of the
+    forward's and the backward's operations through its transform layer, which costs a few
+    percent of a K-FAC update. Under ``torch.compile`` (which traces ``torch.func`` without graph
+    breaks), inside another transform, or in inference mode, the ``vjp`` form is used instead.
+    """
+    return (
+        not torch.compiler.is_compiling()
+        and not torch.is_inference_mode_enabled()
+        and torch._C._functorch.maybe_current_level() is None
+    )
+
+
+def _capture_with_autograd(
+    forward: Callable[..., tuple[Tensor, dict[str, Tensor]]],
+    params: Params,
+    names: list[str],
+    names_by_id: dict[int, str],
+    probes: dict[str, Tensor],
+) -> tuple[Tensor, Callable[..., dict[str, Tensor]], dict[str, Tensor]]:
+    """`capture`'s result with autograd: the probes are leaves that require grad.
+
+    The parameters go in detached, so that autograd records nothing for them: only the
+    operations downstream of a probe (or of another weight that requires grad) are recorded,
+    and the pull-backs compute the probes' gradients only.
+    """
+    detached = {k: v.detach() for k, v in params.items()}
+    names_by_id.clear()  # the mode recognises the targets by identity: the detached tensors now
+    names_by_id.update({id(detached[n]): n for n in names})
+    leaves = [probes[n].requires_grad_() for n in names]
+    with torch.enable_grad():
+        logits, records = forward(probes, detached)
+    shared: dict[int, Tensor] = {}  # one detached tensor per recorded object: shared inputs stay shared
+    inputs = {n: shared.setdefault(id(x), x.detach()) for n, x in records.items()}
+
+    def output_grads(cotangent: Tensor, *, last: bool = False) -> dict[str, Tensor]:
+        if not logits.requires_grad:  # no target reaches the logits
+            return {
+                n: torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+                for n, p in zip(names, leaves, strict=True)
+            }
+        grads = torch.autograd.grad(
+            logits, leaves, cotangent, retain_graph=not last, allow_unused=True, materialize_grads=True
+        )
+        return dict(zip(names, grads, strict=True))
+
+    return logits.detach(), output_grads, inputs

@@ -249,9 +249,11 @@ def build(
         S, A, count = dict(state.S), dict(state.A), dict(state.a_count)
         sketch_rows: dict[str, list[Tensor]] = {n: [] for n in names if isinstance(S[n], Eigen)}
         for k, cotangent in enumerate(cotangents):
-            grads = output_grads(cotangent)
-            if k == len(cotangents) - 1:
-                del output_grads  # the last pull-back: free the forward's saved activations now
+            last = k == len(cotangents) - 1
+            # The last pull-back frees the forward's saved activations as its backward goes.
+            grads = output_grads(cotangent, last=last)
+            if last:
+                del output_grads
             for name in names:
                 g = grads[name][:, : inputs[name].shape[1]].to(acc)
                 rows = _gradient_rows(g, *weights_of(name), sharing, per_example)
