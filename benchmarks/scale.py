@@ -33,9 +33,19 @@ whose code the setup has not run yet (compilation, one-time allocations). Peak
 memory: on CPU a second worker process with ``_common.MEMORY_ENV`` calls every case once untimed
 and once measured (resident-set rise); on CUDA the allocator's peak over the timed calls.
 
-    python benchmarks/scale.py                      # CPU: hidden 4096, seq 256, q/v and all-linear (~30 min)
+    python benchmarks/scale.py                      # CPU: hidden 4096 (q/v, all-linear) and 1024, seq 256
     python benchmarks/scale.py --quick              # hidden 128, a smoke test; writes /tmp, leaves the docs
     python benchmarks/scale.py --device cuda        # a GPU: adds seq 1024 and batch 4 configs
+    bash scripts/scale_gpu.sh                       # the same on a GPU machine, wheels and output included
+    python benchmarks/scale.py --merge FILE         # add another run's records (e.g. a GPU's) to scale.json
+
+On an idle 2-core machine the CPU default takes about 30 minutes per hidden-4096 config (one torch
+thread; the compile of the update alone takes about 2 minutes). ``--stages`` restricts the stages
+(``forward_backward`` is always measured, as the yardstick of the run), ``--no-trimmed`` drops the
+bayesian-lora variant with the trimmed forward, ``--concurrent-memory`` runs the memory worker beside
+the timing worker (for a crowded machine: a resident-set rise does not depend on the CPU share), and
+``--run LABEL`` tags the records, so that runs of different stages can be merged into one file
+(``x fwd+bwd`` always divides by the yardstick of the same run).
 """
 
 from __future__ import annotations
@@ -107,7 +117,10 @@ CONFIGS: dict[str, Config] = {
     "h4096-qv-s1024-b4": Config(**_SEVEN_B, seq=1024, batch=4, lora="qv"),
     "h4096-all-s1024-b4": Config(**_SEVEN_B, seq=1024, batch=4, lora="all", laplace_torch=False),
 }
-CPU_DEFAULT = ("h4096-qv-s256-b2", "h4096-all-s256-b2")
+CONFIGS["h1024-qv-s256-b2"] = Config(  # Llama-7B's ratios at a quarter of its width: every stage, cheaply
+    hidden=1024, intermediate=2752, heads=8, vocab=32000, seq=256, batch=2, lora="qv"
+)
+CPU_DEFAULT = ("h4096-qv-s256-b2", "h4096-all-s256-b2", "h1024-qv-s256-b2")
 QUICK: dict[str, Config] = {
     "quick-qv": Config(**_TINY, batch=2, lora="qv", repeats=1),
     "quick-all": Config(**_TINY, batch=2, lora="all", laplace_torch=False, compiled=(), repeats=1),
@@ -219,7 +232,7 @@ def make_cases(config: Config, args: argparse.Namespace) -> tuple[dict[Key, Case
     lora_weights = [p for p in model.parameters() if p.requires_grad]
     trimmed = output_fn.model_kwargs(batch)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    stages = set(config.stages)
+    stages = set(config.stages) & set(args.stages.split(",") if args.stages else STAGES)
     compiled_stages = set() if args.no_compile else set(config.compiled) & stages
     cases: dict[Key, Case] = {}
     extra: dict[Key, dict] = {}
@@ -305,12 +318,13 @@ def make_cases(config: Config, args: argparse.Namespace) -> tuple[dict[Key, Case
             lambda: bayesian_lora_factors(readme_forward),
             warm=True,
         )
-        add(
-            "bayesian-lora",
-            "kfac_lowrank",
-            "mc/last/lowrank/trimmed",
-            lambda: bayesian_lora_factors(trimmed_forward),
-        )
+        if not args.no_trimmed:
+            add(
+                "bayesian-lora",
+                "kfac_lowrank",
+                "mc/last/lowrank/trimmed",
+                lambda: bayesian_lora_factors(trimmed_forward),
+            )
 
     # ---- dense K-FAC ---------------------------------------------------------------------------
     la = None
@@ -520,6 +534,7 @@ def worker(args: argparse.Namespace) -> list[dict]:
         records.append(
             {
                 "config": args.config,
+                "run": args.run,
                 "method": method,
                 "stage": stage,
                 "compiled": compiled,
@@ -552,6 +567,8 @@ def worker(args: argparse.Namespace) -> list[dict]:
 def run_config(name: str, args: argparse.Namespace) -> list[dict]:
     """The timing worker of one config, then (CPU) its memory worker; records with ``peak_mb``."""
     worker_args = [
+        "--run",
+        args.run,
         "--config",
         name,
         "--device",
@@ -567,6 +584,19 @@ def run_config(name: str, args: argparse.Namespace) -> list[dict]:
         worker_args.append("--no-compile")
     if args.no_laplace_memory:
         worker_args.append("--no-laplace-memory")
+    if args.stages:
+        worker_args += ["--stages", args.stages]
+    if args.no_trimmed:
+        worker_args.append("--no-trimmed")
+    measure_memory = not args.device.startswith("cuda") and not args.no_memory
+    memory_call = lambda: common.run_worker(  # noqa: E731
+        SCRIPT, ["--worker", "memory", *worker_args], timeout=args.timeout, env=common.MEMORY_ENV
+    )
+    if measure_memory and args.concurrent_memory:
+        import concurrent.futures
+
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        memory_future = pool.submit(memory_call)
     common.log(f"timing {name}")
     records, error = common.run_worker(SCRIPT, ["--worker", "timing", *worker_args], timeout=args.timeout)
     if error:
@@ -582,11 +612,9 @@ def run_config(name: str, args: argparse.Namespace) -> list[dict]:
                 "error": error,
             }
         ]
-    if not args.device.startswith("cuda") and not args.no_memory:
+    if measure_memory:
         common.log(f"memory {name}")
-        peaks, memory_error = common.run_worker(
-            SCRIPT, ["--worker", "memory", *worker_args], timeout=args.timeout, env=common.MEMORY_ENV
-        )
+        peaks, memory_error = memory_future.result() if args.concurrent_memory else memory_call()
         by_key = {tuple(p["key"]): p["peak_mb"] for p in peaks}
         for r in records:
             if r["median_s"] is not None:
@@ -596,6 +624,23 @@ def run_config(name: str, args: argparse.Namespace) -> list[dict]:
             for r in records:
                 r["memory_error"] = memory_error
     return records
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` without the records that ``new`` re-measured (same config, device and stage), then ``new``.
+
+    A run's ``forward_backward`` record stays beside those of other runs (``x fwd+bwd`` divides by the
+    yardstick of the same run).
+    """
+    redone = {(r["config"], r.get("device"), r["stage"], r.get("run")) for r in new}
+    stages = {(c, d, s) for c, d, s, _ in redone if s != "forward_backward"}
+    kept = [
+        r
+        for r in old
+        if (r["config"], r.get("device"), r["stage"]) not in stages
+        and (r["config"], r.get("device"), r["stage"], r.get("run")) not in redone
+    ]
+    return kept + new
 
 
 # ------------------------------------------------------------------------------------------------
@@ -624,7 +669,9 @@ def ratios(records: list[dict]) -> list[dict]:
                         "peer": f"{b['method']} {b['variant']}",
                         "time_ratio": a["median_s"] / b["median_s"],
                         "memory_ratio": (
-                            a["peak_mb"] / b["peak_mb"] if a.get("peak_mb") and b.get("peak_mb") else None
+                            a["peak_mb"] / b["peak_mb"]
+                            if min(a.get("peak_mb") or 0, b.get("peak_mb") or 0) >= 1  # 1 MB: resolution
+                            else None
                         ),
                     }
                     ta, tb = a.get("times") or [], b.get("times") or []
@@ -669,7 +716,9 @@ def docs_markdown(records: list[dict]) -> str:
     for config in dict.fromkeys(r["config"] for r in records):
         rows = [r for r in records if r["config"] == config]
         first = rows[0]
-        base = next((r["median_s"] for r in rows if r["stage"] == "forward_backward" and r["median_s"]), None)
+        bases = {
+            r.get("run"): r["median_s"] for r in rows if r["stage"] == "forward_backward" and r["median_s"]
+        }
         setup = next((r.get("setup") for r in rows if r.get("setup")), {}) or {}
         load = next((r.get("loadavg") for r in rows if r.get("loadavg")), None)
         lines += [f"### {config}", ""]
@@ -693,6 +742,7 @@ def docs_markdown(records: list[dict]) -> str:
             lines += [text, ""]
         table = []
         for r in sorted(rows, key=lambda r: STAGES.index(r["stage"]) if r["stage"] in STAGES else 99):
+            base = bases.get(r.get("run"))
             compiled = r["compiled"]
             if compiled:
                 compiled = (
@@ -702,6 +752,7 @@ def docs_markdown(records: list[dict]) -> str:
                 )
             table.append(
                 [
+                    r.get("run") or "-",
                     r["stage"],
                     r["method"],
                     r.get("variant", "-"),
@@ -714,7 +765,18 @@ def docs_markdown(records: list[dict]) -> str:
             )
         lines.append(
             common.markdown_table(
-                ["stage", "method", "variant", "compiled", "median s", "x fwd+bwd", "peak MB", "error"], table
+                [
+                    "run",
+                    "stage",
+                    "method",
+                    "variant",
+                    "compiled",
+                    "median s",
+                    "x fwd+bwd",
+                    "peak MB",
+                    "error",
+                ],
+                table,
             )
         )
         lines.append("")
@@ -756,7 +818,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, default=None, help=f"results JSON (default {DEFAULT_OUTPUT})")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile-d cases")
+    parser.add_argument("--stages", default=None, help=f"comma-separated subset of {list(STAGES)}")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory worker")
+    parser.add_argument(
+        "--no-trimmed", action="store_true", help="leave out bayesian-lora with a last-position-only forward"
+    )
+    parser.add_argument(
+        "--concurrent-memory",
+        action="store_true",
+        help="run the CPU memory worker beside the timing worker instead of after it (memory is a "
+        "resident-set rise, unaffected by the CPU the two share; for a crowded machine)",
+    )
     parser.add_argument(
         "--no-laplace-memory",
         action="store_true",
@@ -767,6 +839,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the workers")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
     parser.add_argument("--docs-only", action="store_true", help="rewrite the docs section from the JSON")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        help="add the records of FILE (e.g. a GPU run's scale_cuda.json) to the results JSON, replacing "
+        "those of the same config, device and stage, and rewrite the docs section",
+    )
+    parser.add_argument(
+        "--run",
+        default=time.strftime("%Y-%m-%dT%H:%M"),
+        help="label of this run in the records (default: now)",
+    )
     parser.add_argument("--worker-output", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["timing", "memory"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -776,7 +860,13 @@ def main(argv: list[str] | None = None) -> int:
         common.write_worker_output(args.worker_output, worker(args))
         return 0
     output = args.output or (QUICK_OUTPUT if args.quick else DEFAULT_OUTPUT)
-    if args.docs_only:
+    if args.merge:
+        records = merge(
+            json.loads(output.read_text()) if output.exists() else [], json.loads(args.merge.read_text())
+        )
+        common.write_results(output, records)
+        common.log(f"merged {args.merge} into {output} ({len(records)} records)")
+    if args.docs_only or args.merge:
         common.update_docs_section("scale", docs_markdown(json.loads(output.read_text())))
         return 0
     if args.configs:
@@ -792,15 +882,8 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict] = []
     for name in configs:
         records += run_config(name, args)
-    if output == DEFAULT_OUTPUT and output.exists():  # keep other devices' and configs' records
-        kept = [
-            r
-            for r in json.loads(output.read_text())
-            if not (r["config"] in configs and r.get("device", args.device) == args.device)
-        ]
-        if kept:
-            common.log(f"keeping {len(kept)} records of other configs/devices from {output}")
-        records = kept + records
+    if output == DEFAULT_OUTPUT and output.exists():  # keep other devices', configs' and stages' records
+        records = merge(json.loads(output.read_text()), records)
     common.write_results(output, records)
     common.log(f"wrote {output} ({len(records)} records) in {(time.perf_counter() - started) / 60:.1f} min")
     for t in ratios(records):
