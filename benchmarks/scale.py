@@ -39,7 +39,7 @@ and once measured (resident-set rise); on CUDA the allocator's peak over the tim
     bash scripts/scale_gpu.sh                       # the same on a GPU machine, wheels and output included
     python benchmarks/scale.py --merge FILE         # add another run's records (e.g. a GPU's) to scale.json
 
-On an idle 2-core machine the CPU default takes about 30 minutes per hidden-4096 config (one torch
+On an idle 2-core machine the CPU default should take about 30 minutes per hidden-4096 config (an estimate: one torch
 thread; the compile of the update alone takes about 2 minutes). ``--stages`` restricts the stages
 (``forward_backward`` is always measured, as the yardstick of the run), ``--no-trimmed`` drops the
 bayesian-lora variant with the trimmed forward, ``--concurrent-memory`` runs the memory worker beside
