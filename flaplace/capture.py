@@ -53,6 +53,8 @@ class _ProbeMode(TorchFunctionMode):
         probes: dict[str, Tensor],
         transposed: Collection[str],
         records: dict[str, Tensor],
+        positions: Tensor | None = None,
+        tokens: int = 1,
     ):
         super().__init__()
         #: target name -> the other operation that computed a tensor from it (e.g. an embedding).
@@ -61,6 +63,9 @@ class _ProbeMode(TorchFunctionMode):
         self.probes = probes
         self.transposed = transposed
         self.records = records
+        #: one position per row: the probes sit there only, ``(rows, 1, o)`` (see `capture`)
+        self.positions = positions
+        self.tokens = tokens
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # Called for every torch function of the forward (a few hundred per decoder layer), so the
@@ -102,6 +107,16 @@ class _ProbeMode(TorchFunctionMode):
         out = func(*args, **kwargs)
         probe = self.probes[name]
         batch, tokens, width = probe.shape
+        if self.positions is not None and out.numel() == batch * self.tokens * width and self.tokens > 1:
+            # The probe at one position per row: its gradient is that position's output gradient
+            # alone, so the pull-back never holds a (rows, tokens, o) gradient per layer.
+            shape = (batch, self.tokens, x.shape[-1])
+            self.records[name] = x if x.shape == shape else x.reshape(shape)
+            rows = torch.arange(batch, device=out.device)
+            placed = out.reshape(batch, self.tokens, width).index_put(
+                (rows, self.positions), probe[:, 0].to(out.dtype), accumulate=True
+            )
+            return placed.reshape(out.shape)
         if out.numel() == batch * width and tokens > 1:
             # One row per example (a head on pooled features): the probe's first position.
             probe = probe[:, :1]
@@ -175,6 +190,7 @@ def capture(
     *,
     targets: Collection[str] | None = None,
     transposed: Collection[str] = frozenset(),
+    positions: Tensor | None = None,
 ) -> tuple[
     Float[Tensor, "batch classes"],
     Callable[[Tensor], dict[str, Tensor]],
@@ -191,6 +207,10 @@ def capture(
             layer's output (``token_mask(batch).shape`` for sequence models).
         targets: names of the weights to capture (default: all of ``params``).
         transposed: names of weights stored ``(in, out)`` and used through ``addmm``.
+        positions: optional ``(batch,)`` token index per row: the output gradients are then
+            taken at that position only and have shape ``(batch, 1, o)`` (K-FAC's
+            ``sharing="last"`` needs nothing else, and the pull-back then never holds a full
+            ``(batch, tokens, o)`` gradient of every layer at once). Inputs keep every position.
 
     Returns:
         ``(logits, output_grads, inputs)``: ``output_grads(cotangent)`` maps a
@@ -219,13 +239,14 @@ def capture(
     if len(names_by_id) != len(names):
         raise CaptureError("two target names refer to the same tensor (tied weights)")
     # A zero of the output's shape, expanded from one element: no memory, no fill.
+    probe_shape = token_shape if positions is None else (token_shape[0], 1)
     probes = {
-        n: params[n].new_zeros(()).expand(*token_shape, output_dim(params[n], n in transposed)) for n in names
+        n: params[n].new_zeros(()).expand(*probe_shape, output_dim(params[n], n in transposed)) for n in names
     }
 
     def forward(probes: dict[str, Tensor], params: Params = params) -> tuple[Tensor, dict[str, Tensor]]:
         records: dict[str, Tensor] = {}
-        mode = _ProbeMode(names_by_id, probes, transposed, records)
+        mode = _ProbeMode(names_by_id, probes, transposed, records, positions, token_shape[1])
         with mode:
             logits = model_fn(params, batch)
         if mode.other_uses:

@@ -214,8 +214,16 @@ def build(
                 f"token mask must be (batch, tokens) or (batch, rows, tokens), got {tuple(mask.shape)}"
             )
         check_rows(mask)
+        # sharing "last" reads one position per row: the capture pulls back to those positions only
+        token_last = _last_index(mask.to(state.n_examples.dtype)) if sharing == "last" else None
         logits, output_grads, inputs = capture(
-            model_fn, params, batch, (mask.shape[0], mask.shape[1]), targets=names, transposed=layout
+            model_fn,
+            params,
+            batch,
+            (mask.shape[0], mask.shape[1]),
+            targets=names,
+            transposed=layout,
+            positions=token_last,
         )
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits).all()):
             raise FloatingPointError(
@@ -233,7 +241,6 @@ def build(
 
         # (weights of the positions, index of each example's last real one), computed once;
         # the index only for sharing "last", the one rule that reads it
-        token_last = _last_index(token_weights) if sharing == "last" else None
         by_token = (token_weights, token_last)
         by_example = (example_weights, None if token_last is None else torch.zeros_like(token_last))
 
@@ -256,7 +263,10 @@ def build(
                 del output_grads
             for name in names:
                 g = grads[name][:, : inputs[name].shape[1]].to(acc)
-                rows = _gradient_rows(g, *weights_of(name), sharing, per_example)
+                # sharing "last": the captured gradients are already at the last positions (index 0)
+                rows = _gradient_rows(
+                    g, *(by_example if sharing == "last" else weights_of(name)), sharing, per_example
+                )
                 if name in sketch_rows:
                     sketch_rows[name].append(rows)
                 else:
