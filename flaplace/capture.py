@@ -47,6 +47,7 @@ class _ProbeMode(TorchFunctionMode):
         probes: dict[str, Tensor],
         transposed: Collection[str],
         records: dict[str, Tensor],
+        weights: Collection[Tensor] = (),
     ):
         super().__init__()
         #: target name -> the other operation that computed a tensor from it (e.g. an embedding).
@@ -55,6 +56,10 @@ class _ProbeMode(TorchFunctionMode):
         self.probes = probes
         self.transposed = transposed
         self.records = records
+        #: (dtype, shape) of the targets. Under torch.compile, ``id()`` of an input tensor is a
+        #: guard on that very object, so ``id()`` of a batch tensor would recompile every batch;
+        #: a tensor of another dtype or shape is no target and needs no ``id()``.
+        self.kinds = [(w.dtype, tuple(w.shape)) for w in weights]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -105,6 +110,12 @@ class _ProbeMode(TorchFunctionMode):
         self.records[name] = x if x.shape == shape else x.reshape(shape)
         return out + probe.reshape(out.shape).to(out.dtype)
 
+    def _may_be_target(self, leaf: Tensor) -> bool:
+        return leaf.ndim == 2 and any(
+            leaf.dtype == dtype and leaf.shape[0] == shape[0] and leaf.shape[1] == shape[1]
+            for dtype, shape in self.kinds
+        )
+
     def _note_other_use(self, func, args, kwargs, out) -> None:
         """Record a target weight that reaches an operation other than its linear layer.
 
@@ -119,8 +130,11 @@ class _ProbeMode(TorchFunctionMode):
         for leaf in list(leaves):
             if isinstance(leaf, list | tuple):
                 leaves.extend(leaf)
+        compiling = torch.compiler.is_compiling()
         for leaf in leaves:
-            name = self.names_by_id.get(id(leaf)) if isinstance(leaf, Tensor) else None
+            if not isinstance(leaf, Tensor) or (compiling and not self._may_be_target(leaf)):
+                continue
+            name = self.names_by_id.get(id(leaf))
             if name is None or name in self.other_uses:
                 continue
             results = out if isinstance(out, list | tuple) else (out,)
@@ -201,7 +215,7 @@ def capture(
 
     def forward(probes: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         records: dict[str, Tensor] = {}
-        mode = _ProbeMode(names_by_id, probes, transposed, records)
+        mode = _ProbeMode(names_by_id, probes, transposed, records, [params[n] for n in names])
         with mode:
             logits = model_fn(params, batch)
         if mode.other_uses:
