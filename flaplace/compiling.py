@@ -81,6 +81,6 @@ def _default(function: Callable, name: str) -> Any:
 
 def _closure_value(function: Callable, name: str) -> Any:
     try:
-        return inspect.getclosurevars(function).nonlocals.get(name)
+        return inspect.getclosurevars(inspect.unwrap(function)).nonlocals.get(name)
     except TypeError:  # not a Python function
         return None
