@@ -59,7 +59,10 @@ class _ProbeMode(TorchFunctionMode):
         #: (dtype, shape) of the targets. Under torch.compile, ``id()`` of an input tensor is a
         #: guard on that very object, so ``id()`` of a batch tensor would recompile every batch;
         #: a tensor of another dtype or shape is no target and needs no ``id()``.
-        self.kinds = [(w.dtype, tuple(w.shape)) for w in weights]
+        self.kinds: list[tuple[torch.dtype, tuple[int, ...]]] = []
+        for w in weights:
+            if (w.dtype, tuple(w.shape)) not in self.kinds:
+                self.kinds.append((w.dtype, tuple(w.shape)))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
