@@ -14,6 +14,7 @@ Examples:
 """
 
 from flaplace.capture import CaptureError, capture
+from flaplace.compiling import compile_update
 from flaplace.evidence import log_marginal_likelihood, tune_prior_evidence, tune_prior_grid
 from flaplace.fisher import fisher_cotangents, log_likelihood
 from flaplace.jacobians import per_example_jacobians
@@ -86,6 +87,7 @@ __all__ = [
     "centre_moments",
     "classification_metrics",
     "classifier_logits",
+    "compile_update",
     "cloze_batch",
     "cloze_scores",
     "ece",

@@ -55,6 +55,7 @@ class _ProbeMode(TorchFunctionMode):
         records: dict[str, Tensor],
         positions: Tensor | None = None,
         tokens: int = 1,
+        weights: Collection[Tensor] = (),
     ):
         super().__init__()
         #: target name -> the other operation that computed a tensor from it (e.g. an embedding).
@@ -66,6 +67,13 @@ class _ProbeMode(TorchFunctionMode):
         #: one position per row: the probes sit there only, ``(rows, 1, o)`` (see `capture`)
         self.positions = positions
         self.tokens = tokens
+        #: (dtype, shape) of the targets. Under torch.compile, ``id()`` of an input tensor is a
+        #: guard on that very object, so ``id()`` of a batch tensor would recompile every batch;
+        #: a tensor of another dtype or shape is no target and needs no ``id()``.
+        self.kinds: list[tuple[torch.dtype, tuple[int, ...]]] = []
+        for w in weights:
+            if (w.dtype, tuple(w.shape)) not in self.kinds:
+                self.kinds.append((w.dtype, tuple(w.shape)))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # Called for every torch function of the forward (a few hundred per decoder layer), so the
@@ -135,6 +143,11 @@ class _ProbeMode(TorchFunctionMode):
     def _mentions_target(self, args: tuple, kwargs: dict) -> bool:
         """Whether a target weight is an argument (or an element of a list/tuple argument)."""
         ids = self.names_by_id
+        if torch.compiler.is_compiling():  # id() only of tensors that can be targets (see kinds)
+            leaves = [
+                v for a in (*args, *kwargs.values()) for v in (a if isinstance(a, list | tuple) else (a,))
+            ]
+            return any(isinstance(v, Tensor) and self._may_be_target(v) and id(v) in ids for v in leaves)
         for leaf in args:
             if id(leaf) in ids or (isinstance(leaf, list | tuple) and any(id(v) in ids for v in leaf)):
                 return True
@@ -142,6 +155,12 @@ class _ProbeMode(TorchFunctionMode):
             if id(leaf) in ids or (isinstance(leaf, list | tuple) and any(id(v) in ids for v in leaf)):
                 return True
         return False
+
+    def _may_be_target(self, leaf: Tensor) -> bool:
+        return leaf.ndim == 2 and any(
+            leaf.dtype == dtype and leaf.shape[0] == shape[0] and leaf.shape[1] == shape[1]
+            for dtype, shape in self.kinds
+        )
 
     def _note_other_use(self, func, args, kwargs, out) -> None:
         """Record a target weight that reaches an operation other than its linear layer.
@@ -157,8 +176,11 @@ class _ProbeMode(TorchFunctionMode):
         for leaf in list(leaves):
             if isinstance(leaf, list | tuple):
                 leaves.extend(leaf)
+        compiling = torch.compiler.is_compiling()
         for leaf in leaves:
-            name = self.names_by_id.get(id(leaf)) if isinstance(leaf, Tensor) else None
+            if not isinstance(leaf, Tensor) or (compiling and not self._may_be_target(leaf)):
+                continue
+            name = self.names_by_id.get(id(leaf))
             if name is None or name in self.other_uses:
                 continue
             results = out if isinstance(out, list | tuple) else (out,)
@@ -246,7 +268,8 @@ def capture(
 
     def forward(probes: dict[str, Tensor], params: Params = params) -> tuple[Tensor, dict[str, Tensor]]:
         records: dict[str, Tensor] = {}
-        mode = _ProbeMode(names_by_id, probes, transposed, records, positions, token_shape[1])
+        weights = [params[n] for n in names]
+        mode = _ProbeMode(names_by_id, probes, transposed, records, positions, token_shape[1], weights)
         with mode:
             logits = model_fn(params, batch)
         if mode.other_uses:

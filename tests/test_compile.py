@@ -1,0 +1,93 @@
+"""compile_update and the compiled K-FAC update: one compilation per batch shape, none for new data.
+
+The compile checks run in a subprocess without the type-checking hook (its jaxtyping wrappers
+cannot be traced), on the library exactly as users import it. ``CompileCounter`` counts the
+graphs dynamo hands to the backend: a recompilation is one more.
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import json
+
+import pytest
+import torch
+from conftest import run_without_typechecks
+from test_docs import tiny_namespace
+from tiny_models import ANSWERS, tiny_lora_model
+
+import flaplace
+from flaplace.compiling import compile_update
+from flaplace.kfac import build
+from flaplace.params import LastTokenLogits, ModelFunction, select_params
+
+NEW_DATA_AND_SHAPES = """
+import json, torch
+from torch._dynamo.testing import CompileCounter
+from tiny_models import ANSWERS, padded_batch, tiny_base_model, tiny_lora_model
+from flaplace import CaptureError, build, compile_update
+from flaplace.params import LastTokenLogits, ModelFunction, select_params
+model = tiny_lora_model("llama", dtype=torch.float32)
+params = select_params(model, "lora")
+init, update = build(ModelFunction(model, params, LastTokenLogits(ANSWERS)), fisher="exact",
+                     lr_threshold=None)
+first = padded_batch("llama", seed=1)
+state = init(params, first)
+
+def rel_err(a, b):
+    return max(float((getattr(a, s)[k] - getattr(b, s)[k]).norm() / getattr(b, s)[k].norm())
+               for s in ("S", "A") for k in getattr(b, s))
+
+out = {}
+# new data (the state carried over), then a new shape, then the first shape again
+counter = CompileCounter()
+fast = compile_update(update, backend=counter)
+graphs, errs, got, want = [], [], state, state
+for n, length, seed in [(3, 6, 1), (3, 6, 3), (3, 9, 5), (3, 6, 6)]:
+    batch = padded_batch("llama", n=n, length=length, seed=seed)
+    got, want = fast(got, params, batch), update(want, params, batch)
+    errs.append(rel_err(got, want))
+    graphs.append(counter.frame_count)
+out["compile_update"] = {"graphs": graphs, "err": max(errs)}
+# the tied-weight check still runs under compilation
+gpt2 = tiny_base_model("gpt2").eval()
+tied = select_params(gpt2, "wte")
+init2, update2 = build(ModelFunction(gpt2, tied, LastTokenLogits(ANSWERS)), fisher="exact",
+                       lr_threshold=None)
+try:
+    compile_update(update2, backend="eager")(init2(tied), tied, padded_batch("gpt2"))
+    out["tied"] = "no error"
+except Exception as error:
+    out["tied"] = f"{type(error).__name__}: {error}"
+print(json.dumps(out))
+"""
+
+
+def test_compiled_update_does_not_recompile_for_new_data_and_compiles_once_per_shape():
+    """Second call with new data of the same shape: no recompilation (it used to recompile on
+    every batch: ``id()`` of a batch tensor in the capture was a guard on that object)."""
+    result = json.loads(run_without_typechecks(NEW_DATA_AND_SHAPES, timeout=1200).strip().splitlines()[-1])
+    # dynamic=False: (3, 6) once, new data free, a new length (3, 9) once more, (3, 6) again free
+    assert result["compile_update"]["graphs"] == [1, 1, 2, 2], result
+    assert result["compile_update"]["err"] < 1e-5, result
+    assert "CaptureError" in result["tied"] and "embedding" in result["tied"], result
+
+
+def test_compile_update_refuses_a_generator_for_mc():
+    model = tiny_lora_model("llama", dtype=torch.float32)
+    params = select_params(model, "lora")
+    model_fn = ModelFunction(model, params, LastTokenLogits(ANSWERS))
+    _, update = build(model_fn, fisher="mc", generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="torch.Generator.*torch.manual_seed"):
+        compile_update(update)
+    _, exact = build(model_fn, fisher="exact", generator=torch.Generator())  # never draws: fine
+    assert callable(compile_update(exact, backend="eager"))
+
+
+def test_compile_update_is_exported_and_its_examples_run():
+    assert flaplace.compile_update is compile_update
+    module = importlib.import_module("flaplace.compiling")
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    outcome = doctest.testmod(module, extraglobs={"torch": torch, **tiny_namespace()}, optionflags=flags)
+    assert outcome.attempted > 0 and outcome.failed == 0
