@@ -216,14 +216,9 @@ def build(
         check_rows(mask)
         # sharing "last" reads one position per row: the capture pulls back to those positions only
         token_last = _last_index(mask.to(state.n_examples.dtype)) if sharing == "last" else None
+        shape = (mask.shape[0], mask.shape[1])
         logits, output_grads, inputs = capture(
-            model_fn,
-            params,
-            batch,
-            (mask.shape[0], mask.shape[1]),
-            targets=names,
-            transposed=layout,
-            positions=token_last,
+            model_fn, params, batch, shape, targets=names, transposed=layout, positions=token_last
         )
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits).all()):
             raise FloatingPointError(

@@ -26,8 +26,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     ``torch.compile`` as ``._orig_mod``; their own forward (buffer broadcasts, gradient
     buckets, guards) is not part of the function and fails under ``torch.func`` transforms,
     so flaplace evaluates the wrapped module itself (the weights are the same tensors).
-    A model whose weights are sharded over processes (FSDP, ``fully_shard``) is refused
-    ([`refuse_sharded`][flaplace.sharding.refuse_sharded]).
+    A model sharded over processes is refused ([`refuse_sharded`][flaplace.sharding.refuse_sharded]).
 
     Raises:
         ValueError: the model is FSDP-sharded or holds DTensor weights.
