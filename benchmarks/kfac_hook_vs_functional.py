@@ -493,37 +493,6 @@ def docs_markdown(records: list[dict], targets: list[dict]) -> str:
         "factor (2). A hook implementation could adopt all three; the comparison shows "
         "what the library does, not a limit of hooks.",
         "",
-        "Profile of the capture against `hooks-trimmed` (torch.profiler and cProfile, hidden 256, `mc`). "
-        "Op by op the two run the same arithmetic: the same 41 matrix products of the model per update, "
-        "the same attention kernels, one multinomial draw of 8 labels; flaplace adds one addition of a "
-        "zero probe per selected layer (4 of `(8, 128, 256)` and 4 of `(8, 128, 8)`, under 1 % of the "
-        "update), a cross-entropy of the 8 x 4 logits for the log-likelihood and a finiteness check "
-        "(microseconds), and accumulates each factor with one `addmm` where the hook code runs a product "
-        "and an addition. There are no extra dtype casts (the `.to` calls are no-ops in float32), and "
-        "the `expand`/`reduce` contractions are the same operations in both. Before this change "
-        "flaplace was 1.05 to 1.08 times slower all the same; the time went around the arithmetic, "
-        "and three changes removed it (each measured as the per-round ratio to the hook code, "
-        "CPU time of the thread, hidden 256, `expand`, on a loaded machine: for (a) and (b) the "
-        "capture's forward and backward against the hook code's, for (c) the whole update against "
-        "`hooks-trimmed`, both variants with the shared input factor). (a) `torch.func.vjp`'s "
-        "pull-back keeps the graph by default, so the forward's saved activations stayed alive until "
-        "the end of the (only) backward, whose buffers could then not reuse their memory; the hook "
-        "code's `autograd.grad` frees each one once used. The last pull-back now frees them too: "
-        "1.07 -> 1.03. (b) The TorchFunctionMode sees every torch call of the forward (about 240 "
-        "per update for this 2-layer model, tensor methods and attribute reads included); its check "
-        "for a second use of a target weight built a list of the arguments each time (about 1.5 ms "
-        "per update under cProfile). It is now one dictionary look-up per argument: 1.03 -> 1.01. (c) `torch.func.vjp` "
-        "wraps every tensor downstream of a probe and sends each forward and backward operation "
-        "through its transform layer. In eager mode `capture` now makes the probes leaf tensors that "
-        "require grad, passes the weights detached and pulls back with `torch.autograd.grad`; "
-        "`torch.func.vjp` is kept for `torch.compile` (it traces without graph breaks) and inside other "
-        "transforms: 1.01 -> 0.97. What is left of the mechanism is the mode's Python dispatch "
-        "(a pass-through mode costs about 1 ms per forward here), the probe additions and "
-        "`functional_call`'s weight swap, less than the shared input factor saves. These paired "
-        "figures come from a separate harness that times the update alone (per-thread CPU time, "
-        "15 to 25 rounds at a load average of 10 to 16); the tables below come from the last full "
-        "run of this script, at the commit given for each hidden size.",
-        "",
     ]
     for config in sorted({r["config"] for r in records}, key=lambda c: CONFIGS[c][0]):
         rows = [r for r in records if r["config"] == config]
