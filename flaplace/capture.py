@@ -215,7 +215,7 @@ def capture(
     positions: Tensor | None = None,
 ) -> tuple[
     Float[Tensor, "batch classes"],
-    Callable[[Tensor], dict[str, Tensor]],
+    Callable[..., dict[str, Tensor]],
     dict[str, Float[Tensor, "rows _ _"]],  # rows: batch x sequences per example
 ]:
     """Run ``model_fn`` once, capturing each target weight's layer input and output-gradient map.

@@ -251,10 +251,10 @@ def build(
         S, A, count = dict(state.S), dict(state.A), dict(state.a_count)
         sketch_rows: dict[str, list[Tensor]] = {n: [] for n in names if isinstance(S[n], Eigen)}
         for k, cotangent in enumerate(cotangents):
-            last = k == len(cotangents) - 1
+            final = k == len(cotangents) - 1
             # The last pull-back frees the forward's saved activations as its backward goes.
-            grads = output_grads(cotangent, last=last)
-            if last:
+            grads = output_grads(cotangent, last=final)
+            if final:
                 del output_grads
             for name in names:
                 g = grads[name][:, : inputs[name].shape[1]].to(acc)
