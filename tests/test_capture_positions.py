@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import torch
 from tiny_models import ANSWERS, padded_batch, tiny_lora_model
 
@@ -38,33 +36,3 @@ def test_kfac_last_reads_the_last_real_positions():
     from flaplace.kfac import _last_index
 
     assert torch.equal(_last_index(batch["attention_mask"].double()), expected)
-
-
-LAST_COMPILE_CHECK = """
-import json, torch
-from tiny_models import ANSWERS, padded_batch, tiny_lora_model
-from flaplace.kfac import build
-from flaplace.kfac_state import kfac_factors
-from flaplace.params import LastTokenLogits, ModelFunction, select_params
-model = tiny_lora_model("llama", dtype=torch.float32)
-params = select_params(model, "lora")
-init, update = build(ModelFunction(model, params, LastTokenLogits(ANSWERS)), fisher="exact",
-                     sharing="last", lr_threshold=None)
-batch = padded_batch("llama")
-explanation = torch._dynamo.explain(update)(init(params), params, batch)
-compiled = torch.compile(update, backend="aot_eager")(init(params), params, batch)
-eager = update(init(params), params, batch)
-err = max(float((getattr(compiled, side)[n] - getattr(eager, side)[n]).norm()
-                / getattr(eager, side)[n].norm()) for n in params for side in ("S", "A"))
-print(json.dumps({"breaks": explanation.graph_break_count, "graphs": explanation.graph_count, "err": err}))
-"""
-
-
-def test_last_position_update_compiles_without_graph_breaks():
-    """The probes placed at the last positions (``index_put``) trace into one graph."""
-    from conftest import run_without_typechecks
-
-    result = json.loads(run_without_typechecks(LAST_COMPILE_CHECK).strip().splitlines()[-1])
-    assert result["breaks"] == 0
-    assert result["graphs"] == 1
-    assert result["err"] < 1e-4

@@ -41,7 +41,7 @@ from flaplace.params import LastTokenLogits, ModelFunction, select_params
 model = tiny_lora_model("llama", dtype=torch.float32)
 params = select_params(model, "lora")
 init, update = build(ModelFunction(model, params, LastTokenLogits(ANSWERS)), fisher="exact",
-                     sharing="reduce", lr_threshold=None)
+                     sharing=SHARING, lr_threshold=None)
 batch = padded_batch("llama")
 explanation = torch._dynamo.explain(update)(init(params), params, batch)
 compiled = torch.compile(update, backend="aot_eager")(init(params), params, batch)
@@ -52,8 +52,10 @@ print(json.dumps({"breaks": explanation.graph_break_count, "graphs": explanation
 """
 
 
-def test_update_compiles_without_graph_breaks():
-    result = json.loads(run_without_typechecks(COMPILE_CHECK).strip().splitlines()[-1])
+@pytest.mark.parametrize("sharing", ["reduce", "last"])  # "last" places its probes with index_put
+def test_update_compiles_without_graph_breaks(sharing):
+    script = COMPILE_CHECK.replace("SHARING", repr(sharing))
+    result = json.loads(run_without_typechecks(script).strip().splitlines()[-1])
     assert result["breaks"] == 0
     assert result["graphs"] == 1
     assert result["err"] < 1e-4
