@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from flaplace.jacobians import JacobianMethod, jacobians_and_logits
 from flaplace.predictive import (
+    Directions,
     PredictiveCache,
     predictive_covariance,
     predictive_precompute,
@@ -69,12 +70,16 @@ def cache_jacobians(
 
 
 def cached_covariance(
-    posterior: Posterior | PredictiveCache, cache: JacobianCache
+    posterior: Posterior | PredictiveCache, cache: JacobianCache, directions: Directions = "all"
 ) -> Float[Tensor, "n classes classes"]:
     """``f_var = J Sigma J^T`` of every cached example under ``posterior`` (detached).
 
+    ``directions`` is `predictive_precompute`'s (used when ``posterior`` is a Posterior; a
+    `PredictiveCache` was made with its own).
+
     Examples:
         >>> f_var = cached_covariance(posterior, cache)  # doctest: +SKIP
+        >>> f_var_informed = cached_covariance(posterior, cache, "informed")  # doctest: +SKIP
     """
-    prepared = predictive_precompute(posterior) if isinstance(posterior, Posterior) else posterior
+    prepared = predictive_precompute(posterior, directions) if isinstance(posterior, Posterior) else posterior
     return torch.cat([predictive_covariance(prepared, jac) for jac in cache.jacobians]).detach()

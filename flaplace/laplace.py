@@ -34,6 +34,7 @@ from flaplace.metrics import nll as nll_metric
 from flaplace.params import ModelFunction, OutputFn, batch_targets, classifier_logits, select_params
 from flaplace.posterior import PriorPrecision, make_posterior, sample, with_prior_precision
 from flaplace.predictive import (
+    Directions,
     PredictiveCache,
     linearised_predictive,
     predictive_precompute,
@@ -77,6 +78,10 @@ class LaplaceLoRA:
             token labels into class indices); default: move tensors to the weights' device.
         jacobian_method: how the linearised predictive computes Jacobians (``"auto"``,
             ``"vmap"``, ``"loop"`` or ``"capture"``, see [`per_example_jacobians`][flaplace.jacobians.per_example_jacobians]).
+        directions: the covariance of the linearised predictive: ``"all"`` (default, the
+            Laplace posterior's) or ``"informed"`` (only the directions where the data outweigh
+            the prior, see [`predictive_precompute`][flaplace.predictive.predictive_precompute]).
+            The sampling predictive (``pred_type="nn"``) always draws from the whole posterior.
         **kfac_options: passed to [`build`][flaplace.kfac.build] (``fisher``, ``sharing``,
             ``n_kfac``, ``lr_threshold``, ``generator``, ...).
 
@@ -97,6 +102,7 @@ class LaplaceLoRA:
         prior_mean: Params | None = None,
         batch_fn: Callable[[Batch], Batch] | None = None,
         jacobian_method: JacobianMethod = "auto",
+        directions: Directions = "all",
         **kfac_options: Any,
     ):
         if likelihood not in ("categorical", "bernoulli"):
@@ -112,6 +118,9 @@ class LaplaceLoRA:
         self.prior_mean = prior_mean
         self.kfac_options = kfac_options
         self.jacobian_method: JacobianMethod = jacobian_method
+        if directions not in ("all", "informed"):
+            raise ValueError(f"directions must be 'all' or 'informed', got {directions!r}")
+        self.directions: Directions = directions
         device = next(iter(self.params.values())).device
         self.batch_fn: Callable[[Batch], Batch] = batch_fn or (lambda b: batch_to(b, device))
         self.posterior: Posterior | None = None
@@ -270,7 +279,7 @@ class LaplaceLoRA:
     def _moments(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """The linearised predictive of a batch already passed through ``batch_fn``."""
         if self._cache is None:
-            self._cache = predictive_precompute(self._posterior())
+            self._cache = predictive_precompute(self._posterior(), self.directions)
         return linearised_predictive(self.model_fn, self._cache, batch, method=self.jacobian_method)
 
     def predict(
@@ -330,7 +339,7 @@ class LaplaceLoRA:
     def _predict_all(
         self, posterior: Posterior, batches: Sequence[Batch], *, link: Link
     ) -> tuple[Tensor, Tensor]:
-        cache = predictive_precompute(posterior)
+        cache = predictive_precompute(posterior, self.directions)
         probs, labels = [], []
         for batch in batches:
             f_mu, f_var = linearised_predictive(self.model_fn, cache, batch, method=self.jacobian_method)

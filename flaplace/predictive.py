@@ -17,7 +17,7 @@ probabilities are in [`flaplace.links`][flaplace.links].
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from jaxtyping import Bool, Float
@@ -31,6 +31,7 @@ from flaplace.typing import Batch, ModelFn, Params, Posterior
 
 __all__ = [
     "CovarianceFeatures",
+    "Directions",
     "PredictiveBlock",
     "PredictiveCache",
     "covariance_features",
@@ -44,6 +45,9 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # J Sigma J^T from eigen-form Kronecker factors
 # --------------------------------------------------------------------------------------------
+
+Directions = Literal["all", "informed"]
+"""Which directions of the posterior the predictive covariance keeps (see `predictive_precompute`)."""
 
 
 class PredictiveBlock(NamedTuple):
@@ -72,7 +76,7 @@ def _is_complete(S_vectors: Tensor, A_vectors: Tensor) -> bool:
     return S_vectors.shape[0] == S_vectors.shape[1] and A_vectors.shape[0] == A_vectors.shape[1]
 
 
-def predictive_precompute(posterior: Posterior) -> PredictiveCache:
+def predictive_precompute(posterior: Posterior, directions: Directions = "all") -> PredictiveCache:
     """Precompute, once per posterior, everything the predictive covariance needs.
 
     The per-block grid of inverse eigenvalues ``1/(s_i a_j + lambda) - 1/lambda`` (or
@@ -80,21 +84,36 @@ def predictive_precompute(posterior: Posterior) -> PredictiveCache:
     Eigenvalues below zero (round-off of a PSD factor) are clamped to zero. Differentiable in
     the prior precision.
 
+    ``directions`` chooses the covariance:
+
+    * ``"all"`` (default): the Laplace posterior covariance ``(S (x) A + lambda I)^-1``, exactly.
+    * ``"informed"``: only its eigen-directions where the data outweigh the prior,
+      ``sum_{k: e_k > lambda} v_k v_k^T / (e_k + lambda)`` with ``e_k = s_i a_j`` and
+      ``v_k = q_i (x) q_j``. Every other direction (all but a few hundred of a LoRA model's
+      weights, and all of them outside a low-rank factor's basis) is one the training data left
+      at the prior, and there the posterior is the prior's ``1/lambda`` alone. Dropping those
+      keeps the predictive to what the data determine: it leaves a calibrated MAP as it is and
+      still widens an overconfident one (measured in the docs' Priors page).
+
     Args:
         posterior: ``Posterior(mean, factors, prior_precision)`` with the same keys in all three.
+        directions: ``"all"`` or ``"informed"``.
 
     Returns:
         A `PredictiveCache` pytree, accepted wherever a posterior is.
 
     Raises:
         ValueError: missing or extra names, a factor whose sides do not match its parameter,
-            or a prior precision that is not a positive finite scalar.
+            a prior precision that is not a positive finite scalar, or unknown ``directions``.
 
     Examples:
         >>> cache = predictive_precompute(posterior)
         >>> for batch in loader:
         ...     f_mu, f_var = linearised_predictive(f, cache, batch)
+        >>> informed = predictive_precompute(posterior, directions="informed")
     """
+    if directions not in ("all", "informed"):
+        raise ValueError(f"directions must be 'all' or 'informed', got {directions!r}")
     mean, factors, prior = posterior.mean, posterior.factors, posterior.prior_precision
     if set(factors) != set(mean) or set(prior) != set(mean):
         raise ValueError(
@@ -128,9 +147,13 @@ def predictive_precompute(posterior: Posterior) -> PredictiveCache:
         s = S.values.clamp_min(0)
         a = A.values.clamp_min(0)
         sa = s[:, None] * a[None, :]
+        transposed = factor.transposed.reshape(()).bool()
+        if directions == "informed":  # no 1/lam term: the prior-only directions are left out
+            weights = torch.where(sa > lam, 1 / (sa + lam), torch.zeros_like(sa))
+            blocks[name] = PredictiveBlock(S.vectors, A.vectors, weights, torch.zeros_like(lam), transposed)
+            continue
         # Thin: 1/(sa + lam) - 1/lam, written without cancellation.
         weights = 1 / (sa + lam) if _is_complete(S.vectors, A.vectors) else -sa / (lam * (sa + lam))
-        transposed = factor.transposed.reshape(()).bool()
         blocks[name] = PredictiveBlock(S.vectors, A.vectors, weights, 1 / lam, transposed)
     return PredictiveCache(mean, blocks)
 
