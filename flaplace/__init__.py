@@ -41,7 +41,12 @@ from flaplace.params import (
 )
 from flaplace.posterior import make_posterior, sample, with_prior_precision
 from flaplace.posterior_io import load_posterior, save_posterior, validate_posterior
-from flaplace.predictive import linearised_predictive, predictive_covariance, predictive_precompute
+from flaplace.predictive import (
+    informed_directions,
+    linearised_predictive,
+    predictive_covariance,
+    predictive_precompute,
+)
 from flaplace.sampling import sampling_probs
 from flaplace.scoring import ClozeModelFunction, cloze_batch, cloze_scores, flatten_choices, pair_batch
 from flaplace.sequences import SequenceScores, linearised_decode, sequence_scores
@@ -110,6 +115,7 @@ __all__ = [
     "per_example_jacobians",
     "predictive_covariance",
     "predictive_precompute",
+    "informed_directions",
     "predictive_probs",
     "probit_probs",
     "reduce_across_ranks",

@@ -229,8 +229,11 @@ def laplace_bridge_probs(
 
     Args:
         f_mu: mean logits ``(B, C)``.
-        f_var: logit covariance ``(B, C, C)``; the diagonal of its centred form must be positive
-            (every class's logit must vary relative to the mean of the others).
+        f_var: logit covariance ``(B, C, C)``. The diagonal of its centred form should be
+            positive (every class's logit varies relative to the mean of the others); a row
+            where it is zero throughout (a point mass, e.g. the predictive of
+            ``directions="informed"`` where the data inform no direction) gets the softmax of
+            its mean.
         likelihood: ``"categorical"`` or ``"bernoulli"`` (``C == 1``; returns ``[1 - p, p]``).
 
     Returns:
@@ -251,8 +254,13 @@ def laplace_bridge_probs(
     k = f_mu.shape[-1]
     mu, var = centre_moments(f_mu, f_var)
     variance = var.diagonal(dim1=-2, dim2=-1)
+    # a row with no centred variance is a point mass: its predictive is the softmax of its mean
+    point = (variance <= 0).all(-1, keepdim=True)
+    variance = torch.where(
+        point, torch.ones_like(variance), variance.clamp_min(torch.finfo(variance.dtype).tiny)
+    )
     alpha = (1 - 2 / k + mu.exp() / k**2 * (-mu).exp().sum(-1, keepdim=True)) / variance
-    return alpha / alpha.sum(-1, keepdim=True)
+    return torch.where(point, mu.softmax(-1), alpha / alpha.sum(-1, keepdim=True))
 
 
 def gaussian_predictive(

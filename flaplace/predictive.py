@@ -36,6 +36,7 @@ __all__ = [
     "PredictiveCache",
     "covariance_features",
     "covariance_from_features",
+    "informed_directions",
     "linearised_predictive",
     "predictive_covariance",
     "predictive_precompute",
@@ -156,6 +157,27 @@ def predictive_precompute(posterior: Posterior, directions: Directions = "all") 
         weights = 1 / (sa + lam) if _is_complete(S.vectors, A.vectors) else -sa / (lam * (sa + lam))
         blocks[name] = PredictiveBlock(S.vectors, A.vectors, weights, 1 / lam, transposed)
     return PredictiveCache(mean, blocks)
+
+
+def informed_directions(posterior: Posterior) -> dict[str, int]:
+    """Per block, how many eigen-directions the data outweigh the prior in (``s_i a_j > lambda``).
+
+    These are the directions ``directions="informed"`` keeps (see `predictive_precompute`). A
+    total of 0 means the informed predictive is the MAP's.
+
+    Examples:
+        >>> import torch, flaplace
+        >>> eigen = lambda *v: flaplace.Eigen(torch.eye(len(v)), torch.tensor(v))
+        >>> factors = {"W": flaplace.KronFactor(eigen(4.0, 0.5), eigen(1.0, 0.1), torch.tensor(False))}
+        >>> post = flaplace.make_posterior(factors, {"W": torch.zeros(2, 2)}, prior_precision=1.0)
+        >>> informed_directions(post)  # s a = 4.0, 0.4, 0.5, 0.05 against lambda = 1
+        {'W': 1}
+    """
+    counts = {}
+    for name, factor in posterior.factors.items():
+        sa = factor.S.values.clamp_min(0)[:, None] * factor.A.values.clamp_min(0)[None, :]
+        counts[name] = int((sa > posterior.prior_precision[name].reshape(())).sum())
+    return counts
 
 
 def _as_cache(posterior: Posterior | PredictiveCache) -> PredictiveCache:

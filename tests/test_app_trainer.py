@@ -28,8 +28,10 @@ from flaplace.app.trainer import (
 )
 from flaplace.evidence import tune_prior_evidence
 from flaplace.kfac import fit
+from flaplace.links import predictive_probs
 from flaplace.params import LastTokenLogits, ModelFunction, select_params
 from flaplace.posterior import make_posterior
+from flaplace.predictive import linearised_predictive, predictive_precompute
 
 ANSWER_IDS = (3, 5)
 EOS = 2
@@ -140,6 +142,16 @@ def test_trainer_post_hoc_equals_the_pure_functions(tmp_path):
     probs = la(collate(data[:4]))
     assert probs.shape == (4, 2)
     torch.testing.assert_close(probs.sum(-1), torch.ones(4))
+    # the Trainer integration's predictive keeps the informed directions by default
+    assert la.directions == "informed"
+    batch = answer_batch(collate(data[:4]), ANSWER_IDS)
+    f_mu, f_var = linearised_predictive(model_fn, predictive_precompute(tuned, "informed"), batch)
+    torch.testing.assert_close(probs, predictive_probs(f_mu, f_var, "probit"), rtol=1e-3, atol=1e-4)
+    whole = fit_laplace(
+        model, trainer.get_train_dataloader(), answer_ids=ANSWER_IDS, fisher="exact", directions="all"
+    )
+    assert whole.directions == "all"
+    assert (whole(collate(data[:4])) - probs).abs().max() > 1e-4  # the choice matters here
     assert model.training == was_training  # evaluated in eval mode; the user's mode is left as it was
 
 

@@ -99,7 +99,15 @@ def test_pipeline_end_to_end(models, data, tmp_path, arch, task, kind):
 
     saved = load_file(str(tmp_path / "checkpoints" / "predictive.safetensors"))
     assert saved["f_mu"].shape == (8, n_classes)
-    assert bool((saved["f_var"].diagonal(dim1=-2, dim2=-1) > 0).all())
+    variances = saved["f_var"].diagonal(dim1=-2, dim2=-1)
+    assert bool((variances >= 0).all())
+    # the default predictive keeps the directions with s_i a_j > lambda, counted here by hand
+    assert results["predictive_directions"] == "informed"
+    counted = sum(
+        int(((f.S.values[:, None] * f.A.values[None, :]) > lam).sum()) for f in posterior.factors.values()
+    )
+    assert results["informed_directions"] == counted
+    assert (float(variances.sum()) > 0) == (counted > 0)
 
 
 def test_prior_tuning_by_grid_and_other_links(models, data, tmp_path):
@@ -111,6 +119,13 @@ def test_prior_tuning_by_grid_and_other_links(models, data, tmp_path):
     assert results["prior_precision"] == pytest.approx(best["prior_precision"])
     bridge = run(config(models, data, "gpt2", "demo", tmp_path, link="bridge"), progress=False)
     assert bridge["stages"]["map"] == "loaded"
+    # the whole posterior's predictive: every example gets a positive variance
+    whole = run(config(models, data, "gpt2", "demo", tmp_path, predictive_directions="all"), progress=False)
+    assert whole["stages"]["kfac"] == "loaded" and whole["stages"]["predictive"] == "computed"
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "checkpoints" / "predictive.safetensors"))
+    assert bool((saved["f_var"].diagonal(dim1=-2, dim2=-1) > 0).all())
 
 
 def test_head_jacobians_match_jacrev_per_example(models, data):
@@ -308,3 +323,7 @@ def test_stage_keys_depend_on_the_right_fields():
     assert config_module.stage_key(base, "predictive") == config_module.stage_key(
         RunConfig(model="m", link="mc"), "predictive"
     )
+    # the predictive's directions change the covariance (and the grid's choice), not the fit
+    for stage, same in (("kfac", True), ("prior", False), ("predictive", False)):
+        changed = RunConfig(model="m", predictive_directions="all")
+        assert (config_module.stage_key(base, stage) == config_module.stage_key(changed, stage)) is same

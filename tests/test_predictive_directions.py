@@ -16,6 +16,7 @@ from jaxtyping import TypeCheckError
 from test_predictive import SPECS, flat_jacobian, make_posterior
 
 from flaplace.jacobian_cache import JacobianCache, cached_covariance
+from flaplace.links import predictive_probs
 from flaplace.predictive import predictive_covariance, predictive_precompute
 
 F64 = torch.float64
@@ -73,3 +74,19 @@ def test_unknown_directions_are_refused() -> None:
     unchecked = inspect.unwrap(predictive_precompute)  # the function's own check, without the hook
     with pytest.raises(ValueError, match="directions must be 'all' or 'informed'"):
         unchecked(posterior, "uninformed")
+
+
+@pytest.mark.parametrize("link", ["probit", "mc", "bridge"])
+def test_every_link_gives_the_softmax_of_a_point_mass(link: str) -> None:
+    # where the data inform no direction the informed covariance is 0: the predictive is the MAP's
+    g = torch.Generator().manual_seed(0)
+    f_mu = torch.randn(3, 4, generator=g, dtype=F64)
+    a = torch.randn(3, 4, 4, generator=g, dtype=F64)
+    f_var = a @ a.mT
+    f_var[1] = 0  # one point-mass row among rows with a variance
+    probs = predictive_probs(f_mu, f_var, link, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(probs[1], f_mu[1].softmax(-1), rtol=1e-12, atol=1e-12)
+    alone = predictive_probs(f_mu[[0, 2]], f_var[[0, 2]], link, generator=torch.Generator().manual_seed(1))
+    if link != "mc":  # the samples of the other rows depend on the batch
+        torch.testing.assert_close(probs[[0, 2]], alone, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(probs[0], f_mu[0].softmax(-1), atol=1e-3)  # the others are widened

@@ -38,6 +38,7 @@ STAGES: tuple[str, ...] = ("map", "kfac", "prior", "predictive")
 PRIOR_TUNINGS: tuple[str, ...] = ("evidence", "grid")
 #: Where the Gaussian prior is centred: at zero, or at the adapters' initialisation.
 PRIOR_MEANS: tuple[str, ...] = ("zero", "init")
+DIRECTIONS: tuple[str, ...] = ("informed", "all")
 #: The links from logit moments to class probabilities.
 LINKS: tuple[str, ...] = get_args(Link)
 #: Parameter dtypes a run can load the model in.
@@ -187,6 +188,12 @@ class RunConfig:
     )
     prior_tuning: str = option(
         "evidence", "how the prior precision is tuned", stage="prior", choices=PRIOR_TUNINGS
+    )
+    predictive_directions: str = option(
+        "informed",
+        "covariance of the predictive: informed (only where the data outweigh the prior) or all",
+        stage="prior",
+        choices=DIRECTIONS,
     )
     link: str = option("probit", "link from logit moments to probabilities", choices=LINKS)
     n_samples: int = option(1000, "samples of the mc link", kind="int", positive=True)

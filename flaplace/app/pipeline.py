@@ -38,9 +38,10 @@ import dataclasses
 import random
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -77,6 +78,7 @@ from flaplace.app.tasks import Task, batches, load_task
 from flaplace.evidence import log_marginal_likelihood
 from flaplace.metrics import classification_metrics
 from flaplace.posterior import load_posterior, make_posterior, save_posterior
+from flaplace.predictive import Directions, informed_directions
 
 
 def _log(message: str, progress: bool) -> None:
@@ -275,6 +277,7 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
 
         # 3. prior precision
         tick = time.perf_counter()
+        directions = cast(Directions, config.predictive_directions)  # checked by check_config
 
         def probs(f_mu: torch.Tensor, f_var: torch.Tensor) -> torch.Tensor:
             return link_probs(f_mu, f_var, link=config.link, n_samples=config.n_samples, seed=config.seed)
@@ -289,7 +292,7 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         def compute_prior() -> tuple[None, dict[str, Any]]:
             precision, record = tune_prior(
                 posterior, log_likelihood, method=config.prior_tuning, validation=validation, probs=probs,
-                progress=progress, distributed=many,
+                progress=progress, distributed=many, directions=directions,
             )  # fmt: skip
             return None, {"prior_precision": precision, "tuning": record}
 
@@ -307,7 +310,7 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
             f_mu, jacobians = moments(
                 laplace_fn, posterior, encoded("test", share=True), progress=progress, desc="test predictive"
             )
-            f_var = covariances(posterior, jacobians)
+            f_var = covariances(posterior, jacobians, directions)
             if many:  # every rank's share, in order
                 parts = gather((f_mu, f_var), config.device)
                 f_mu, f_var = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -321,6 +324,15 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         f_mu, f_var, labels = saved["f_mu"], saved["f_var"], saved["labels"]
         timings["predictive"] = time.perf_counter() - tick
     _log(f"stages: {', '.join(f'{s} {how}' for s, how in cache.status.items())}", progress)
+
+    n_informed = sum(informed_directions(posterior).values())
+    if directions == "informed" and n_informed == 0:
+        warnings.warn(
+            f"no direction of the posterior is informed by the data (every s_i a_j <= lambda = "
+            f"{tuned_precision:.3g}): the informed predictive equals the MAP. More training data, or "
+            "--predictive-directions all (the whole posterior), gives it a variance.",
+            stacklevel=2,
+        )
 
     # outputs: metrics, posterior, reliability diagram, results.json (last)
     map_probs = torch.softmax(f_mu.double(), dim=-1)
@@ -360,6 +372,8 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         "metrics": metrics,
         "prior_precision": tuned_precision,
         "prior_tuning": tuning_record,
+        "predictive_directions": directions,
+        "informed_directions": n_informed,
         "log_evidence": log_evidence,
         "train_log_likelihood": log_likelihood,
         "final_train_nll": sum(losses[-20:]) / max(1, len(losses[-20:])),

@@ -45,7 +45,7 @@ from flaplace.jacobian_cache import JacobianCache, cache_jacobians, cached_covar
 from flaplace.kfac import fit as fit_kfac
 from flaplace.links import predictive_probs
 from flaplace.metrics import classification_metrics
-from flaplace.predictive import JacobianMethod
+from flaplace.predictive import Directions, JacobianMethod
 from flaplace.typing import Factors, ModelFn, Params, Posterior
 
 #: How per-example Jacobians of token-level weights are computed (see flaplace.predictive).
@@ -246,13 +246,18 @@ def moments(
     )
 
 
-def covariances(posterior: Posterior, jacobians: Sequence[dict[str, Tensor]]) -> Tensor:
+def covariances(
+    posterior: Posterior, jacobians: Sequence[dict[str, Tensor]], directions: Directions = "all"
+) -> Tensor:
     """The logit covariances ``J Sigma J^T`` of every example, from stored Jacobians.
 
+    ``directions``: ``"all"`` (the whole posterior) or ``"informed"`` (see
+    [`predictive_precompute`][flaplace.predictive.predictive_precompute]).
+
     Examples:
-        >>> f_var = covariances(posterior, moments_of_test.jacobians)  # doctest: +SKIP
+        >>> f_var = covariances(posterior, moments_of_test.jacobians, "informed")  # doctest: +SKIP
     """
-    return cached_covariance(posterior, JacobianCache(torch.empty(0), list(jacobians)))
+    return cached_covariance(posterior, JacobianCache(torch.empty(0), list(jacobians)), directions)
 
 
 def link_probs(f_mu: Tensor, f_var: Tensor, *, link: str, n_samples: int, seed: int) -> Tensor:
@@ -278,8 +283,11 @@ def tune_prior(
     probs: Callable[[Tensor, Tensor], Tensor] | None = None,
     progress: bool = True,
     distributed: bool = False,
+    directions: Directions = "all",
 ) -> tuple[float, dict[str, Any]]:
     """The tuned prior precision and a record of the tuning.
+
+    ``directions``: the predictive covariance the grid scores (see `covariances`).
 
     ``method="evidence"`` maximises the Laplace evidence; ``"grid"`` scores the
     validation NLL of the predictive (``validation()`` gives its moments and labels,
@@ -300,7 +308,8 @@ def tune_prior(
         (f_mu, jacobians), labels = validation()
 
         def validation_nll(candidate: Posterior) -> float:
-            nll = classification_metrics(probs(f_mu, covariances(candidate, jacobians)), labels)["nll"]
+            f_var = covariances(candidate, jacobians, directions)
+            nll = classification_metrics(probs(f_mu, f_var), labels)["nll"]
             if not distributed:
                 return nll
             total = all_sum(torch.tensor([nll * len(labels), len(labels)], dtype=torch.float64))

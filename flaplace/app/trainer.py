@@ -160,12 +160,15 @@ def fit_laplace(
         val_loader: validation batches, for ``prior="val_nll"`` or ``"grid"``.
         prior: ``"evidence"`` (default), ``"val_nll"``, ``"grid"`` or ``"none"``.
         **options: passed to [`laplace`][flaplace.laplace.laplace] (``include``, ``fisher``,
-            ``prior_options``, ``jacobian_method``, ...).
+            ``prior_options``, ``jacobian_method``, ...). ``directions`` defaults to
+            ``"informed"`` here (the linearised predictive keeps only the directions where the
+            data outweigh the prior; ``"all"``: the whole posterior), as in ``flaplace run``.
 
     Examples:
         >>> la = fit_laplace(peft_model, train_loader, answer_ids=[317, 347])
         >>> probs = la(next(iter(test_loader)))
     """
+    options.setdefault("directions", "informed")
     output_fn = classifier_logits if answer_ids is None else LastTokenLogits(answer_ids)
     batch_fn = _BatchFn(_device_of(model), answer_ids)
     return laplace(
