@@ -280,35 +280,29 @@ def run_peers(args, model, scorer, params, train, val_batches, splits, times, be
         train_mu, train_labels = logits_of(model_fn, params, scorer.batches(list(train), bs))
         log_likelihood = -torch.nn.functional.cross_entropy(train_mu, train_labels, reduction="sum")
     forward = PeerForward(model, scorer)
-    extras: dict[str, dict[str, Any]] = {}
+    labels_np = labels.numpy()
     for method in args.peer_methods.split(","):
         clock = time.perf_counter()
         try:
             if method == "laplace-torch":
-                probs[method], extras[method] = laplace_torch_probs(
+                p, extra = laplace_torch_probs(
                     forward, scorer.batches(list(train), bs), len(train), test_batches, 2000
                 )
             else:
                 # two examples a batch: bayesian-lora's variance squeezes the Jacobian, which
                 # drops the batch axis of a batch of one
-                probs[method], extras[method] = bayesian_lora_probs(
+                p, extra = bayesian_lora_probs(
                     forward, list(train), scorer, scorer.batches(test, 2), log_likelihood, args.rank, 2000
                 )
         except Exception as error:  # noqa: BLE001
             log(f"{method} failed: {type(error).__name__}: {error}")
             continue
         times[method] = time.perf_counter() - clock
-        log(f"{method}: {extras[method]} in {times[method]:.0f} s")
-    labels_np = labels.numpy()
-    peers = {m: probs[m] for m in ("laplace-torch", "bayesian-lora") if m in probs}
-    save_probs(cache.with_name(f"{args.task}_probs.pt"), peers, labels)
-    records = []
-    for method in ("laplace-torch", "bayesian-lora"):
-        if method not in probs:
-            continue
-        p = probs[method].detach().float()
+        log(f"{method}: {extra} in {times[method]:.0f} s")
+        # each peer's record and probabilities are written as soon as it finishes
+        p = p.detach().float()
+        save_probs(cache.with_name(f"{args.task}_probs.pt"), {method: p}, labels)
         metrics = flaplace.classification_metrics(p, labels)
-        p_np = p.double().numpy()
         record = {
             "task": args.task,
             "method": method,
@@ -320,22 +314,17 @@ def run_peers(args, model, scorer, params, train, val_batches, splits, times, be
             "link": "mc (2000 samples)",
             "map_on_same_examples": flaplace.classification_metrics(probs["map"], labels),
             "temperature_on_same_examples": flaplace.classification_metrics(probs["temperature"], labels),
-            **extras[method],
+            **extra,
             "times_s": {k: round(v, 1) for k, v in times.items()},
         }
         for ref in ("map", "temperature"):
-            record.update(
-                {
-                    f"vs_{ref}_{k}": v
-                    for k, v in paired_bootstrap(p_np, probs[ref].double().numpy(), labels_np).items()
-                }
-            )
-        records.append(record)
+            found = paired_bootstrap(p.double().numpy(), probs[ref].double().numpy(), labels_np)
+            record.update({f"vs_{ref}_{k}": v for k, v in found.items()})
+        write_records(Path(args.out), [record])
         log(
             f"test {method}: "
             + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "nll", "ece", "brier"))
         )
-    write_records(Path(args.out), records)
 
 
 def save_probs(path: Path, probs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:

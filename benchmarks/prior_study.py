@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
 import warnings
@@ -60,7 +61,9 @@ from flaplace.app.tasks import load_task  # noqa: E402
 from flaplace.jacobian_cache import JacobianCache, cache_jacobians, cached_covariance  # noqa: E402
 
 sys.path.append(str(Path(__file__).resolve().parent))
+from llm_quality import Scorer  # noqa: E402
 from llm_tasks import DATA  # noqa: E402  (../shared/data or $FLAPLACE_DATA_DIR)
+from llm_tasks import TASKS as LLM_TASKS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "prior_study.json"
 GRID = [10.0 ** (k / 2) for k in range(-4, 11)]  # 1e-2 ... 1e5, two per decade
@@ -161,31 +164,6 @@ def only(posterior, names):
     )
 
 
-def informed_covariance(posterior, cache: JacobianCache) -> torch.Tensor:
-    """``J Sigma J^T`` restricted to the directions the data inform: eigenvalue ``s_i a_j > lambda``.
-
-    The posterior covariance of a block is ``sum_k v_k v_k^T / (e_k + lambda)`` over the
-    eigenvectors ``v_k = q_i (x) q_j`` of ``S (x) A`` (dense factors); this keeps only the terms
-    with ``e_k > lambda`` (where the data outweigh the prior) and drops the prior variance
-    ``1/lambda`` of every other direction.
-    """
-    out = []
-    for jac in cache.jacobians:
-        total = None
-        for n, g in jac.items():
-            factor = posterior.factors[n]
-            lam = posterior.prior_precision[n].to(g.dtype)
-            eig = factor.S.values.clamp(min=0)[:, None] * factor.A.values.clamp(min=0)[None, :]
-            weight = ((eig > lam).to(g.dtype) / (eig + lam)).to(g.dtype)
-            r = torch.einsum(
-                "oa,bcoi,ij->bcaj", factor.S.vectors.to(g.dtype), g, factor.A.vectors.to(g.dtype)
-            )
-            part = torch.einsum("bcaj,bdaj,aj->bcd", r, r, weight)
-            total = part if total is None else total + part
-        out.append(total)
-    return torch.cat(out).detach()
-
-
 def lam_of(posterior) -> float | dict[str, float]:
     values = {n: float(v) for n, v in posterior.prior_precision.items()}
     distinct = sorted(set(values.values()))
@@ -198,7 +176,7 @@ def lam_of(posterior) -> float | dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="sst2")
+    parser.add_argument("--task", default="sst2", help="sst2 (flaplace run's path) or one of llm_tasks.TASKS")
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"])
     parser.add_argument("--data-path", default=None, help="default: ../shared/data/<task>")
     parser.add_argument("--regimes", default="early,converged")
@@ -220,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--normalize", action="store_true", help="length-normalised cloze scores")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -228,19 +207,30 @@ def main(argv: list[str] | None = None) -> None:
         cache_dir.mkdir(parents=True, exist_ok=True)
     data_path = args.data_path or str(DATA / args.task)
     n_train_max = max(args.n_train, args.n_train_converged)
-    task = load_task(
-        args.task, data_path, max_examples={"train": n_train_max, "validation": args.n_val, "test": args.n_test},
-        seed=args.seed,
-    )  # fmt: skip
+    # ARC-Easy, OpenBookQA (cloze) and BoolQ (" yes"/" no") go through llm_quality.py's scorer,
+    # every other task through flaplace run's task reader and prompt
+    llm_task = args.model == "smollm2" and args.task in LLM_TASKS
+    sizes = {"train": n_train_max, "validation": args.n_val, "test": args.n_test}
+    if llm_task:
+        split_of = {}
+        for split, size in sizes.items():
+            examples = LLM_TASKS[args.task](split)
+            random.Random(args.seed).shuffle(examples)
+            split_of[split] = examples[:size]
+        n_classes = len(split_of["train"][0][1])
+    else:
+        task = load_task(args.task, data_path, max_examples=sizes, seed=args.seed)
+        split_of = {split: task.split(split) for split in sizes}
+        n_classes = task.n_classes
     clock = time.perf_counter()
     torch.manual_seed(args.seed)
     if args.model == "minilm":  # all-MiniLM-L6-v2 with a new two-label head: LoRA on every block
         from flaplace.app.cli import demo_model_path
 
-        loaded = hf.load_model(demo_model_path(), n_classes=task.n_classes, kind="seq_cls")
+        loaded = hf.load_model(demo_model_path(), n_classes=n_classes, kind="seq_cls")
         targets, last_layers = ("query", "value"), None
     else:
-        loaded = hf.load_model("smollm2", n_classes=task.n_classes, kind="causal")
+        loaded = hf.load_model("smollm2", n_classes=n_classes, kind="causal")
         targets, last_layers = ("q_proj", "v_proj"), args.layers
     model = lora.attach_lora(loaded, rank=8, alpha=16.0, targets=targets, last_layers=last_layers)
     model.eval()
@@ -250,16 +240,22 @@ def main(argv: list[str] | None = None) -> None:
     start = {n: named[n].detach().clone() for n in trainable}
     theta0 = {n: start[n] for n in names}
     model.requires_grad_(False)
-    train_fn = hf.model_function(model, trainable, loaded, task)
-    model_fn = hf.model_function(model, names, loaded, task)
+    if llm_task:  # no new head: the trained weights are the posterior's
+        scorer = Scorer(model, loaded.tokenizer, names, args.task, args.max_length, args.normalize)
+        train_fn = model_fn = scorer.model_fn
+    else:
+        train_fn = hf.model_function(model, trainable, loaded, task)
+        model_fn = hf.model_function(model, names, loaded, task)
     log(f"load {time.perf_counter() - clock:.0f} s; {sum(p.numel() for p in theta0.values())} LoRA weights")
     norm_a0 = math.sqrt(sum(float(p.square().sum()) for n, p in theta0.items() if "lora_A" in n))
 
     def encoded(examples, size):
+        if llm_task:
+            return scorer.batches(examples, size)
         return hf.encode_batches(examples, loaded, task, batch_size=size, max_length=args.max_length)
 
-    val_batches = encoded(task.split("validation"), args.eval_batch_size)
-    test_batches = encoded(task.split("test"), args.eval_batch_size)
+    val_batches = encoded(split_of["validation"], args.eval_batch_size)
+    test_batches = encoded(split_of["test"], args.eval_batch_size)
     val_labels = torch.cat([b["labels"] for b in val_batches])
     test_labels = torch.cat([b["labels"] for b in test_batches])
 
@@ -269,9 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     records: list[dict[str, Any]] = []
     for regime in args.regimes.split(","):
         n_train = args.n_train if regime == "early" else args.n_train_converged
-        train_examples = task.split("train")[:n_train]
-        import random
-
+        train_examples = split_of["train"][:n_train]
         shuffled = list(train_examples)
         random.Random(args.seed).shuffle(shuffled)
         steps_per_epoch = math.ceil(n_train / args.batch_size)
@@ -392,25 +386,27 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 variants["evidence-init-lora_B"] = (b_tuned, b_names)
 
-            def val_nll(candidate, cache=val_cache):
-                return flaplace.nll(probs(cache.logits, cached_covariance(candidate, cache)), val_labels)
+            def val_nll(candidate, cache=val_cache, directions="all"):
+                f_var = cached_covariance(candidate, cache, directions)
+                return flaplace.nll(probs(cache.logits, f_var), val_labels)
 
             grid_post, table = flaplace.tune_prior_grid(posterior, val_nll, grid=GRID, progress=False)
             variants[f"grid-val{suffix}"] = (grid_post, names)
-            variants[f"informed-{prior}"] = (tuned, names)
+            # the shipped default: zero-centred prior, lambda by the evidence, and the predictive
+            # restricted to the directions the data inform (predictive_precompute's "informed")
+            informed = "default" if prior == "zero" else f"informed-{prior}"
+            variants[informed] = (tuned, names)
             for method, (post, subset) in variants.items():
                 cache = test_cache if subset is names else restrict(test_cache, subset)
-                covariance = informed_covariance if method.startswith("informed") else cached_covariance
-                f_var = covariance(post, cache)
+                directions = "informed" if method == informed else "all"
+                f_var = cached_covariance(post, cache, directions)
                 probs_by[method] = probs(f_mu, f_var).double()
                 lam_by[method] = lam_of(post)
                 base_of[method] = f"map{suffix}"
                 info_by.setdefault(method, dict(info))
                 info_by[method]["mean_logit_variance"] = float(f_var.diagonal(dim1=1, dim2=2).mean())
-                info_by[method]["validation_nll"] = (
-                    None
-                    if method.startswith("informed")
-                    else val_nll(post, restrict(val_cache, subset) if subset is not names else val_cache)
+                info_by[method]["validation_nll"] = val_nll(
+                    post, restrict(val_cache, subset) if subset is not names else val_cache, directions
                 )
                 log(
                     f"{regime}/{method}: lambda {lam_by[method]}, variance {info_by[method]['mean_logit_variance']:.3g}"
