@@ -24,6 +24,7 @@ COMMON = [
     "--lr", "5e-3", "--batch-size", "16", "--max-length", "128",
     "--fisher", "exact", "--sharing", "expand", "--lr-threshold", "none",
     "--prior-tuning", "evidence", "--link", "probit", "--seed", "0", "--quiet",
+    "--predictive-directions", "all",  # the tables of docs/results.md: the whole posterior
 ]  # fmt: skip
 
 #: Per-task options: SST-2 trains on 1,000 examples and tests on the full dev set (872).
