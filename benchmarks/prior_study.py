@@ -21,7 +21,15 @@ once per MAP. Methods, all with the linearised predictive and the probit link:
 * ``evidence-init``: prior centred at ``theta0``, lambda by the evidence (on the init MAP);
 * ``evidence-init-groups``: the same with one lambda for ``lora_A`` and one for ``lora_B``;
 * ``evidence-init-lora_B``: a posterior over ``lora_B`` only (``lora_A`` fixed), centred prior;
-* ``grid-val`` / ``grid-val-init``: lambda by the lowest validation NLL on a grid (uses validation).
+* ``grid-val`` / ``grid-val-init``: lambda by the lowest validation NLL on a grid (uses validation);
+* ``default`` (what ``flaplace run`` and the Trainer integration ship): the ``evidence-zero``
+  posterior with the predictive restricted to the directions the data inform
+  (``predictive_precompute(..., directions="informed")``: eigenvalue ``s_i a_j > lambda``);
+  ``informed-init``: the same on the ``evidence-init`` posterior.
+
+SST-2 goes through ``flaplace run``'s task reader and prompt; ARC-Easy and OpenBookQA
+(``--normalize``) are scored by cloze and BoolQ by `` yes``/`` no`` through llm_quality.py's
+scorer, on the same readers and splits as the quality table.
 
 Every record has ``nll_diff_vs_map_lo/hi``: the paired bootstrap 95% interval of its NLL minus
 the NLL of the MAP it was built on, and ``*_vs_map0`` against the zero-prior MAP (the MAP a
