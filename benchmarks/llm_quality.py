@@ -560,12 +560,15 @@ def main(argv: list[str] | None = None) -> None:
             "flaplace-val": [],
             "last_layer": [],
             "flaplace-lora_B": [],
+            "flaplace-informed": [],
         }
         caches = {
             "flaplace": flaplace.predictive_precompute(posterior),
             "flaplace-val": flaplace.predictive_precompute(tuned_val),
             "last_layer": flaplace.predictive_precompute(last_post),
             "flaplace-lora_B": flaplace.predictive_precompute(b_post),
+            # the predictive flaplace run ships: the evidence's posterior, informed directions only
+            "flaplace-informed": flaplace.predictive_precompute(posterior, "informed"),
         }
         for b in batches:
             jac, mu = jacobians_and_logits(model_fn, params, b, method="capture")
@@ -573,6 +576,9 @@ def main(argv: list[str] | None = None) -> None:
             labels.append(b["labels"])
             fvars["flaplace"].append(flaplace.predictive_covariance(caches["flaplace"], jac))
             fvars["flaplace-val"].append(flaplace.predictive_covariance(caches["flaplace-val"], jac))
+            fvars["flaplace-informed"].append(
+                flaplace.predictive_covariance(caches["flaplace-informed"], jac)
+            )
             fvars["last_layer"].append(
                 flaplace.predictive_covariance(caches["last_layer"], {n: jac[n] for n in last_names})
             )
@@ -600,6 +606,7 @@ def main(argv: list[str] | None = None) -> None:
         "flaplace-val": lam_val,
         "last_layer": lam_last,
         "flaplace-lora_B": lam_b,
+        "flaplace-informed": lam_evidence,
     }
     labels_np = labels.numpy()
     records = []
