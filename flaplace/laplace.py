@@ -36,6 +36,7 @@ from flaplace.posterior import PriorPrecision, make_posterior, sample, with_prio
 from flaplace.predictive import (
     Directions,
     PredictiveCache,
+    check_directions,
     linearised_predictive,
     predictive_precompute,
 )
@@ -118,8 +119,7 @@ class LaplaceLoRA:
         self.prior_mean = prior_mean
         self.kfac_options = kfac_options
         self.jacobian_method: JacobianMethod = jacobian_method
-        if directions not in ("all", "informed"):
-            raise ValueError(f"directions must be 'all' or 'informed', got {directions!r}")
+        check_directions(directions)  # at construction, not at the first prediction
         self.directions: Directions = directions
         device = next(iter(self.params.values())).device
         self.batch_fn: Callable[[Batch], Batch] = batch_fn or (lambda b: batch_to(b, device))

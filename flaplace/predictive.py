@@ -17,7 +17,7 @@ probabilities are in [`flaplace.links`][flaplace.links].
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from jaxtyping import Bool, Float
@@ -27,13 +27,15 @@ from flaplace.jacobians import JACOBIAN_METHODS as JACOBIAN_METHODS  # re-export
 from flaplace.jacobians import JacobianMethod, jacobians_and_logits
 from flaplace.jacobians import per_example_jacobians as per_example_jacobians
 from flaplace.params import check_rows
-from flaplace.typing import Batch, ModelFn, Params, Posterior
+from flaplace.typing import Batch, KronFactor, ModelFn, Params, Posterior
 
 __all__ = [
+    "DIRECTIONS",
     "CovarianceFeatures",
     "Directions",
     "PredictiveBlock",
     "PredictiveCache",
+    "check_directions",
     "covariance_features",
     "covariance_from_features",
     "informed_directions",
@@ -49,6 +51,22 @@ __all__ = [
 
 Directions = Literal["all", "informed"]
 """Which directions of the posterior the predictive covariance keeps (see `predictive_precompute`)."""
+DIRECTIONS: tuple[str, ...] = get_args(Directions)
+
+
+def check_directions(directions: str) -> None:
+    """Refuse a ``directions`` that is not one of `DIRECTIONS`.
+
+    Examples:
+        >>> check_directions("informed")
+    """
+    if directions not in DIRECTIONS:
+        raise ValueError(f"directions must be 'all' or 'informed', got {directions!r}")
+
+
+def _curvature_grid(factor: KronFactor) -> Tensor:
+    """The eigenvalues ``s_i a_j`` of a block's ``S (x) A`` as an ``(ks, ka)`` grid (negatives clamped to 0)."""
+    return factor.S.values.clamp_min(0)[:, None] * factor.A.values.clamp_min(0)[None, :]
 
 
 class PredictiveBlock(NamedTuple):
@@ -113,8 +131,7 @@ def predictive_precompute(posterior: Posterior, directions: Directions = "all") 
         ...     f_mu, f_var = linearised_predictive(f, cache, batch)
         >>> informed = predictive_precompute(posterior, directions="informed")
     """
-    if directions not in ("all", "informed"):
-        raise ValueError(f"directions must be 'all' or 'informed', got {directions!r}")
+    check_directions(directions)
     mean, factors, prior = posterior.mean, posterior.factors, posterior.prior_precision
     if set(factors) != set(mean) or set(prior) != set(mean):
         raise ValueError(
@@ -145,9 +162,7 @@ def predictive_precompute(posterior: Posterior, directions: Directions = "all") 
             )
         if S.values.shape != S.vectors.shape[1:] or A.values.shape != A.vectors.shape[1:]:
             raise ValueError(f"{name!r}: eigenvalues and eigenvectors of a factor disagree in number")
-        s = S.values.clamp_min(0)
-        a = A.values.clamp_min(0)
-        sa = s[:, None] * a[None, :]
+        sa = _curvature_grid(factor)
         transposed = factor.transposed.reshape(()).bool()
         if directions == "informed":  # no 1/lam term: the prior-only directions are left out
             weights = torch.where(sa > lam, 1 / (sa + lam), torch.zeros_like(sa))
@@ -175,8 +190,7 @@ def informed_directions(posterior: Posterior) -> dict[str, int]:
     """
     counts = {}
     for name, factor in posterior.factors.items():
-        sa = factor.S.values.clamp_min(0)[:, None] * factor.A.values.clamp_min(0)[None, :]
-        counts[name] = int((sa > posterior.prior_precision[name].reshape(())).sum())
+        counts[name] = int((_curvature_grid(factor) > posterior.prior_precision[name].reshape(())).sum())
     return counts
 
 

@@ -30,6 +30,7 @@ import torch
 from flaplace.app.hf import MODEL_KINDS
 from flaplace.app.tasks import KNOWN_TASKS, USER_TASK, UserSpec
 from flaplace.links import Link
+from flaplace.predictive import DIRECTIONS
 from flaplace.typing import FisherType, Sharing
 
 #: The stages of a run, in order; each is stored in its own checkpoint.
@@ -38,7 +39,6 @@ STAGES: tuple[str, ...] = ("map", "kfac", "prior", "predictive")
 PRIOR_TUNINGS: tuple[str, ...] = ("evidence", "grid")
 #: Where the Gaussian prior is centred: at zero, or at the adapters' initialisation.
 PRIOR_MEANS: tuple[str, ...] = ("zero", "init")
-DIRECTIONS: tuple[str, ...] = ("informed", "all")
 #: The links from logit moments to class probabilities.
 LINKS: tuple[str, ...] = get_args(Link)
 #: Parameter dtypes a run can load the model in.
