@@ -56,6 +56,7 @@ class _ProbeMode(TorchFunctionMode):
         positions: Tensor | None = None,
         tokens: int = 1,
         weights: Collection[Tensor] = (),
+        in_place: bool = False,
     ):
         super().__init__()
         #: target name -> the other operation that computed a tensor from it (e.g. an embedding).
@@ -67,6 +68,11 @@ class _ProbeMode(TorchFunctionMode):
         #: one position per row: the probes sit there only, ``(rows, 1, o)`` (see `capture`)
         self.positions = positions
         self.tokens = tokens
+        #: place the positions' probes into the layer's fresh output in place (plain autograd
+        #: only: no copy of the output; ``torch.func`` transforms keep the out-of-place form)
+        self.in_place = in_place
+        #: asked once per forward, not once per operation (a few hundred calls per layer)
+        self.compiling = torch.compiler.is_compiling()
         #: (dtype, shape) of the targets. Under torch.compile, ``id()`` of an input tensor is a
         #: guard on that very object, so ``id()`` of a batch tensor would recompile every batch;
         #: a tensor of another dtype or shape is no target and needs no ``id()``.
@@ -121,8 +127,12 @@ class _ProbeMode(TorchFunctionMode):
             shape = (batch, self.tokens, x.shape[-1])
             self.records[name] = x if x.shape == shape else x.reshape(shape)
             rows = torch.arange(batch, device=out.device)
+            at = (rows, self.positions)
+            if self.in_place and out.shape == (batch, self.tokens, width):
+                # `out` is new and held by no one else, and F.linear's backward does not read it
+                return out.index_put_(at, probe[:, 0].to(out.dtype), accumulate=True)
             placed = out.reshape(batch, self.tokens, width).index_put(
-                (rows, self.positions), probe[:, 0].to(out.dtype), accumulate=True
+                at, probe[:, 0].to(out.dtype), accumulate=True
             )
             return placed.reshape(out.shape)
         if out.numel() == batch * width and tokens > 1:
@@ -143,7 +153,7 @@ class _ProbeMode(TorchFunctionMode):
     def _mentions_target(self, args: tuple, kwargs: dict) -> bool:
         """Whether a target weight is an argument (or an element of a list/tuple argument)."""
         ids = self.names_by_id
-        if torch.compiler.is_compiling():  # id() only of tensors that can be targets (see kinds)
+        if self.compiling:  # id() only of tensors that can be targets (see kinds)
             leaves = [
                 v for a in (*args, *kwargs.values()) for v in (a if isinstance(a, list | tuple) else (a,))
             ]
@@ -176,7 +186,7 @@ class _ProbeMode(TorchFunctionMode):
         for leaf in list(leaves):
             if isinstance(leaf, list | tuple):
                 leaves.extend(leaf)
-        compiling = torch.compiler.is_compiling()
+        compiling = self.compiling
         for leaf in leaves:
             if not isinstance(leaf, Tensor) or (compiling and not self._may_be_target(leaf)):
                 continue
@@ -266,10 +276,14 @@ def capture(
         n: params[n].new_zeros(()).expand(*probe_shape, output_dim(params[n], n in transposed)) for n in names
     }
 
+    plain = _plain_autograd()
+
     def forward(probes: dict[str, Tensor], params: Params = params) -> tuple[Tensor, dict[str, Tensor]]:
         records: dict[str, Tensor] = {}
         weights = [params[n] for n in names]
-        mode = _ProbeMode(names_by_id, probes, transposed, records, positions, token_shape[1], weights)
+        mode = _ProbeMode(
+            names_by_id, probes, transposed, records, positions, token_shape[1], weights, in_place=plain
+        )
         with mode:
             logits = model_fn(params, batch)
         if mode.other_uses:
@@ -285,7 +299,7 @@ def capture(
             )
         return logits, records
 
-    if _plain_autograd():
+    if plain:
         return _capture_with_autograd(forward, params, names, names_by_id, probes)
 
     # Under an outer no_grad, torch.func.vjp still differentiates with respect to the probes
