@@ -41,7 +41,10 @@ from flaplace.typing import Batch, Params
 
 #: Keys of a cloze batch that describe the choice tokens; they are never passed to the model.
 CHOICE_KEYS: frozenset[str] = frozenset({"choice_positions", "choice_tokens", "choice_mask"})
-_NOT_MODEL_INPUTS = CHOICE_KEYS | {"labels", "label", "targets"}
+#: Optional key of a cloze batch with baseline sequences (``unconditional=``): ``(B, C)``, the row
+#: of each choice's baseline score among the example's ``2C`` sequences.
+BASELINE_KEY = "choice_baseline"
+_NOT_MODEL_INPUTS = CHOICE_KEYS | {BASELINE_KEY, "labels", "label", "targets"}
 
 
 def cloze_batch(
@@ -52,11 +55,19 @@ def cloze_batch(
     *,
     max_length: int | None = None,
     separator: str = " ",
+    unconditional: str | None = None,
 ) -> dict[str, Tensor]:
     """Tokenise ``prompt + separator + choice`` for every choice of every example.
 
     Sequences are right-padded with the tokenizer's pad token. A sequence longer than
     ``max_length`` loses tokens from the start of its prompt (the choice is always kept whole).
+
+    With ``unconditional`` (a context that says nothing about the question, e.g. ``"Answer:"``),
+    each example gets ``C`` more sequences, ``unconditional + separator + choice``, and the logit
+    of choice ``c`` becomes ``log p(choice_c | prompt) - log p(choice_c | unconditional)``: the
+    pointwise mutual information of the choice and the prompt, which removes how likely a choice's
+    text is by itself (fluent or short distractors). The ``2C`` sequences of an example are all
+    its positions for K-FAC, and the logits stay ``(B, C)``.
 
     Args:
         tokenizer: a Hugging Face tokenizer (needs ``pad_token_id``).
@@ -66,11 +77,14 @@ def cloze_batch(
         max_length: the most tokens a sequence keeps.
         separator: put between the prompt and the choice (a space by default, so that the
             choice is tokenised as it follows the prompt's last word).
+        unconditional: the context of each choice's baseline score (see above); none by default.
 
     Returns:
         ``input_ids``, ``attention_mask`` ``(B, C, T)``; ``choice_positions`` (the position
         whose next-token distribution predicts each choice token), ``choice_tokens`` and
         ``choice_mask`` ``(B, C, K)`` with ``K`` the longest choice; ``labels`` ``(B,)`` if given.
+        With ``unconditional`` the first five are ``(B, 2C, ...)`` (the baseline sequences
+        after the example's own) and ``choice_baseline`` ``(B, C)`` holds each choice's baseline row.
 
     Raises:
         ValueError: mismatched lengths, an uneven number of choices, an empty choice or
@@ -80,6 +94,9 @@ def cloze_batch(
         >>> batch = cloze_batch(tok, ["The sky is"], [["blue", "green"]], [0])  # doctest: +SKIP
         >>> batch["input_ids"].shape[:2]  # doctest: +SKIP
         torch.Size([1, 2])
+        >>> pmi = cloze_batch(tok, ["The sky is"], [["blue", "green"]], [0], unconditional="Answer:")  # doctest: +SKIP
+        >>> pmi["input_ids"].shape[:2], pmi["choice_baseline"].tolist()  # doctest: +SKIP
+        (torch.Size([1, 4]), [[2, 3]])
     """
     if len(prompts) != len(choices):
         raise ValueError(f"prompts and choices need the same length, got {len(prompts)} and {len(choices)}")
@@ -97,16 +114,20 @@ def cloze_batch(
     if pad is None:
         raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token first")
     rows: list[tuple[list[int], int]] = []  # (token ids, number of choice tokens at the end)
+    contexts = [None] if unconditional is None else [None, unconditional]
     for prompt, options in zip(prompts, choices, strict=True):
-        head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if not head:
-            raise ValueError(f"prompt {prompt!r} has no tokens: cloze scoring needs a prompt")
-        for option in options:
-            tail = tokenizer(separator + option, add_special_tokens=False)["input_ids"]
-            if not tail:
-                raise ValueError(f"choice {option!r} has no tokens")
-            keep = len(head) if max_length is None else max(1, max_length - len(tail))
-            rows.append((head[-keep:] + tail, len(tail)))
+        for context in contexts:  # the example's own sequences, then its baseline ones
+            head = tokenizer(prompt if context is None else context, add_special_tokens=False)["input_ids"]
+            if not head:
+                raise ValueError(
+                    f"prompt {prompt if context is None else context!r} has no tokens: cloze scoring needs a prompt"
+                )
+            for option in options:
+                tail = tokenizer(separator + option, add_special_tokens=False)["input_ids"]
+                if not tail:
+                    raise ValueError(f"choice {option!r} has no tokens")
+                keep = len(head) if max_length is None else max(1, max_length - len(tail))
+                rows.append((head[-keep:] + tail, len(tail)))
     n_choices = counts.pop()
     length = max(len(ids) for ids, _ in rows)
     width = max(k for _, k in rows)
@@ -122,7 +143,7 @@ def cloze_batch(
         positions[r, :k] = torch.arange(start - 1, len(row) - 1)
         tokens[r, :k] = torch.tensor(row[start:])
         choice_mask[r, :k] = True
-    shape = (len(prompts), n_choices)
+    shape = (len(prompts), n_choices * len(contexts))
     batch = {
         "input_ids": ids.reshape(*shape, length),
         "attention_mask": mask.reshape(*shape, length),
@@ -130,6 +151,8 @@ def cloze_batch(
         "choice_tokens": tokens.reshape(*shape, width),
         "choice_mask": choice_mask.reshape(*shape, width),
     }
+    if unconditional is not None:
+        batch[BASELINE_KEY] = torch.arange(n_choices, 2 * n_choices).expand(len(prompts), -1).clone()
     if labels is not None:
         batch["labels"] = torch.as_tensor(list(labels), dtype=torch.long)
     return batch
@@ -205,7 +228,8 @@ def cloze_scores(
     Args:
         logits: ``(B*C, T, V)`` logits at every position, or ``(B*C, K, V)`` at the
             ``choice_positions`` only (what the model returns when asked for those positions).
-        batch: a batch from `cloze_batch`.
+        batch: a batch from `cloze_batch`; with ``choice_baseline`` (``unconditional=``) it has
+            ``2C`` sequences per example and each logit is a score minus its baseline's.
         normalize: divide each choice's summed log-probability by its number of tokens.
 
     Examples:
@@ -227,7 +251,11 @@ def cloze_scores(
     scores = (log_probs * weights).sum(1)
     if normalize:
         scores = scores / weights.sum(1).clamp_min(1)
-    return scores.reshape(batch["choice_positions"].shape[:2])
+    scores = scores.reshape(batch["choice_positions"].shape[:2])
+    if BASELINE_KEY not in batch:
+        return scores
+    baseline = batch[BASELINE_KEY]
+    return scores[:, : baseline.shape[1]] - scores.gather(1, baseline)
 
 
 class ClozeModelFunction(ModelFunction):

@@ -33,6 +33,7 @@ class IdTokenizer:
 
 PROMPTS = ["11 12 13", "14 15"]
 CHOICES = [["3", "5 6", "7 8 9"], ["20", "21 22", "23"]]
+UNCONDITIONAL = "30 31"  # the context of the baseline scores (pointwise mutual information)
 
 
 def _batch(prompts=PROMPTS, choices=CHOICES, labels=(2, 0), **kw):
@@ -89,6 +90,32 @@ def test_cloze_logits_are_summed_choice_log_probs(normalize, trim):
             assert torch.allclose(got[b, c], want, atol=1e-10), (b, c)
 
 
+def test_unconditional_batch_appends_baseline_sequences():
+    batch = _batch(unconditional=UNCONDITIONAL)
+    plain = _batch()
+    assert batch["input_ids"].shape[:2] == (2, 6)
+    assert batch["choice_baseline"].tolist() == [[3, 4, 5], [3, 4, 5]]
+    for key in ("choice_tokens", "choice_mask"):  # the baseline rows score the same choice tokens
+        width = plain[key].shape[-1]
+        assert torch.equal(batch[key][:, 3:, :width], plain[key]), key
+    # example 0, choice 2: "30 31" then "7 8 9"
+    assert batch["input_ids"][0, 5][batch["attention_mask"][0, 5].bool()].tolist() == [30, 31, 7, 8, 9]
+    assert torch.equal(batch["input_ids"][:, :3, : plain["input_ids"].shape[-1]], plain["input_ids"])
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_unconditional_logits_are_pointwise_mutual_information(normalize):
+    """logit_c = log p(choice_c | prompt) - log p(choice_c | unconditional), each read separately."""
+    model, params = _lora_llama()
+    f = ClozeModelFunction(model, params, normalize=normalize)
+    got = f(params, _batch(unconditional=UNCONDITIONAL))
+    conditional = f(params, _batch())
+    baseline = f(params, _batch(prompts=[UNCONDITIONAL] * 2))
+    assert got.shape == (2, 3)
+    assert torch.allclose(got, conditional - baseline, atol=1e-10)
+    assert (baseline.std(1) > 1e-3).all()  # the baselines differ between choices: they matter
+
+
 def test_cloze_model_function_rejects_other_batches():
     model, params = _lora_llama()
     f = ClozeModelFunction(model, params)
@@ -98,11 +125,12 @@ def test_cloze_model_function_rejects_other_batches():
         cloze_scores(torch.zeros(5, 2, 4), _batch())
 
 
+@pytest.mark.parametrize("unconditional", [None, UNCONDITIONAL])
 @pytest.mark.parametrize("method", ["vmap", "loop", "capture"])
-def test_cloze_jacobians_match_jacrev_of_the_batch(method):
+def test_cloze_jacobians_match_jacrev_of_the_batch(method, unconditional):
     model, params = _lora_llama("eager" if method == "vmap" else None)
     f = ClozeModelFunction(model, params)
-    batch = _batch()
+    batch = _batch(unconditional=unconditional)
     with float64_rms_norm():
         reference = torch.func.jacrev(lambda p: f(p, batch))(params)
         got = per_example_jacobians(f, params, batch, method=method)
@@ -168,11 +196,16 @@ def _full(eigen):
     return (eigen.vectors * eigen.values) @ eigen.vectors.T
 
 
+@pytest.mark.parametrize("unconditional", [None, UNCONDITIONAL])
 @pytest.mark.parametrize("sharing", ["expand", "reduce", "last"])
-def test_cloze_kfac_groups_the_choices_of_an_example(sharing):
+def test_cloze_kfac_groups_the_choices_of_an_example(sharing, unconditional):
+    """With baseline sequences, all ``2C`` sequences of an example are its positions."""
     model, params = _lora_llama()
     f = ClozeModelFunction(model, params)
-    batches = [_batch(), _batch(["16 17"], [["3", "4 5", "6"]], [1])]
+    batches = [
+        _batch(unconditional=unconditional),
+        _batch(["16 17"], [["3", "4 5", "6"]], [1], unconditional=unconditional),
+    ]
     init, update = build(f, fisher="exact", sharing=sharing, lr_threshold=None)
     state = init(params)
     for batch in batches:
@@ -221,11 +254,12 @@ def test_cloze_reduce_is_exact_when_every_position_sees_the_same_input():
     assert checked >= 2
 
 
+@pytest.mark.parametrize("unconditional", [None, UNCONDITIONAL])
 @pytest.mark.parametrize("method", ["vmap", "capture"])
-def test_cloze_predictive_covariance_matches_dense(method):
+def test_cloze_predictive_covariance_matches_dense(method, unconditional):
     model, params = _lora_llama("eager" if method == "vmap" else None)
     f = ClozeModelFunction(model, params)
-    batch = _batch()
+    batch = _batch(unconditional=unconditional)
     with float64_rms_norm():
         state = build(f, fisher="exact", lr_threshold=None).init(params)
         state = build(f, fisher="exact", lr_threshold=None).update(state, params, batch)
