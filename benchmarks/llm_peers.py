@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import TYPE_CHECKING
 
@@ -12,7 +11,7 @@ from flaplace.params import logits_of as token_logits
 from flaplace.scoring import cloze_scores, flatten_choices
 
 if TYPE_CHECKING:
-    from llm_quality import Scorer
+    from llm_tasks import Scorer
 
 
 class PeerForward(torch.nn.Module):
@@ -116,37 +115,74 @@ def bayesian_lora_probs(
     t_fit = time.perf_counter() - clock
     generator = torch.Generator().manual_seed(0)
     probs = []
-    # its jacobian_mean calls jacrev, which vmaps the backward pass over all B*C outputs at once;
-    # on cloze batches (2 examples x 4 choices) that held over 18 GB. The same Jacobian, one
-    # output at a time: jacrev's chunk_size=1, patched into its module for this loop only.
-    import bayesian_lora.main as its_main
-
-    its_jacrev = its_main.jacrev
-    its_main.jacrev = functools.partial(torch.func.jacrev, chunk_size=1)
-    try:
-        for b in test_batches:
-            kwargs = forward.model_kwargs(b)
-            jac, f_mu = jacobian_mean(
-                model, BatchEncoding(kwargs), output_callback=lambda out, b=b: forward.scores(out, b)
-            )
-            n_classes = f_mu.shape[-1]
-            f_var = bayesian_lora.variance(
-                BatchEncoding({"input_ids": b["input_ids"]}), jac, factors, s2, n_classes, rank, n_kfac, "cpu"
-            )
-            scale = bayesian_lora.stable_cholesky(f_var.double())
-            noise = torch.randn((samples, *f_mu.shape, 1), generator=generator, dtype=torch.float64)
-            logits = f_mu.detach().double()[..., None] + scale @ noise
-            probs.append(logits.squeeze(-1).softmax(-1).mean(0))
-    finally:
-        its_main.jacrev = its_jacrev
+    for b in test_batches:
+        kwargs = forward.model_kwargs(b)
+        jac, f_mu = jacobian_mean(
+            model, BatchEncoding(kwargs), output_callback=lambda out, b=b: forward.scores(out, b)
+        )
+        n_classes = f_mu.shape[-1]
+        f_var = bayesian_lora.variance(
+            BatchEncoding({"input_ids": b["input_ids"]}), jac, factors, s2, n_classes, rank, n_kfac, "cpu"
+        )
+        scale = bayesian_lora.stable_cholesky(f_var.double())
+        noise = torch.randn((samples, *f_mu.shape, 1), generator=generator, dtype=torch.float64)
+        logits = f_mu.detach().double()[..., None] + scale @ noise
+        # its Jacobian stays differentiable with respect to the LoRA weights (they require grad),
+        # so every batch's result holds that batch's whole forward graph: about 0.5 GB per pair
+        # of questions here, which is what ran earlier runs out of memory. Detached, nothing is kept.
+        probs.append(logits.squeeze(-1).softmax(-1).mean(0).detach())
     extra = {
         "prior_variance": float(s2),
         "lambda": 1.0 / float(s2),
         "note": note,
-        "jacobian": "its jacobian_mean with jacrev chunk_size=1 (same values, bounded memory)",
         "peer_times_s": {
             "fit_and_prior": round(t_fit, 1),
             "predictive": round(time.perf_counter() - clock - t_fit, 1),
         },
     }
     return torch.cat(probs).detach().float(), extra
+
+
+#: flaplace's rows whose metrics a peer record repeats on the peer's own (first) test questions
+OURS = ("flaplace", "flaplace-val", "flaplace-informed", "last_layer")
+
+
+def ours_on_same_questions(probs_path, labels: torch.Tensor) -> dict[str, dict[str, float]]:
+    """flaplace's saved test probabilities, scored on the first ``len(labels)`` test questions only."""
+    import flaplace
+
+    if not probs_path.exists():
+        return {}
+    saved = torch.load(probs_path)
+    n = len(labels)
+    if not torch.equal(saved["labels"][:n], labels):
+        return {}
+    return {
+        m: flaplace.classification_metrics(saved["probs"][m][:n].float(), labels)
+        for m in OURS
+        if m in saved["probs"] and len(saved["probs"][m]) >= n
+    }
+
+
+def peers_markdown(records: list[dict]) -> str:
+    """NLL (accuracy) of every method on the peers' own test questions, one row per task."""
+    columns = ("map", "temperature", *OURS, "laplace-torch", "bayesian-lora")
+    lines = [
+        "| task | n_test | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for task in sorted({r["task"] for r in records if r["method"] in ("laplace-torch", "bayesian-lora")}):
+        peers = {r["method"]: r for r in records if r["task"] == task and "map_on_same_examples" in r}
+        n = {r["n_test"] for r in peers.values()}
+        if len(n) != 1:  # the peers saw different questions: no common row
+            continue
+        any_peer = next(iter(peers.values()))
+        cells = {
+            "map": any_peer["map_on_same_examples"],
+            "temperature": any_peer["temperature_on_same_examples"],
+            **any_peer.get("ours_on_same_examples", {}),
+            **peers,
+        }
+        row = [f"{cells[c]['nll']:.3f} ({cells[c]['accuracy']:.2f})" if c in cells else "" for c in columns]
+        lines.append(f"| {task} | {n.pop()} | " + " | ".join(row) + " |")
+    return "\n".join(lines)

@@ -48,48 +48,18 @@ import flaplace  # noqa: E402
 from flaplace.app import stats  # noqa: E402
 from flaplace.app.models import load_causal_lm  # noqa: E402
 from flaplace.jacobians import jacobians_and_logits  # noqa: E402
-from flaplace.scoring import ClozeModelFunction, cloze_batch  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "llm_quality.json"
 
 
 # ------------------------------------------------------------------------------------------------
 # Data (read by path from the shared data folder, never copied)
-from llm_peers import PeerForward, bayesian_lora_probs, laplace_torch_probs  # noqa: E402
-from llm_tasks import TASKS, Example  # noqa: E402  (readers of the shared data folder)
+import llm_peers as peers  # noqa: E402
+from llm_tasks import TASKS, Scorer  # noqa: E402  (the shared data folder's readers, scoring)
 
 # ------------------------------------------------------------------------------------------------
 # Batches
 # ------------------------------------------------------------------------------------------------
-
-
-class Scorer:
-    """Model function and batches of one task: cloze for multiple choice, answer tokens for BoolQ."""
-
-    def __init__(self, model, tokenizer, params, task: str, max_length: int, normalize: bool = False):
-        self.tokenizer, self.task, self.max_length = tokenizer, task, max_length
-        if task == "boolq":
-            ids = [tokenizer(" yes", add_special_tokens=False)["input_ids"][-1]]
-            ids.append(tokenizer(" no", add_special_tokens=False)["input_ids"][-1])
-            self.model_fn = flaplace.ModelFunction(model, params, flaplace.LastTokenLogits(ids))
-        else:
-            self.model_fn = ClozeModelFunction(model, params, normalize=normalize)
-
-    def batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        prompts = [e[0] for e in examples]
-        labels = [e[2] for e in examples]
-        if self.task == "boolq":
-            self.tokenizer.truncation_side = "left"  # keep the question, cut the passage's start
-            enc = self.tokenizer(
-                prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
-            return {**enc, "labels": torch.tensor(labels)}
-        return cloze_batch(
-            self.tokenizer, prompts, [e[1] for e in examples], labels, max_length=self.max_length
-        )
-
-    def batches(self, examples: list[Example], size: int) -> list[dict[str, torch.Tensor]]:
-        return [self.batch(examples[i : i + size]) for i in range(0, len(examples), size)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,19 +249,19 @@ def run_peers(args, model, scorer, params, train, val_batches, splits, times, be
     else:
         train_mu, train_labels = logits_of(model_fn, params, scorer.batches(list(train), bs))
         log_likelihood = -torch.nn.functional.cross_entropy(train_mu, train_labels, reduction="sum")
-    forward = PeerForward(model, scorer)
+    forward = peers.PeerForward(model, scorer)
     labels_np = labels.numpy()
     for method in args.peer_methods.split(","):
         clock = time.perf_counter()
         try:
             if method == "laplace-torch":
-                p, extra = laplace_torch_probs(
+                p, extra = peers.laplace_torch_probs(
                     forward, scorer.batches(list(train), bs), len(train), test_batches, 2000
                 )
             else:
                 # two examples a batch: bayesian-lora's variance squeezes the Jacobian, which
                 # drops the batch axis of a batch of one
-                p, extra = bayesian_lora_probs(
+                p, extra = peers.bayesian_lora_probs(
                     forward, list(train), scorer, scorer.batches(test, 2), log_likelihood, args.rank, 2000
                 )
         except Exception as error:  # noqa: BLE001
@@ -314,6 +284,9 @@ def run_peers(args, model, scorer, params, train, val_batches, splits, times, be
             "link": "mc (2000 samples)",
             "map_on_same_examples": flaplace.classification_metrics(probs["map"], labels),
             "temperature_on_same_examples": flaplace.classification_metrics(probs["temperature"], labels),
+            "ours_on_same_examples": peers.ours_on_same_questions(
+                cache.with_name(f"{args.task}_probs.pt"), labels
+            ),
             **extra,
             "times_s": {k: round(v, 1) for k, v in times.items()},
         }
@@ -382,6 +355,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--normalize", action="store_true", help="length-normalised cloze scores")
     parser.add_argument(
+        "--unconditional", help='cloze scores minus those after this context (e.g. "Answer:")'
+    )
+    parser.add_argument(
         "--cache-dir", default=None, help="keep the MAP weights and K-FAC factors here and reuse them"
     )
     parser.add_argument(
@@ -400,7 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plots", action="store_true", help=plots_help)
     args = parser.parse_args(argv)
     if args.table:
-        print(markdown(json.loads(Path(args.out).read_text())))
+        records = json.loads(Path(args.out).read_text())
+        print(markdown(records) + "\n\n" + peers.peers_markdown(records))
         return
     if args.plots:
         if args.task is None or args.cache_dir is None:
@@ -435,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     for p in live.values():
         p.requires_grad_(True)
     params0 = flaplace.select_params(model, "lora")
-    scorer = Scorer(model, tok, params0, args.task, args.max_length, args.normalize)
+    scorer = Scorer(model, tok, params0, args.task, args.max_length, args.normalize, args.unconditional)
     model_fn = scorer.model_fn
     times["load"] = time.perf_counter() - clock
 

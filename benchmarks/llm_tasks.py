@@ -1,4 +1,5 @@
-"""Readers of ARC-Easy, OpenBookQA and BoolQ for benchmarks/llm_quality.py (read by path, never copied).
+"""Readers of ARC-Easy, OpenBookQA and BoolQ (read by path, never copied) and their `Scorer`, for
+benchmarks/llm_quality.py and benchmarks/prior_study.py.
 
 The data folder is ``../shared/data`` beside the repository, or ``$FLAPLACE_DATA_DIR``.
 """
@@ -11,6 +12,11 @@ import os
 import random
 import re
 from pathlib import Path
+
+import torch
+
+import flaplace
+from flaplace.scoring import ClozeModelFunction, cloze_batch
 
 DATA = Path(os.environ.get("FLAPLACE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 Example = tuple[str, list[str], int]  # (prompt, choices, index of the right one)
@@ -83,3 +89,43 @@ def boolq(split: str, seed: int = 0) -> list[Example]:
 
 
 TASKS = {"arc_easy": arc_easy, "openbookqa": openbookqa, "boolq": boolq}
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches
+# ------------------------------------------------------------------------------------------------
+
+
+class Scorer:
+    """Model function and batches of one task: cloze for multiple choice, answer tokens for BoolQ."""
+
+    def __init__(self, model, tokenizer, params, task, max_length, normalize=False, unconditional=None):
+        self.tokenizer, self.task, self.max_length = tokenizer, task, max_length
+        self.unconditional = unconditional  # cloze: the context of each choice's baseline score
+        if task == "boolq":
+            ids = [tokenizer(" yes", add_special_tokens=False)["input_ids"][-1]]
+            ids.append(tokenizer(" no", add_special_tokens=False)["input_ids"][-1])
+            self.model_fn = flaplace.ModelFunction(model, params, flaplace.LastTokenLogits(ids))
+        else:
+            self.model_fn = ClozeModelFunction(model, params, normalize=normalize)
+
+    def batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        prompts = [e[0] for e in examples]
+        labels = [e[2] for e in examples]
+        if self.task == "boolq":
+            self.tokenizer.truncation_side = "left"  # keep the question, cut the passage's start
+            enc = self.tokenizer(
+                prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            return {**enc, "labels": torch.tensor(labels)}
+        return cloze_batch(
+            self.tokenizer,
+            prompts,
+            [e[1] for e in examples],
+            labels,
+            max_length=self.max_length,
+            unconditional=self.unconditional,
+        )
+
+    def batches(self, examples: list[Example], size: int) -> list[dict[str, torch.Tensor]]:
+        return [self.batch(examples[i : i + size]) for i in range(0, len(examples), size)]

@@ -69,8 +69,7 @@ from flaplace.app.tasks import load_task  # noqa: E402
 from flaplace.jacobian_cache import JacobianCache, cache_jacobians, cached_covariance  # noqa: E402
 
 sys.path.append(str(Path(__file__).resolve().parent))
-from llm_quality import Scorer  # noqa: E402
-from llm_tasks import DATA  # noqa: E402  (../shared/data or $FLAPLACE_DATA_DIR)
+from llm_tasks import DATA, Scorer  # noqa: E402  (../shared/data or $FLAPLACE_DATA_DIR; the scoring)
 from llm_tasks import TASKS as LLM_TASKS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "prior_study.json"
