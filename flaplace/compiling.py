@@ -42,7 +42,15 @@ def compile_update(
         backend: the ``torch.compile`` backend: ``"inductor"`` (fused kernels; the first
             call compiles C++ or Triton kernels), ``"aot_eager"`` or ``"eager"`` (traced
             only: a first call several times cheaper, little speed-up afterwards).
-        **options: passed to ``torch.compile`` (``mode``, ``dynamic``, ``fullgraph``, ...).
+        **options: passed to ``torch.compile`` (``mode``, ``dynamic``, ``fullgraph``,
+            ``options``, ...).
+
+    With inductor and neither ``mode`` nor ``options`` given, weights on the CPU are compiled
+    with inductor's ``cpp_wrapper``: the kernels and the code that calls them go through the
+    C++ compiler as one file instead of one file per fused kernel, which cut the first call by a
+    third on 2 cores (about 29 s to 20 s wall for a 2-layer Llama update, the C++ compiler's time
+    halved) at the same speed afterwards. The choice is made on the first call, from the
+    device of ``params``.
 
     Returns:
         The compiled ``update(state, params, batch) -> state``. Pass the same ``params``
@@ -68,7 +76,18 @@ def compile_update(
             "cannot trace; build it without generator= and seed with torch.manual_seed instead"
         )
     options = {"dynamic": False, "fullgraph": True, **options}
-    return torch.compile(update, backend=backend, **options)
+    if backend != "inductor" or "options" in options or "mode" in options:
+        return torch.compile(update, backend=backend, **options)
+    compiled: list[Callable[..., KFACState]] = []
+
+    def first_call_chooses(state: KFACState, params: Any, *args: Any, **kwargs: Any) -> KFACState:
+        if not compiled:  # on CPU, one C++ file for the kernels and their caller (see above)
+            on_cpu = all(p.device.type == "cpu" for p in dict(params).values())
+            extra = {"options": {"cpp_wrapper": True}} if on_cpu else {}
+            compiled.append(torch.compile(update, backend=backend, **options, **extra))
+        return compiled[0](state, params, *args, **kwargs)
+
+    return first_call_chooses
 
 
 def _default(function: Callable, name: str) -> Any:

@@ -91,3 +91,40 @@ def test_compile_update_is_exported_and_its_examples_run():
     flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
     outcome = doctest.testmod(module, extraglobs={"torch": torch, **tiny_namespace()}, optionflags=flags)
     assert outcome.attempted > 0 and outcome.failed == 0
+
+
+def test_compile_update_uses_the_cpp_wrapper_for_cpu_weights_only(monkeypatch):
+    """Inductor on CPU weights: ``cpp_wrapper`` (one C++ compilation), chosen on the first call;
+    other devices, other backends, or the caller's own ``options``/``mode`` are left alone."""
+    calls, runs = [], []
+
+    def fake_compile(fn, **kwargs):
+        calls.append(kwargs)
+
+        def run(*args, **kw):
+            runs.append(len(calls))
+            return fn(*args, **kw)
+
+        return run
+
+    model = tiny_lora_model("llama", dtype=torch.float32)
+    params = select_params(model, "lora")
+    init, _ = build(ModelFunction(model, params, LastTokenLogits(ANSWERS)), fisher="exact", lr_threshold=None)
+    state = init(params)
+    update = lambda state, params, batch: state  # noqa: E731
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    fast = compile_update(update)
+    assert calls == []  # nothing compiled before the first call: the device is not known yet
+    assert fast(state, params, None) is state and fast(state, params, None) is state
+    assert runs == [1, 1]  # compiled once, run twice
+    assert calls == [
+        {"backend": "inductor", "dynamic": False, "fullgraph": True, "options": {"cpp_wrapper": True}}
+    ]
+    calls.clear()
+    compile_update(update, backend="aot_eager")
+    compile_update(update, options={"max_autotune": True})
+    compile_update(update, mode="max-autotune-no-cudagraphs")
+    assert [c.get("options") for c in calls] == [None, {"max_autotune": True}, None]
+    on_meta = {n: p.to("meta") for n, p in params.items()}  # a device other than the CPU
+    assert compile_update(update)(state, on_meta, None) is state
+    assert "options" not in calls[-1]
