@@ -12,14 +12,15 @@ validation NLL), then, on the same MAP weights,
   with cloze scoring is taken as its last adapted block), prior by the evidence;
 
 all with the linearised predictive and the Monte Carlo link (probabilities averaged over logit
-samples). ARC-Easy and OpenBookQA use cloze scoring (``ClozeModelFunction``); BoolQ scores
+samples). ARC-Easy and OpenBookQA use cloze scoring (``ClozeModelFunction``; OpenBookQA with
+``--unconditional "Answer:"``, each choice's score minus its score after "Answer:"); BoolQ scores
 " yes" against " no" at the last position (``LastTokenLogits``): for one-token answers, the same
 class probabilities and Laplace predictive as cloze scoring at half the cost (one shared shift).
 
 Usage (from the repository root)::
 
     PYTHONPATH=$PWD python benchmarks/llm_quality.py --task arc_easy
-    PYTHONPATH=$PWD python benchmarks/llm_quality.py --task openbookqa --shift arc_easy
+    PYTHONPATH=$PWD python benchmarks/llm_quality.py --task openbookqa --unconditional "Answer:" --shift arc_easy
 
 Each run replaces its task's records in ``benchmarks/results/llm_quality.json``.
 """
@@ -209,7 +210,16 @@ def markdown(records: list[dict[str, Any]]) -> str:
         "| task | method | λ | accuracy | NLL | ECE | Brier | NLL − MAP [95%] | NLL − temp. [95%] | n_test |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in records:
+    tasks = ["arc_easy", "openbookqa", "boolq"]
+    methods = ["map", "temperature", "flaplace", "flaplace-val", "flaplace-informed", "last_layer"]
+    methods += ["flaplace-lora_B", "laplace-torch", "bayesian-lora"]
+
+    def order(r: dict[str, Any]) -> tuple[int, int, str]:
+        task, method = r["task"].split("->")[0], r["method"]
+        rank = tasks.index(task) if task in tasks else len(tasks)
+        return rank + ("->" in r["task"]) * 10, methods.index(method) if method in methods else 99, method
+
+    for r in sorted(records, key=order):
         lam = f"{r['lambda']:.3g}" if "lambda" in r else ""
         lines.append(
             f"| {r['task']} | {r['method']} | {lam} | {r['accuracy']:.3f} | {r['nll']:.3f} | {r['ece']:.3f} "
@@ -597,7 +607,8 @@ def main(argv: list[str] | None = None) -> None:
         + ("all blocks" if layers is None else f"blocks {layers[0]}-{layers[-1]}"),
         "scoring": "answer tokens ' yes'/' no' at the last position"
         if args.task == "boolq"
-        else "cloze (summed log-probability)",
+        else f"cloze ({'mean' if args.normalize else 'summed'} log-probability"
+        + (f" minus its value after {args.unconditional!r})" if args.unconditional else ")"),
         "epochs": args.epochs,
         "best_epoch": best_epoch,
         "lr": args.lr,
