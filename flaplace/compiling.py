@@ -83,8 +83,8 @@ def compile_update(
     def first_call_chooses(state: KFACState, params: Any, *args: Any, **kwargs: Any) -> KFACState:
         if not compiled:  # on CPU, one C++ file for the kernels and their caller (see above)
             on_cpu = all(p.device.type == "cpu" for p in dict(params).values())
-            extra = {"options": {"cpp_wrapper": True}} if on_cpu else {}
-            compiled.append(torch.compile(update, backend=backend, **options, **extra))
+            extra: dict[str, Any] = {"options": {"cpp_wrapper": True}} if on_cpu else {}
+            compiled.append(torch.compile(update, backend=backend, **{**options, **extra}))
         return compiled[0](state, params, *args, **kwargs)
 
     return first_call_chooses
