@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+import flaplace
 from flaplace.params import logits_of as token_logits
 from flaplace.scoring import cloze_scores, flatten_choices
 
@@ -149,8 +152,6 @@ OURS = ("flaplace", "flaplace-val", "flaplace-informed", "last_layer")
 
 def ours_on_same_questions(probs_path, labels: torch.Tensor) -> dict[str, dict[str, float]]:
     """flaplace's saved test probabilities, scored on the first ``len(labels)`` test questions only."""
-    import flaplace
-
     if not probs_path.exists():
         return {}
     saved = torch.load(probs_path)
@@ -162,6 +163,21 @@ def ours_on_same_questions(probs_path, labels: torch.Tensor) -> dict[str, dict[s
         for m in OURS
         if m in saved["probs"] and len(saved["probs"][m]) >= n
     }
+
+
+def refresh(out, task: str, probs_path) -> str:
+    """Recompute ``ours_on_same_examples`` of ``task``'s peer records in ``out`` from ``probs_path``
+    (for peer rows written before flaplace's probabilities, or merged from another run's file)."""
+    path = Path(out)
+    records = json.loads(path.read_text())
+    saved = torch.load(probs_path)
+    done = []
+    for r in records:
+        if r["task"] == task and r["method"] in ("laplace-torch", "bayesian-lora"):
+            r["ours_on_same_examples"] = ours_on_same_questions(probs_path, saved["labels"][: r["n_test"]])
+            done.append(r["method"])
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    return f"{task}: refreshed {', '.join(done) or 'no peer rows'}"
 
 
 def peers_markdown(records: list[dict]) -> str:

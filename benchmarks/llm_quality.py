@@ -59,11 +59,6 @@ import llm_peers as peers  # noqa: E402
 from llm_tasks import TASKS, Scorer  # noqa: E402  (the shared data folder's readers, scoring)
 
 # ------------------------------------------------------------------------------------------------
-# Batches
-# ------------------------------------------------------------------------------------------------
-
-
-# ------------------------------------------------------------------------------------------------
 # Stages
 # ------------------------------------------------------------------------------------------------
 
@@ -384,15 +379,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     plots_help = "only draw docs/img/llm_reliability_<task>.png from the probabilities in --cache-dir"
     parser.add_argument("--plots", action="store_true", help=plots_help)
+    same_help = (
+        "only recompute the peers' rows of flaplace on their questions from --cache-dir's probabilities"
+    )
+    parser.add_argument("--same-questions", action="store_true", help=same_help)
     args = parser.parse_args(argv)
     if args.table:
         records = json.loads(Path(args.out).read_text())
         print(markdown(records) + "\n\n" + peers.peers_markdown(records))
         return
-    if args.plots:
+    if args.plots or args.same_questions:
         if args.task is None or args.cache_dir is None:
-            parser.error("--plots needs --task and the --cache-dir of that task's run")
-        print(plot_reliability(args.task, Path(args.cache_dir)))
+            parser.error("--plots and --same-questions need --task and the --cache-dir of that task's run")
+        probs = Path(args.cache_dir) / f"{args.task}_probs.pt"
+        print(
+            plot_reliability(args.task, Path(args.cache_dir))
+            if args.plots
+            else peers.refresh(args.out, args.task, probs)
+        )
         return
     if args.task is None:
         parser.error("--task is required (unless --table)")

@@ -82,7 +82,7 @@ def compile_update(
 
     def first_call_chooses(state: KFACState, params: Any, *args: Any, **kwargs: Any) -> KFACState:
         if not compiled:  # on CPU, one C++ file for the kernels and their caller (see above)
-            on_cpu = all(p.device.type == "cpu" for p in dict(params).values())
+            on_cpu = all(p.device.type == "cpu" for p in params.values())
             extra: dict[str, Any] = {"options": {"cpp_wrapper": True}} if on_cpu else {}
             compiled.append(torch.compile(update, backend=backend, **{**options, **extra}))
         return compiled[0](state, params, *args, **kwargs)

@@ -113,21 +113,26 @@ def cloze_batch(
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token first")
+
+    def token_ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    baseline = [] if unconditional is None else [token_ids(unconditional)]
+    if baseline and not baseline[0]:
+        raise ValueError(f"unconditional context {unconditional!r} has no tokens")
     rows: list[tuple[list[int], int]] = []  # (token ids, number of choice tokens at the end)
-    contexts = [None] if unconditional is None else [None, unconditional]
     for prompt, options in zip(prompts, choices, strict=True):
-        for context in contexts:  # the example's own sequences, then its baseline ones
-            head = tokenizer(prompt if context is None else context, add_special_tokens=False)["input_ids"]
-            if not head:
-                raise ValueError(
-                    f"prompt {prompt if context is None else context!r} has no tokens: cloze scoring needs a prompt"
-                )
-            for option in options:
-                tail = tokenizer(separator + option, add_special_tokens=False)["input_ids"]
-                if not tail:
-                    raise ValueError(f"choice {option!r} has no tokens")
-                keep = len(head) if max_length is None else max(1, max_length - len(tail))
-                rows.append((head[-keep:] + tail, len(tail)))
+        head = token_ids(prompt)
+        if not head:
+            raise ValueError(f"prompt {prompt!r} has no tokens: cloze scoring needs a prompt")
+        tails = [token_ids(separator + option) for option in options]
+        for option, tail in zip(options, tails, strict=True):
+            if not tail:
+                raise ValueError(f"choice {option!r} has no tokens")
+        for context in [head, *baseline]:  # the example's own sequences, then its baseline ones
+            for tail in tails:
+                keep = len(context) if max_length is None else max(1, max_length - len(tail))
+                rows.append((context[-keep:] + tail, len(tail)))
     n_choices = counts.pop()
     length = max(len(ids) for ids, _ in rows)
     width = max(k for _, k in rows)
@@ -143,7 +148,7 @@ def cloze_batch(
         positions[r, :k] = torch.arange(start - 1, len(row) - 1)
         tokens[r, :k] = torch.tensor(row[start:])
         choice_mask[r, :k] = True
-    shape = (len(prompts), n_choices * len(contexts))
+    shape = (len(prompts), n_choices * (1 + len(baseline)))
     batch = {
         "input_ids": ids.reshape(*shape, length),
         "attention_mask": mask.reshape(*shape, length),
