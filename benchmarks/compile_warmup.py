@@ -16,6 +16,12 @@ compiler runs as waited-for children and their CPU time is counted):
   (what a second run of the same script on the same machine pays);
 * ``after-aot_eager`` and ``after-eager``: cheaper backends (``--no-backends`` skips them).
 
+Inductor keeps its precompiled C++ headers outside ``TORCHINDUCTOR_CACHE_DIR`` (under the
+system's temporary directory, keyed by the compiler flags), so by default a run reuses the
+headers that earlier compilations on this machine built, as every compilation after a
+machine's first does. ``--cold-headers`` gives each run its own empty ``TMPDIR`` as well: the
+first compilation ever on a machine.
+
 Each worker calls the compiled update on ``--calls`` batches of the same shape and new data
 (the state carried over) and reports, per call, the wall time, the CPU time of the process
 and of its children (the C++ compiler), and the number of graphs dynamo has compiled so far;
@@ -107,6 +113,10 @@ def _run(variant: str, root: Path, backend: str, cache: Path, args) -> dict:
         TORCHINDUCTOR_CACHE_DIR=str(cache),
         TORCHINDUCTOR_COMPILE_THREADS="1",
     )
+    if args.cold_headers:  # a temporary directory of the run's own: no precompiled headers yet
+        tmp = cache.with_name(cache.name + "-tmp")
+        tmp.mkdir(exist_ok=True)
+        env["TMPDIR"] = str(tmp)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = Path(handle.name)
     command = [sys.executable, str(SCRIPT), "--worker-output", str(out), "--backend", backend]
@@ -176,6 +186,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="steady-state calls after the warm-up")
     parser.add_argument("--before", default=BASE_COMMIT, help="git revision of the 'before' flaplace")
     parser.add_argument("--no-backends", action="store_true", help="skip the aot_eager and eager rows")
+    parser.add_argument(
+        "--cold-headers", action="store_true", help="an empty TMPDIR per run: no precompiled C++ headers"
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--backend", default="inductor", help=argparse.SUPPRESS)
     parser.add_argument("--worker-output", help=argparse.SUPPRESS)
@@ -215,6 +228,7 @@ def main() -> None:
             "before": args.before,
             "calls": args.calls,
             "compile_threads": 1,
+            "precompiled_headers": "cold (empty TMPDIR per run)" if args.cold_headers else "shared",
             **common.environment(),
         },
         "summary": _summary(records),

@@ -76,10 +76,7 @@ class _ProbeMode(TorchFunctionMode):
         #: (dtype, shape) of the targets. Under torch.compile, ``id()`` of an input tensor is a
         #: guard on that very object, so ``id()`` of a batch tensor would recompile every batch;
         #: a tensor of another dtype or shape is no target and needs no ``id()``.
-        self.kinds: list[tuple[torch.dtype, tuple[int, ...]]] = []
-        for w in weights:
-            if (w.dtype, tuple(w.shape)) not in self.kinds:
-                self.kinds.append((w.dtype, tuple(w.shape)))
+        self.kinds: set[tuple[torch.dtype, int, int]] = {(w.dtype, *w.shape) for w in weights}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # Called for every torch function of the forward (a few hundred per decoder layer), so the
@@ -154,10 +151,17 @@ class _ProbeMode(TorchFunctionMode):
         """Whether a target weight is an argument (or an element of a list/tuple argument)."""
         ids = self.names_by_id
         if self.compiling:  # id() only of tensors that can be targets (see kinds)
-            leaves = [
-                v for a in (*args, *kwargs.values()) for v in (a if isinstance(a, list | tuple) else (a,))
-            ]
-            return any(isinstance(v, Tensor) and self._may_be_target(v) and id(v) in ids for v in leaves)
+            # plain loops: dynamo interprets this for every operation of the forward, and
+            # comprehensions and generators cost it several times more
+            for values in (args, kwargs.values()):
+                for value in values:
+                    if isinstance(value, list | tuple):
+                        for v in value:
+                            if isinstance(v, Tensor) and self._may_be_target(v) and id(v) in ids:
+                                return True
+                    elif isinstance(value, Tensor) and self._may_be_target(value) and id(value) in ids:
+                        return True
+            return False
         for leaf in args:
             if id(leaf) in ids or (isinstance(leaf, list | tuple) and any(id(v) in ids for v in leaf)):
                 return True
@@ -167,10 +171,7 @@ class _ProbeMode(TorchFunctionMode):
         return False
 
     def _may_be_target(self, leaf: Tensor) -> bool:
-        return leaf.ndim == 2 and any(
-            leaf.dtype == dtype and leaf.shape[0] == shape[0] and leaf.shape[1] == shape[1]
-            for dtype, shape in self.kinds
-        )
+        return leaf.ndim == 2 and (leaf.dtype, leaf.shape[0], leaf.shape[1]) in self.kinds
 
     def _note_other_use(self, func, args, kwargs, out) -> None:
         """Record a target weight that reaches an operation other than its linear layer.

@@ -18,6 +18,8 @@ Examples:
 from __future__ import annotations
 
 import inspect
+import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -46,11 +48,17 @@ def compile_update(
             ``options``, ...).
 
     With inductor and neither ``mode`` nor ``options`` given, weights on the CPU are compiled
-    with inductor's ``cpp_wrapper``: the kernels and the code that calls them go through the
-    C++ compiler as one file instead of one file per fused kernel, which cut the first call by a
-    third on 2 cores (about 29 s to 20 s wall for a 2-layer Llama update, the C++ compiler's time
-    halved) at the same speed afterwards. The choice is made on the first call, from the
-    device of ``params``.
+    with inductor's ``cpp_wrapper`` (the kernels' caller is C++ too, so the graph becomes two
+    C++ files, the caller built at ``-O1`` and the kernels at ``-O3``, instead of one file per
+    fused kernel) and, where PyTorch's own kernels run on a vector instruction set
+    (``torch.backends.cpu.get_cpu_capability()`` is e.g. ``"AVX2"`` or ``"AVX512"``), without
+    inductor's start-up probes of that instruction set (``cpp.vec_isa_ok``; each probe compiles
+    the vector headers, about 1 s apiece on 2 cores). Together these halved the first call of a
+    2-layer Llama update on 2 cores (27 s to 13 s) at the same speed afterwards. The choice is
+    made on the first call, from the device of ``params``; the environment variable
+    ``TORCHINDUCTOR_VEC_ISA_OK`` still decides where it is set. Should the compilation fail with
+    the probes skipped (a C++ compiler too old for the instruction set), the update is compiled
+    again with them, with a warning.
 
     Returns:
         The compiled ``update(state, params, batch) -> state``. Pass the same ``params``
@@ -81,13 +89,41 @@ def compile_update(
     compiled: list[Callable[..., KFACState]] = []
 
     def first_call_chooses(state: KFACState, params: Any, *args: Any, **kwargs: Any) -> KFACState:
-        if not compiled:  # on CPU, one C++ file for the kernels and their caller (see above)
-            on_cpu = all(p.device.type == "cpu" for p in params.values())
-            extra: dict[str, Any] = {"options": {"cpp_wrapper": True}} if on_cpu else {}
-            compiled.append(torch.compile(update, backend=backend, **{**options, **extra}))
-        return compiled[0](state, params, *args, **kwargs)
+        if compiled:
+            return compiled[0](state, params, *args, **kwargs)
+        from torch._dynamo.exc import BackendCompilerFailed  # not at import: dynamo loads slowly
+        from torch._inductor.exc import CppCompileError
+
+        cpu = _cpu_options() if all(p.device.type == "cpu" for p in params.values()) else None
+        compiled.append(
+            torch.compile(update, backend=backend, **options, **({"options": cpu} if cpu else {}))
+        )
+        try:
+            return compiled[0](state, params, *args, **kwargs)
+        except BackendCompilerFailed as error:
+            built = isinstance(error.inner_exception, CppCompileError | OSError)  # compiling or loading
+            if not (built and cpu and "cpp.vec_isa_ok" in cpu):
+                raise
+            warnings.warn(
+                f"compile_update: compiling without inductor's instruction-set probes failed ({error}); "
+                "compiling again with them",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            probed = {k: v for k, v in cpu.items() if k != "cpp.vec_isa_ok"}
+            compiled[0] = torch.compile(update, backend=backend, **options, options=probed)
+            return compiled[0](state, params, *args, **kwargs)
 
     return first_call_chooses
+
+
+def _cpu_options() -> dict[str, Any]:
+    """Inductor options for weights on the CPU (see `compile_update`)."""
+    cpu: dict[str, Any] = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
+    vector = torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX")
+    if vector and os.environ.get("TORCHINDUCTOR_VEC_ISA_OK") is None:
+        cpu["cpp.vec_isa_ok"] = True  # PyTorch already runs this instruction set here
+    return cpu
 
 
 def _default(function: Callable, name: str) -> Any:

@@ -93,33 +93,49 @@ def test_compile_update_is_exported_and_its_examples_run():
     assert outcome.attempted > 0 and outcome.failed == 0
 
 
-def test_compile_update_uses_the_cpp_wrapper_for_cpu_weights_only(monkeypatch):
-    """Inductor on CPU weights: ``cpp_wrapper`` (one C++ compilation), chosen on the first call;
-    other devices, other backends, or the caller's own ``options``/``mode`` are left alone."""
-    calls, runs = [], []
+CPU_OPTIONS = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True, "cpp.vec_isa_ok": True}
+
+
+def _lora_state():
+    model = tiny_lora_model("llama", dtype=torch.float32)
+    params = select_params(model, "lora")
+    init, _ = build(ModelFunction(model, params, LastTokenLogits(ANSWERS)), fisher="exact", lr_threshold=None)
+    return init(params), params
+
+
+def _fake_compile(calls: list, runs: list, fails_with: Exception | None = None):
+    """A stand-in for torch.compile that records its keyword arguments; ``fails_with`` is raised
+    by the first call of a function compiled with ``cpp.vec_isa_ok``."""
 
     def fake_compile(fn, **kwargs):
         calls.append(kwargs)
 
         def run(*args, **kw):
             runs.append(len(calls))
+            if fails_with is not None and "cpp.vec_isa_ok" in kwargs.get("options", {}):
+                raise fails_with
             return fn(*args, **kw)
 
         return run
 
-    model = tiny_lora_model("llama", dtype=torch.float32)
-    params = select_params(model, "lora")
-    init, _ = build(ModelFunction(model, params, LastTokenLogits(ANSWERS)), fisher="exact", lr_threshold=None)
-    state = init(params)
+    return fake_compile
+
+
+def test_compile_update_chooses_cpu_options_on_the_first_call(monkeypatch):
+    """Inductor on CPU weights: ``cpp_wrapper`` built as two files and, where PyTorch runs a vector
+    instruction set, no start-up probes; chosen on the first call. Other devices, other backends,
+    or the caller's own ``options``/``mode`` are left alone."""
+    calls, runs = [], []
+    state, params = _lora_state()
     update = lambda state, params, batch: state  # noqa: E731
-    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.delenv("TORCHINDUCTOR_VEC_ISA_OK", raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(torch, "compile", _fake_compile(calls, runs))
     fast = compile_update(update)
     assert calls == []  # nothing compiled before the first call: the device is not known yet
     assert fast(state, params, None) is state and fast(state, params, None) is state
     assert runs == [1, 1]  # compiled once, run twice
-    assert calls == [
-        {"backend": "inductor", "dynamic": False, "fullgraph": True, "options": {"cpp_wrapper": True}}
-    ]
+    assert calls == [{"backend": "inductor", "dynamic": False, "fullgraph": True, "options": CPU_OPTIONS}]
     calls.clear()
     compile_update(update, backend="aot_eager")
     compile_update(update, options={"max_autotune": True})
@@ -128,3 +144,39 @@ def test_compile_update_uses_the_cpp_wrapper_for_cpu_weights_only(monkeypatch):
     on_meta = {n: p.to("meta") for n, p in params.items()}  # a device other than the CPU
     assert compile_update(update)(state, on_meta, None) is state
     assert "options" not in calls[-1]
+    # the probes stay where PyTorch runs no vector instruction set, or where the user decides
+    probed = {k: v for k, v in CPU_OPTIONS.items() if k != "cpp.vec_isa_ok"}
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    compile_update(update)(state, params, None)
+    assert calls[-1]["options"] == probed
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setenv("TORCHINDUCTOR_VEC_ISA_OK", "0")
+    compile_update(update)(state, params, None)
+    assert calls[-1]["options"] == probed
+
+
+def test_compile_update_compiles_again_with_the_probes_if_the_cpp_build_fails(monkeypatch):
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import CppCompileError
+
+    state, params = _lora_state()
+    update = lambda state, params, batch: state  # noqa: E731
+    monkeypatch.delenv("TORCHINDUCTOR_VEC_ISA_OK", raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    failed = BackendCompilerFailed(update, CppCompileError(["g++"], "no AVX-512 here"), None)
+    calls, runs = [], []
+    monkeypatch.setattr(torch, "compile", _fake_compile(calls, runs, failed))
+    fast = compile_update(update)
+    with pytest.warns(RuntimeWarning, match="compiling again with them"):
+        assert fast(state, params, None) is state
+    assert fast(state, params, None) is state
+    assert [c["options"] for c in calls] == [
+        CPU_OPTIONS,
+        {"cpp_wrapper": True, "cpp_wrapper_build_separate": True},
+    ]
+    assert runs == [1, 2, 2]  # the failed first try, then the probed compilation twice
+    # any other failure is the caller's to see, not retried
+    other = BackendCompilerFailed(update, ValueError("a lowering bug"), None)
+    monkeypatch.setattr(torch, "compile", _fake_compile(calls, runs, other))
+    with pytest.raises(BackendCompilerFailed, match="a lowering bug"):
+        compile_update(update)(state, params, None)
