@@ -28,6 +28,9 @@ from torch.overrides import TorchFunctionMode
 
 from flaplace.typing import Batch, ModelFn, Params
 
+#: argument containers whose elements `_ProbeMode` checks for target weights
+_SEQUENCES = (list, tuple)
+
 
 class CaptureError(RuntimeError):
     """A selected weight cannot be captured (never used, used twice, or used by an unknown op)."""
@@ -79,9 +82,9 @@ class _ProbeMode(TorchFunctionMode):
         self.kinds: set[tuple[torch.dtype, int, int]] = {(w.dtype, *w.shape) for w in weights}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        # Called for every torch function of the forward (a few hundred per decoder layer), so the
-        # common case, an operation that involves no target weight, is kept to a call and one
-        # look-up per argument.
+        # Called for every torch function of the forward (about 125 per decoder layer, attribute
+        # reads included), so the common case, an operation that involves no target weight, is
+        # kept to a call and one look-up per argument: no method call, no generator.
         if kwargs is None:
             kwargs = {}
         if func is F.linear:
@@ -93,7 +96,16 @@ class _ProbeMode(TorchFunctionMode):
             via_addmm = True
         else:
             out = func(*args, **kwargs)
-            if self._mentions_target(args, kwargs):
+            if self.compiling:
+                if self._mentions_target(args, kwargs):
+                    self._note_other_use(func, args, kwargs, out)
+                return out
+            ids = self.names_by_id
+            for leaf in args:
+                if id(leaf) in ids or (isinstance(leaf, _SEQUENCES) and any(id(v) in ids for v in leaf)):
+                    self._note_other_use(func, args, kwargs, out)
+                    return out
+            if kwargs and self._mentions_target(args, kwargs):
                 self._note_other_use(func, args, kwargs, out)
             return out
         name = self.names_by_id.get(id(weight))
@@ -155,19 +167,17 @@ class _ProbeMode(TorchFunctionMode):
             # comprehensions and generators cost it several times more
             for values in (args, kwargs.values()):
                 for value in values:
-                    if isinstance(value, list | tuple):
+                    if isinstance(value, _SEQUENCES):
                         for v in value:
                             if isinstance(v, Tensor) and self._may_be_target(v) and id(v) in ids:
                                 return True
                     elif isinstance(value, Tensor) and self._may_be_target(value) and id(value) in ids:
                         return True
             return False
-        for leaf in args:
-            if id(leaf) in ids or (isinstance(leaf, list | tuple) and any(id(v) in ids for v in leaf)):
-                return True
-        for leaf in kwargs.values():
-            if id(leaf) in ids or (isinstance(leaf, list | tuple) and any(id(v) in ids for v in leaf)):
-                return True
+        for values in (args, kwargs.values()):
+            for leaf in values:
+                if id(leaf) in ids or (isinstance(leaf, _SEQUENCES) and any(id(v) in ids for v in leaf)):
+                    return True
         return False
 
     def _may_be_target(self, leaf: Tensor) -> bool:
