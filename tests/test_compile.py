@@ -74,6 +74,38 @@ def test_compiled_update_does_not_recompile_for_new_data_and_compiles_once_per_s
     assert "CaptureError" in result["tied"] and "embedding" in result["tied"], result
 
 
+INDUCTOR_ON_CPU = """
+import json, torch
+from torch._dynamo.utils import counters
+from tiny_models import ANSWERS, padded_batch, tiny_lora_model
+from flaplace import build, compile_update
+from flaplace.params import LastTokenLogits, ModelFunction, select_params
+model = tiny_lora_model("llama", dtype=torch.float32)
+params = select_params(model, "lora")
+init, update = build(ModelFunction(model, params, LastTokenLogits(ANSWERS)), fisher="exact",
+                     lr_threshold=None)
+fast = compile_update(update)  # inductor, with the CPU options chosen on the first call
+got = want = init(params)
+graphs, errs = [], []
+for seed in (1, 2):
+    batch = padded_batch("llama", n=3, length=6, seed=seed)
+    got, want = fast(got, params, batch), update(want, params, batch)
+    graphs.append(counters["stats"]["unique_graphs"])
+    errs.append(max(float((got.S[k] - want.S[k]).norm() / want.S[k].norm()) for k in want.S))
+print(json.dumps({"graphs": graphs, "err": max(errs)}))
+"""
+
+
+@pytest.mark.slow
+def test_compile_update_with_inductor_on_the_cpu_compiles_once_and_agrees_with_eager(tmp_path):
+    """The real CPU options (``cpp_wrapper``, two C++ files, no instruction-set probes) build and
+    run: one graph for two batches of new data, factors equal to the eager update's."""
+    script = f"import os; os.environ['TORCHINDUCTOR_CACHE_DIR'] = {str(tmp_path)!r}\n" + INDUCTOR_ON_CPU
+    result = json.loads(run_without_typechecks(script, timeout=1200).strip().splitlines()[-1])
+    assert result["graphs"] == [1, 1], result
+    assert result["err"] < 1e-5, result
+
+
 def test_compile_update_refuses_a_generator_for_mc():
     model = tiny_lora_model("llama", dtype=torch.float32)
     params = select_params(model, "lora")
