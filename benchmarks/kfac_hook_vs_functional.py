@@ -54,7 +54,7 @@ DEFAULT_OUTPUT = common.RESULTS / "kfac_hook_vs_functional.json"
 
 #: name -> (hidden, timed repeats, sharings measured, compiled (fisher, sharing) pairs)
 CONFIGS: dict[str, tuple[int, int, tuple[str, ...], tuple[tuple[str, str], ...]]] = {
-    "h256": (256, 21, ("expand", "reduce", "last"), (("mc", "expand"),)),
+    "h256": (256, 41, ("expand", "reduce", "last"), (("mc", "expand"),)),
     "h1024": (1024, 15, ("expand", "reduce"), ()),
     "h2048": (2048, 5, ("expand",), ()),
 }
