@@ -54,7 +54,7 @@ def compile_update(
     (``torch.backends.cpu.get_cpu_capability()`` is e.g. ``"AVX2"`` or ``"AVX512"``), without
     inductor's start-up probes of that instruction set (``cpp.vec_isa_ok``; each probe compiles
     the vector headers, about 1 s apiece on 2 cores). Together these halved the first call of a
-    2-layer Llama update on 2 cores (27 s to 13 s) at the same speed afterwards. The choice is
+    2-layer Llama update on 2 cores (28 s to 13 s) at the same speed afterwards. The choice is
     made on the first call, from the device of ``params``; the environment variable
     ``TORCHINDUCTOR_VEC_ISA_OK`` still decides where it is set. Should the compilation fail with
     the probes skipped (a C++ compiler too old for the instruction set), the update is compiled
@@ -95,9 +95,8 @@ def compile_update(
         from torch._inductor.exc import CppCompileError
 
         cpu = _cpu_options() if all(p.device.type == "cpu" for p in params.values()) else None
-        compiled.append(
-            torch.compile(update, backend=backend, **options, **({"options": cpu} if cpu else {}))
-        )
+        chosen: dict[str, Any] = {**options, "options": cpu} if cpu else options
+        compiled.append(torch.compile(update, backend=backend, **chosen))
         try:
             return compiled[0](state, params, *args, **kwargs)
         except BackendCompilerFailed as error:
@@ -111,7 +110,7 @@ def compile_update(
                 stacklevel=2,
             )
             probed = {k: v for k, v in cpu.items() if k != "cpp.vec_isa_ok"}
-            compiled[0] = torch.compile(update, backend=backend, **options, options=probed)
+            compiled[0] = torch.compile(update, backend=backend, **{**options, "options": probed})
             return compiled[0](state, params, *args, **kwargs)
 
     return first_call_chooses
