@@ -60,8 +60,12 @@ def input_rows(inputs: torch.Tensor, mask: torch.Tensor, sharing: str) -> torch.
 
 
 def logits_kwargs(batch: dict, trim: bool) -> dict:
-    """``logits_to_keep`` for the last real position of each example (Hugging Face), or nothing."""
-    return {"logits_to_keep": _last_positions(batch["attention_mask"])[:, None]} if trim else {}
+    """The model call of flaplace's ``ModelFunction`` (``trim``): ``logits_to_keep`` for the last
+    real position of each example and no key/value cache (``use_cache=False``); or the model's
+    defaults, as bayesian-lora's example calls it."""
+    if not trim:
+        return {}
+    return {"logits_to_keep": _last_positions(batch["attention_mask"])[:, None], "use_cache": False}
 
 
 class HookKFAC:
@@ -75,7 +79,7 @@ class HookKFAC:
         self.model = model
         self.output_fn = output_fn
         self.fisher, self.sharing, self.generator = fisher, sharing, generator
-        self.trim = trim  # ask for the last position's logits only (as flaplace's ModelFunction does)
+        self.trim = trim  # the last position's logits only, no cache (as flaplace's ModelFunction)
         self.modules = {
             name: m for name, m in model.named_modules() if name in common.lora_module_names(model)
         }

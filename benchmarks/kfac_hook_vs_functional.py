@@ -10,14 +10,15 @@ tokens, output = last-token logits of 4 answer tokens):
   keep their inputs and outputs, ``torch.autograd.grad`` pulls each Fisher cotangent back to the
   outputs (one backward per cotangent), dense factors with flaplace's normalisation.
 * ``hooks-trimmed``: the same, with the model asked for the last position's logits only
-  (``logits_to_keep``), as flaplace's ``ModelFunction`` does: the same work as ``flaplace`` but for
+  (``logits_to_keep``) and for no key/value cache (``use_cache=False``), as flaplace's
+  ``ModelFunction`` does: the same work as ``flaplace`` but for
   the shared input factors, so ``flaplace / hooks-trimmed`` isolates the capture's own cost (``mc``).
 * ``flaplace``: ``flaplace.build(...)`` then ``update``, eager and ``torch.compile``-d; dense
   factors (``lr_threshold=None``) like ``hooks``. ``flaplace-lowrank`` uses flaplace's low-rank
   defaults (``n_kfac=10``, ``lr_threshold=100``), the setting bayesian-lora runs with.
 * ``forward+backward``: ``loss.backward()`` on the LoRA weights, the baseline of the target
-  "mc with one sample at most 1.3 x forward+backward"; with ``logits_to_keep`` like flaplace, so the
-  baseline is the cheapest plain step, not one that projects every position.
+  "mc with one sample at most 1.3 x forward+backward"; with ``logits_to_keep`` and no cache like
+  flaplace, so the baseline is the cheapest plain step, not one that projects every position.
 
 For the small config (hidden 256) the relative Frobenius error of every method's ``S (x) A``
 against the exact GGN block of each LoRA weight (dense, from per-example ``jacrev`` Jacobians and
@@ -461,7 +462,7 @@ def docs_markdown(records: list[dict], targets: list[dict]) -> str:
         f"r={RANK} on `q_proj` and `v_proj`; batch {BATCH} x {SEQ} tokens; output: last-token logits "
         f"of {len(common.ANSWER_IDS)} answer tokens. Times are medians over interleaved repeats after a "
         "warm-up (see above); `x fwd+bwd` divides by the plain forward+backward of the same run (which "
-        "asks for the last position's logits only, like flaplace). "
+        "asks for the last position's logits only and for no key/value cache, like flaplace). "
         "Peak memory is the resident-set rise of one call, measured in a separate process; it was not "
         "measured for compiled cases (`-`). `hooks` and `flaplace` keep dense factors; `low-rank` "
         f"factors keep the top {LOWRANK['n_kfac']} eigenpairs of every factor of side >= "
@@ -487,8 +488,9 @@ def docs_markdown(records: list[dict], targets: list[dict]) -> str:
         "input object; the hook reference computes it twice). The states are built with "
         "`init(params, batch)`, as `fit` does (the runs up to the one at commit 0f7cbd9 called "
         "`init(params)`, which shares nothing). (3) `ModelFunction` asks the model for the "
-        "last position's logits only (Hugging Face's `logits_to_keep`), where `hooks` projects all 128 "
-        "positions onto the vocabulary, as bayesian-lora's example does. `hooks-trimmed` does (3) too, so "
+        "last position's logits only (Hugging Face's `logits_to_keep`) and for no key/value cache "
+        "(`use_cache=False`), where `hooks` projects all 128 positions onto the vocabulary and builds "
+        "the cache, as bayesian-lora's example does. `hooks-trimmed` does (3) too, so "
         "`flaplace / hooks-trimmed` is the cost of the capture mechanism itself, less the shared input "
         "factor (2). A hook implementation could adopt all three; the comparison shows "
         "what the library does, not a limit of hooks.",

@@ -37,7 +37,6 @@ from flaplace.params import (
     classifier_logits,
     select_params,
     token_mask,
-    unwrap_model,
 )
 from flaplace.posterior import make_posterior, sample, with_prior_precision
 from flaplace.posterior_io import load_posterior, save_posterior, validate_posterior
@@ -50,6 +49,7 @@ from flaplace.predictive import (
 from flaplace.sampling import sampling_probs
 from flaplace.scoring import ClozeModelFunction, cloze_batch, cloze_scores, flatten_choices, pair_batch
 from flaplace.sequences import SequenceScores, linearised_decode, sequence_scores
+from flaplace.sharding import unwrap_model
 from flaplace.typing import Eigen, Factors, KronFactor, Params, Posterior
 from flaplace.validation import tune_prior_nll
 from flaplace.vocabulary import (

@@ -1,4 +1,4 @@
-"""Refusing models whose weights are sharded over processes (FSDP, ``fully_shard``, DTensor)."""
+"""Wrapped and sharded models: the module that holds the weights, and the refusal of sharded ones (FSDP, ``fully_shard``, DTensor)."""
 
 from __future__ import annotations
 
@@ -40,3 +40,30 @@ def refuse_sharded(model: nn.Module) -> None:
     for name, param in model.named_parameters():
         if dtensor is not None and isinstance(param, dtensor):
             raise ValueError(f"parameter {name!r} is a sharded DTensor: {advice}")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module that holds the weights: ``model`` without DDP/DataParallel or ``torch.compile`` wrappers.
+
+    ``DistributedDataParallel`` and ``DataParallel`` keep the model as ``.module`` and
+    ``torch.compile`` as ``._orig_mod``; their own forward (buffer broadcasts, gradient
+    buckets, guards) is not part of the function and fails under ``torch.func`` transforms,
+    so flaplace evaluates the wrapped module itself (the weights are the same tensors).
+    A model sharded over processes is refused ([`refuse_sharded`][flaplace.sharding.refuse_sharded]).
+
+    Raises:
+        ValueError: the model is FSDP-sharded or holds DTensor weights.
+
+    Examples:
+        >>> unwrap_model(DistributedDataParallel(model)) is model  # doctest: +SKIP
+        True
+    """
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            refuse_sharded(model)
+            return model

@@ -83,3 +83,26 @@ def test_training_function_keeps_dropout_and_the_default_turns_it_off():
     for out in (first, second):
         kept = out != 0
         torch.testing.assert_close(out[kept], (reference * 2)[kept])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi"])
+def test_the_model_is_asked_for_no_key_value_cache(arch):
+    """Decoders build a key/value cache for generation by default; ModelFunction asks for none,
+    and its values are the model's own with the cache."""
+    model = tiny_lora_model(arch)
+    params = select_params(model, "lora")
+    batch = padded_batch(arch)
+    seen = []  # the model's outputs, as the output function receives them
+    raw = ModelFunction(model, params, lambda output, batch: seen.append(output) or output.logits)
+    assert raw.no_cache
+    with_cache = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True)
+    assert with_cache.past_key_values is not None  # what the default would build
+    logits = raw.evaluate(params, batch)
+    assert seen[-1].past_key_values is None
+    torch.testing.assert_close(logits, with_cache.logits, rtol=1e-12, atol=1e-12)
+    # a batch that asks for the cache itself keeps it
+    raw.evaluate(params, {**batch, "use_cache": True})
+    assert seen[-1].past_key_values is not None
+    # a model without the argument is called as before
+    net = torch.nn.Linear(3, 2)
+    assert not ModelFunction(net, ["weight"], classifier_logits).no_cache
