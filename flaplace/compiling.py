@@ -100,7 +100,10 @@ def compile_update(
         try:
             return compiled[0](state, params, *args, **kwargs)
         except BackendCompilerFailed as error:
-            built = isinstance(error.inner_exception, CppCompileError | OSError)  # compiling or loading
+            inner: BaseException = error  # inductor's InductorError, possibly wrapped once more
+            while isinstance(inner, BackendCompilerFailed):
+                inner = inner.inner_exception
+            built = isinstance(inner, CppCompileError | OSError)  # compiling or loading the C++
             if not (built and cpu and "cpp.vec_isa_ok" in cpu):
                 raise
             warnings.warn(

@@ -195,7 +195,12 @@ def test_compile_update_compiles_again_with_the_probes_if_the_cpp_build_fails(mo
     update = lambda state, params, batch: state  # noqa: E731
     monkeypatch.delenv("TORCHINDUCTOR_VEC_ISA_OK", raising=False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    failed = BackendCompilerFailed(update, CppCompileError(["g++"], "no AVX-512 here"), None)
+    from torch._inductor.exc import InductorError
+
+    # as inductor raises it (InductorError(CppCompileError)), wrapped once more by dynamo
+    failed = BackendCompilerFailed(
+        update, InductorError(CppCompileError(["g++"], "no AVX-512 here"), None), None
+    )
     calls, runs = [], []
     monkeypatch.setattr(torch, "compile", _fake_compile(calls, runs, failed))
     fast = compile_update(update)
