@@ -95,23 +95,19 @@ class _ProbeMode(TorchFunctionMode):
             x, weight = args[1], args[2]
             via_addmm = True
         else:
+            weight = None
+        name = None if weight is None else self.names_by_id.get(id(weight))
+        if name is None:  # no target weight in a layer's place: pass the call on, note other uses
             out = func(*args, **kwargs)
             if self.compiling:
-                if self._mentions_target(args, kwargs):
-                    self._note_other_use(func, args, kwargs, out)
-                return out
-            ids = self.names_by_id
-            for leaf in args:
-                if id(leaf) in ids or (isinstance(leaf, _SEQUENCES) and any(id(v) in ids for v in leaf)):
-                    self._note_other_use(func, args, kwargs, out)
-                    return out
-            if kwargs and self._mentions_target(args, kwargs):
-                self._note_other_use(func, args, kwargs, out)
-            return out
-        name = self.names_by_id.get(id(weight))
-        if name is None:
-            out = func(*args, **kwargs)
-            if self._mentions_target(args, kwargs):
+                mentioned = self._mentions_target(args, kwargs)
+            else:
+                mentioned, ids = False, self.names_by_id
+                for leaf in (*args, *kwargs.values()) if kwargs else args:
+                    if id(leaf) in ids or (isinstance(leaf, _SEQUENCES) and any(id(v) in ids for v in leaf)):
+                        mentioned = True
+                        break
+            if mentioned:
                 self._note_other_use(func, args, kwargs, out)
             return out
         if name in self.other_uses:
@@ -160,23 +156,20 @@ class _ProbeMode(TorchFunctionMode):
         return out + probe.reshape(out.shape).to(out.dtype)
 
     def _mentions_target(self, args: tuple, kwargs: dict) -> bool:
-        """Whether a target weight is an argument (or an element of a list/tuple argument)."""
+        """Under ``torch.compile``: whether a target weight is an argument (or an element of a
+        list/tuple argument); ``id()`` only of tensors that can be targets (see ``kinds``).
+
+        Plain loops: dynamo interprets this for every operation of the forward, and
+        comprehensions and generators cost it several times more.
+        """
         ids = self.names_by_id
-        if self.compiling:  # id() only of tensors that can be targets (see kinds)
-            # plain loops: dynamo interprets this for every operation of the forward, and
-            # comprehensions and generators cost it several times more
-            for values in (args, kwargs.values()):
-                for value in values:
-                    if isinstance(value, _SEQUENCES):
-                        for v in value:
-                            if isinstance(v, Tensor) and self._may_be_target(v) and id(v) in ids:
-                                return True
-                    elif isinstance(value, Tensor) and self._may_be_target(value) and id(value) in ids:
-                        return True
-            return False
         for values in (args, kwargs.values()):
-            for leaf in values:
-                if id(leaf) in ids or (isinstance(leaf, _SEQUENCES) and any(id(v) in ids for v in leaf)):
+            for value in values:
+                if isinstance(value, _SEQUENCES):
+                    for v in value:
+                        if isinstance(v, Tensor) and self._may_be_target(v) and id(v) in ids:
+                            return True
+                elif isinstance(value, Tensor) and self._may_be_target(value) and id(value) in ids:
                     return True
         return False
 
