@@ -8,13 +8,14 @@ last-position logits of 4 answer tokens. Stages and methods (all timed in the sa
 interleaved, so that their ratios come from one run):
 
 * ``forward_backward``: a plain ``loss.backward()`` to the LoRA weights (last position's logits
-  only, as flaplace asks for): the yardstick.
+  only and no key/value cache, as flaplace asks for): the yardstick.
 * ``kfac_lowrank``: the factors of one batch with bayesian-lora's settings (one Monte Carlo sample,
   last position, ``n_kfac=10``, ``lr_threshold=100``): flaplace's ``update`` + ``kfac_factors``
   (eager and ``torch.compile``-d), bayesian-lora's ``calculate_kronecker_factors`` +
   ``cholesky_decompose_small_factors`` called as its README does (its forward projects every
   position onto the vocabulary and keeps the last), and the same with a forward that keeps the
-  last position's logits only (variant ``.../trimmed``: the same model work as flaplace).
+  last position's logits only and no key/value cache (variant ``.../trimmed``: the same model
+  work as flaplace).
 * ``kfac_dense``: dense factors of one batch (one Monte Carlo sample, every position,
   ``sharing="expand"``): flaplace's ``update``; laplace-torch's ``CurvlinopsGGN(stochastic).kron``
   (the curvature of ``KronLaplace.fit`` without its eigendecomposition). The eigendecompositions
@@ -187,7 +188,7 @@ Key = tuple[str, str, bool, str]  # (method, stage, compiled, variant)
 
 class LastLogits(torch.nn.Module):
     """``forward(batch) -> (B, C)``: the answer logits at the last position, asking the model for that
-    position only (``logits_to_keep``): the forward laplace-torch is given."""
+    position only (``logits_to_keep``) and for no key/value cache: the forward laplace-torch is given."""
 
     def __init__(self, model: torch.nn.Module, output_fn: Any):
         super().__init__()
@@ -195,7 +196,8 @@ class LastLogits(torch.nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return self.output_fn(self.model(**inputs, **self.output_fn.model_kwargs(inputs)), inputs)
+        kwargs = {**self.output_fn.model_kwargs(inputs), "use_cache": False}
+        return self.output_fn(self.model(**inputs, **kwargs), inputs)
 
 
 class _Loader:
@@ -230,7 +232,7 @@ def make_cases(config: Config, args: argparse.Namespace) -> tuple[dict[Key, Case
     output_fn = flaplace.LastTokenLogits(answers)
     model_fn = flaplace.ModelFunction(model, params, output_fn)
     lora_weights = [p for p in model.parameters() if p.requires_grad]
-    trimmed = output_fn.model_kwargs(batch)
+    trimmed = {**output_fn.model_kwargs(batch), "use_cache": False}  # ModelFunction's model call
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     stages = set(config.stages) & set(args.stages.split(",") if args.stages else STAGES)
     compiled_stages = set() if args.no_compile else set(config.compiled) & stages
