@@ -95,6 +95,7 @@ def _bayesian_lora(model, train: list[dict], device: str):
 
 def build_cases(args) -> tuple[dict[tuple, Callable[[], object]], dict[tuple, dict]]:
     import flaplace
+    from flaplace.jacobians import jacobians_and_logits
 
     device = args.device
     torch.set_num_threads(args.threads)
@@ -113,10 +114,14 @@ def build_cases(args) -> tuple[dict[tuple, Callable[[], object]], dict[tuple, di
                 flaplace.linearised_predictive(model_fn, cache, x, method=m)
             )
     if not args.no_compile:
-        compiled = torch.compile(
-            lambda x: flaplace.linearised_predictive(model_fn, cache, x, method="capture"),
-            backend=args.backend,
-        )
+        # Jacobians by the capture, eagerly; the covariance compiled (compiling the capture's
+        # per-class pull-backs too fails in AOTAutograd: "Cannot access storage of TensorWrapper")
+        covariance = torch.compile(flaplace.predictive_covariance, backend=args.backend)
+
+        def compiled(x: dict) -> tuple[torch.Tensor, torch.Tensor]:
+            jacobians, f_mu = jacobians_and_logits(model_fn, cache.mean, x, method="capture")
+            return f_mu, covariance(cache, jacobians)
+
         for b, batch in batches.items():
             start = time.perf_counter()
             try:
