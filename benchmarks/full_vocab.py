@@ -49,7 +49,7 @@ def build_cases(args) -> dict[tuple, Callable[[], object]]:
     train = [
         {"input_ids": common.token_batch(4, SEQ, vocab=VOCAB, seed=100 + i)["input_ids"]} for i in range(2)
     ]
-    factors = flaplace.fit_kfac(kfac_fn, params, train, progress=False, n_kfac=10, lr_threshold=100)
+    factors, _ = flaplace.fit_kfac(kfac_fn, params, train, progress=False, n_kfac=10, lr_threshold=100)
     posterior = flaplace.make_posterior(factors, params, 1.0)
     f = flaplace.TokenLogitsFunction(model, params)
     batch = {"input_ids": common.token_batch(BATCH, SEQ, vocab=VOCAB, seed=1)["input_ids"]}
