@@ -36,10 +36,18 @@ class CaptureError(RuntimeError):
     """A selected weight cannot be captured (never used, used twice, or used by an unknown op)."""
 
 
-def output_dim(weight: Tensor, transposed: bool) -> int:
-    """Output size ``o`` of a weight stored ``(o, i)``, or ``(i, o)`` when ``transposed``."""
+def output_dim(weight: Tensor, transposed: bool, name: str | None = None) -> int:
+    """Output size ``o`` of a weight stored ``(o, i)``, or ``(i, o)`` when ``transposed``.
+
+    Raises:
+        ValueError: ``weight`` is not 2-D (naming ``name`` when given).
+    """
     if weight.ndim != 2:
-        raise ValueError(f"K-FAC needs 2-D weight matrices; got a tensor of shape {tuple(weight.shape)}")
+        what = "a selected weight" if name is None else repr(name)
+        raise ValueError(
+            f"K-FAC needs 2-D weight matrices, but {what} has shape {tuple(weight.shape)} (a vector such "
+            "as a bias, a norm's scale or DoRA's magnitude); leave it out with exclude=<a keyword of its name>"
+        )
     return weight.shape[1] if transposed else weight.shape[0]
 
 
@@ -277,7 +285,8 @@ def capture(
     # A zero of the output's shape, expanded from one element: no memory, no fill.
     probe_shape = token_shape if positions is None else (token_shape[0], 1)
     probes = {
-        n: params[n].new_zeros(()).expand(*probe_shape, output_dim(params[n], n in transposed)) for n in names
+        n: params[n].new_zeros(()).expand(*probe_shape, output_dim(params[n], n in transposed, n))
+        for n in names
     }
 
     plain = _plain_autograd()
@@ -300,6 +309,7 @@ def capture(
                 f"{len(unused)} selected weight(s) never reached F.linear/addmm in the forward, "
                 f"e.g. {unused[0]!r}; they are unused, or used by an operation flaplace cannot capture"
                 + (f" ({mode.other_uses[unused[0]]})" if unused[0] in mode.other_uses else "")
+                + "; leave them out with select_params(..., exclude=<a keyword of their names>)"
             )
         return logits, records
 
