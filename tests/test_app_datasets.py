@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import datasets
+import peft
 import pytest
 import torch
 from test_app_trainer import ANSWER_IDS, arguments, causal_examples, collate, tiny_causal_lora
@@ -190,3 +191,26 @@ def test_laplace_from_trainer_with_a_dataset_as_train_dataset(tmp_path):
     assert float(la.log_likelihood) == pytest.approx(float(direct.log_likelihood), rel=1e-5)
     batch = collate(examples[:4])
     torch.testing.assert_close(la(batch), direct(batch), rtol=1e-4, atol=1e-5)
+
+
+def test_token_type_ids_go_only_to_models_that_take_them():
+    from tiny_models import tiny_base_model
+
+    from flaplace.app.hfdatasets import dataset_loaders
+
+    rows = datasets.Dataset.from_dict(
+        {"input_ids": [[5, 6], [7]], "token_type_ids": [[0, 0], [0]], "label": [1, 0]}
+    )
+    torch.manual_seed(0)
+    for arch, expected in (
+        ("llama", {"input_ids", "attention_mask", "labels"}),
+        ("bert", {"input_ids", "attention_mask", "labels", "token_type_ids"}),
+    ):
+        model = peft.get_peft_model(
+            tiny_base_model(arch),
+            peft.LoraConfig(
+                r=2, target_modules=["q_proj", "v_proj"] if arch == "llama" else ["query", "value"]
+            ),
+        )
+        train, val = dataset_loaders(rows, None, model)
+        assert set(next(iter(train))) == expected and val is None

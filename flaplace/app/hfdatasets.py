@@ -22,6 +22,7 @@ Examples:
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -238,7 +239,7 @@ class PaddingCollator:
 
 
 def dataset_batches(
-    dataset: Any, *, batch_size: int = 8, pad_token_id: int = 0
+    dataset: Any, *, batch_size: int = 8, pad_token_id: int = 0, keys: Sequence[str] = _MODEL_KEYS
 ) -> torch.utils.data.DataLoader:
     """A tokenised ``Dataset`` as a ``DataLoader`` of padded batches (in order, not shuffled).
 
@@ -248,6 +249,7 @@ def dataset_batches(
             ``token_type_ids`` are used when present, other columns (the raw text) left out.
         batch_size: examples per batch.
         pad_token_id: the padding of ``input_ids`` (masked out by the attention mask).
+        keys: the columns that go into the batches, when present.
 
     Raises:
         ValueError: no ``input_ids`` column (the dataset is not tokenised).
@@ -261,13 +263,15 @@ def dataset_batches(
             f"the Dataset has the columns {columns} but no input_ids: tokenise it first "
             "(dataset.map(lambda row: tokenizer(row['text']), batched=True))"
         )
-    keep = [c for c in columns if c in _MODEL_KEYS]
+    keep = [c for c in columns if c in keys]
     return torch.utils.data.DataLoader(
         dataset.select_columns(keep), batch_size=batch_size, collate_fn=PaddingCollator(pad_token_id)
     )
 
 
-def as_batches(data: Any, *, batch_size: int = 8, pad_token_id: int = 0) -> Any:
+def as_batches(
+    data: Any, *, batch_size: int = 8, pad_token_id: int = 0, keys: Sequence[str] = _MODEL_KEYS
+) -> Any:
     """``data`` unchanged, or a ``Dataset`` (a ``DatasetDict``'s training split) as `dataset_batches`.
 
     Examples:
@@ -277,7 +281,7 @@ def as_batches(data: Any, *, batch_size: int = 8, pad_token_id: int = 0) -> Any:
     if is_dataset_dict(data):
         data = dataset_splits(data)["train"]
     if is_dataset(data):
-        return dataset_batches(data, batch_size=batch_size, pad_token_id=pad_token_id)
+        return dataset_batches(data, batch_size=batch_size, pad_token_id=pad_token_id, keys=keys)
     return data
 
 
@@ -299,7 +303,19 @@ def dataset_loaders(train: Any, val: Any, model: object, *, batch_size: int = 8)
         val = splits.get("validation") if val is None else val
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     pad_token_id = pad if isinstance(pad, int) else 0
+    # token_type_ids only for models that name them (BERT does, Llama does not)
+    keys = tuple(k for k in _MODEL_KEYS if k != "token_type_ids" or "token_type_ids" in _forward_names(model))
     return (
-        as_batches(train, batch_size=batch_size, pad_token_id=pad_token_id),
-        as_batches(val, batch_size=batch_size, pad_token_id=pad_token_id),
+        as_batches(train, batch_size=batch_size, pad_token_id=pad_token_id, keys=keys),
+        as_batches(val, batch_size=batch_size, pad_token_id=pad_token_id, keys=keys),
     )
+
+
+def _forward_names(model: object) -> frozenset[str]:
+    """The parameter names of ``model.forward`` (of the base model for a PEFT wrapper)."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    try:
+        return frozenset(inspect.signature(base.forward).parameters)  # type: ignore[union-attr]
+    except (AttributeError, TypeError, ValueError):
+        return frozenset()
