@@ -126,7 +126,7 @@ def read_user_splits(
     ``path`` is a ``.jsonl``/``.csv``/``.tsv`` training file, a ``datasets.Dataset`` (the
     training data), a ``datasets.DatasetDict`` (its ``train`` split, and its ``validation`` and
     ``test`` splits when it has them, under the names of
-    [`SPLIT_NAMES`][flaplace.app.hfdatasets.SPLIT_NAMES]), or a folder written by ``save_to_disk``
+    `flaplace.app.hfdatasets.SPLIT_NAMES`), or a folder written by ``save_to_disk``
     of either. ``spec.validation_path`` and ``spec.test_path`` take precedence over the splits.
     The validation and test data are read with the training data's classes, so their labels
     must be among them; multiple-choice data must have the same number of options in every split.
