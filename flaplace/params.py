@@ -12,6 +12,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from flaplace.capture import refuse_uncapturable
 from flaplace.sharding import unwrap_model
 from flaplace.typing import Batch, Params
 
@@ -41,7 +42,8 @@ def select_params(
 
     Raises:
         ValueError: nothing is selected, a keyword matches no parameter, or a selected weight
-            belongs to a DoRA layer or is LoRA on an embedding (`refuse_uncapturable`).
+            belongs to a DoRA layer or is LoRA on an embedding
+            ([`refuse_uncapturable`][flaplace.capture.refuse_uncapturable]).
 
     Examples:
         >>> params = select_params(peft_model, "lora")  # lora_A and lora_B weights  # doctest: +SKIP
@@ -70,56 +72,6 @@ def select_params(
         raise ValueError(f"no parameter of {type(model).__name__} was selected")
     refuse_uncapturable(model, chosen)
     return {n: named[n].detach() for n in chosen}
-
-
-def refuse_uncapturable(model: nn.Module, names: Iterable[str]) -> None:
-    """Refuse selected weights whose curvature K-FAC cannot represent: DoRA layers, LoRA on embeddings.
-
-    * A PEFT layer with ``use_dora=True`` scales each output by ``magnitude / ||W0 + s B A||``,
-      the norm of a whole row of the adapted weight. The per-example gradient of ``lora_A`` or
-      ``lora_B`` then holds, besides the layer-input x output-gradient product, a term from that
-      norm (the input projected off the weight row, a different projection for every output), so
-      no Kronecker factorisation holds, not even for one example and one token.
-    * PEFT applies LoRA on an ``nn.Embedding`` (``lora_embedding_A``/``lora_embedding_B``) by a
-      lookup and a matrix product, which the capture does not see as a linear layer.
-
-    Args:
-        model: the module the names belong to.
-        names: the selected parameter names.
-
-    Raises:
-        ValueError: one line naming the first such weight, why, and what to select instead.
-
-    Examples:
-        >>> import torch
-        >>> refuse_uncapturable(torch.nn.Linear(2, 2), ["weight"])  # a plain layer: nothing to refuse
-    """
-    names = list(names)
-    for owner, module in model.named_modules():
-        use_dora = getattr(module, "use_dora", None)
-        dora = {a for a, on in use_dora.items() if on} if isinstance(use_dora, Mapping) else set()
-        if not dora and not getattr(module, "lora_embedding_A", None):
-            continue
-        prefix = f"{owner}." if owner else ""
-        for name in names:
-            if not name.startswith(prefix):
-                continue
-            parts = name[len(prefix) :].split(".")
-            if parts[0].startswith("lora_embedding_"):
-                raise ValueError(
-                    f"{name!r} is LoRA on the embedding {owner!r}, which PEFT applies by a lookup, not "
-                    'a linear layer, so K-FAC cannot capture it; leave it out with exclude="embed" '
-                    "(or drop the embedding from the LoRA target_modules)"
-                )
-            adapter = parts[1] if parts[0].startswith("lora_") and len(parts) > 1 else None
-            if dora and (adapter is None or adapter in dora):
-                raise ValueError(
-                    f"{name!r} belongs to the DoRA layer {owner!r} (use_dora=True): DoRA divides each "
-                    "output by the norm of its whole weight row, so the per-example gradient is no "
-                    "input x output-gradient product and K-FAC cannot represent it; merge the adapter "
-                    "(merge_and_unload()) and select full weights of the merged model (see the DoRA "
-                    "section of the Hugging Face page)"
-                )
 
 
 def transposed_weights(model: nn.Module, names: Iterable[str]) -> frozenset[str]:
