@@ -18,12 +18,12 @@ wrapping of every tensor downstream of a probe, a few percent of a K-FAC update)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from flaplace.typing import Batch, ModelFn, Params
@@ -36,11 +36,69 @@ class CaptureError(RuntimeError):
     """A selected weight cannot be captured (never used, used twice, or used by an unknown op)."""
 
 
-def output_dim(weight: Tensor, transposed: bool) -> int:
-    """Output size ``o`` of a weight stored ``(o, i)``, or ``(i, o)`` when ``transposed``."""
+def output_dim(weight: Tensor, transposed: bool, name: str | None = None) -> int:
+    """Output size ``o`` of a weight stored ``(o, i)``, or ``(i, o)`` when ``transposed``.
+
+    Raises:
+        ValueError: ``weight`` is not 2-D (naming ``name`` when given).
+    """
     if weight.ndim != 2:
-        raise ValueError(f"K-FAC needs 2-D weight matrices; got a tensor of shape {tuple(weight.shape)}")
+        what = "a selected weight" if name is None else repr(name)
+        raise ValueError(
+            f"K-FAC needs 2-D weight matrices, but {what} has shape {tuple(weight.shape)} (a vector such "
+            "as a bias, a norm's scale or DoRA's magnitude); leave it out with exclude=<a keyword of its name>"
+        )
     return weight.shape[1] if transposed else weight.shape[0]
+
+
+def refuse_uncapturable(model: nn.Module, names: Iterable[str]) -> None:
+    """Refuse selected weights whose curvature K-FAC cannot represent: DoRA layers, LoRA on embeddings.
+
+    * A PEFT layer with ``use_dora=True`` scales each output by ``magnitude / ||W0 + s B A||``,
+      the norm of a whole row of the adapted weight. The per-example gradient of ``lora_A`` or
+      ``lora_B`` then holds, besides the layer-input x output-gradient product, a term from that
+      norm (the input projected off the weight row, a different projection for every output), so
+      no Kronecker factorisation holds, not even for one example and one token.
+    * PEFT applies LoRA on an ``nn.Embedding`` (``lora_embedding_A``/``lora_embedding_B``) by a
+      lookup and a matrix product, which the capture does not see as a linear layer.
+
+    Args:
+        model: the module the names belong to.
+        names: the selected parameter names.
+
+    Raises:
+        ValueError: one line naming the first such weight, why, and what to select instead.
+
+    Examples:
+        >>> import torch
+        >>> refuse_uncapturable(torch.nn.Linear(2, 2), ["weight"])  # a plain layer: nothing to refuse
+    """
+    names = list(names)
+    for owner, module in model.named_modules():
+        use_dora = getattr(module, "use_dora", None)
+        dora = {a for a, on in use_dora.items() if on} if isinstance(use_dora, Mapping) else set()
+        if not dora and not getattr(module, "lora_embedding_A", None):
+            continue
+        prefix = f"{owner}." if owner else ""
+        for name in names:
+            if not name.startswith(prefix):
+                continue
+            parts = name[len(prefix) :].split(".")
+            if parts[0].startswith("lora_embedding_"):
+                raise ValueError(
+                    f"{name!r} is LoRA on the embedding {owner!r}, which PEFT applies by a lookup, not "
+                    'a linear layer, so K-FAC cannot capture it; leave it out with exclude="embed" '
+                    "(or drop the embedding from the LoRA target_modules)"
+                )
+            adapter = parts[1] if parts[0].startswith("lora_") and len(parts) > 1 else None
+            if dora and (adapter is None or adapter in dora):
+                raise ValueError(
+                    f"{name!r} belongs to the DoRA layer {owner!r} (use_dora=True): DoRA divides each "
+                    "output by the norm of its whole weight row, so the per-example gradient is no "
+                    "input x output-gradient product and K-FAC cannot represent it; merge the adapter "
+                    "(merge_and_unload()) and select full weights of the merged model (see the DoRA "
+                    "section of the Hugging Face page)"
+                )
 
 
 class _ProbeMode(TorchFunctionMode):
@@ -277,7 +335,8 @@ def capture(
     # A zero of the output's shape, expanded from one element: no memory, no fill.
     probe_shape = token_shape if positions is None else (token_shape[0], 1)
     probes = {
-        n: params[n].new_zeros(()).expand(*probe_shape, output_dim(params[n], n in transposed)) for n in names
+        n: params[n].new_zeros(()).expand(*probe_shape, output_dim(params[n], n in transposed, n))
+        for n in names
     }
 
     plain = _plain_autograd()
@@ -300,6 +359,7 @@ def capture(
                 f"{len(unused)} selected weight(s) never reached F.linear/addmm in the forward, "
                 f"e.g. {unused[0]!r}; they are unused, or used by an operation flaplace cannot capture"
                 + (f" ({mode.other_uses[unused[0]]})" if unused[0] in mode.other_uses else "")
+                + "; leave them out with select_params(..., exclude=<a keyword of their names>)"
             )
         return logits, records
 

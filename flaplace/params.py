@@ -12,6 +12,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from flaplace.capture import refuse_uncapturable
 from flaplace.sharding import unwrap_model
 from flaplace.typing import Batch, Params
 
@@ -40,7 +41,9 @@ def select_params(
         unwrapped first (`unwrap_model`), so names carry no ``module.`` prefix.
 
     Raises:
-        ValueError: nothing is selected, or a keyword matches no parameter.
+        ValueError: nothing is selected, a keyword matches no parameter, or a selected weight
+            belongs to a DoRA layer or is LoRA on an embedding
+            ([`refuse_uncapturable`][flaplace.capture.refuse_uncapturable]).
 
     Examples:
         >>> params = select_params(peft_model, "lora")  # lora_A and lora_B weights  # doctest: +SKIP
@@ -67,6 +70,7 @@ def select_params(
     chosen = [n for n in chosen if not any(k in n.lower() for k in excl)]
     if not chosen:
         raise ValueError(f"no parameter of {type(model).__name__} was selected")
+    refuse_uncapturable(model, chosen)
     return {n: named[n].detach() for n in chosen}
 
 
@@ -328,6 +332,7 @@ class ModelFunction:
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ValueError(f"{len(unknown)} name(s) are not parameters of the model, e.g. {unknown[0]!r}")
+        refuse_uncapturable(model, names)
         self.model = model
         self.names = tuple(names)
         self.output_fn = output_fn

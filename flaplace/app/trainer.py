@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flaplace.app.hfdatasets import DatasetLike, dataset_loaders
 from flaplace.laplace import LaplaceLoRA, batch_to, laplace
 from flaplace.params import LastTokenLogits, classifier_logits, select_params
 from flaplace.typing import Batch, Params
@@ -142,10 +143,10 @@ class _BatchFn:
 
 def fit_laplace(
     model: nn.Module,
-    train_loader: Iterable[Batch],
+    train_loader: Iterable[Batch] | DatasetLike,
     *,
     answer_ids: Sequence[int] | None = None,
-    val_loader: Iterable[Batch] | None = None,
+    val_loader: Iterable[Batch] | DatasetLike | None = None,
     prior: str = "evidence",
     **options: Any,
 ) -> LaplaceLoRA:
@@ -154,7 +155,9 @@ def fit_laplace(
     Args:
         model: the trained PEFT model (put in eval mode here).
         train_loader: batches of the training data as the collator makes them (dicts with
-            ``input_ids``, ``attention_mask``, ``labels``); on any device.
+            ``input_ids``, ``attention_mask``, ``labels``); on any device. A tokenised
+            ``datasets.Dataset`` is batched here (8 rows a batch, right-padded); a
+            ``DatasetDict`` gives its training split (and its validation split as ``val_loader``).
         answer_ids: for a causal LM scored on answer tokens: the token id of each class (e.g.
             from [`flaplace.app.hf.answer_token_ids`][flaplace.app.hf.answer_token_ids]); ``None`` for a classification head.
         val_loader: validation batches, for ``prior="val_nll"`` or ``"grid"``.
@@ -169,6 +172,7 @@ def fit_laplace(
         >>> probs = la(next(iter(test_loader)))
     """
     options.setdefault("directions", "informed")
+    train_loader, val_loader = dataset_loaders(train_loader, val_loader, model)  # datasets -> batches
     output_fn = classifier_logits if answer_ids is None else LastTokenLogits(answer_ids)
     batch_fn = _BatchFn(_device_of(model), answer_ids)
     return laplace(

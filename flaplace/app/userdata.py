@@ -1,4 +1,4 @@
-"""A user's own classification or multiple-choice data from a JSONL or CSV file, by named columns.
+"""A user's own classification or multiple-choice data from a JSONL or CSV file, or a ``datasets.Dataset``, by named columns.
 
 Two kinds of data:
 
@@ -11,7 +11,10 @@ Two kinds of data:
 
 Every row becomes a `UserExample` with the fields of the task examples the pipeline uses
 (``text``, ``choices``, ``label`` as a class index, ``text_pair``). Errors say where (file and
-line), which column is missing and which columns the file has.
+line, or dataset row), which column is missing and which columns the file has.
+
+A Hugging Face ``datasets.Dataset`` (or a folder written by its ``save_to_disk``) is read the same
+way, one row per example; a label column whose feature is a ``ClassLabel`` gives the class names.
 
 Examples:
     >>> data = load_user_data("reviews.csv", text="review", label="sentiment")
@@ -28,7 +31,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["UserData", "UserDataError", "UserExample", "load_user_data", "read_rows"]
+from flaplace.app.hfdatasets import class_label_names, open_source
+
+__all__ = ["UserData", "UserDataError", "UserExample", "dataset_rows", "load_user_data", "read_rows"]
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -136,19 +141,40 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
+def dataset_rows(
+    dataset: Any, name: str = "the dataset"
+) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """The rows of a ``datasets.Dataset`` as `read_rows` gives a file's: ``(location, record)`` and the columns.
+
+    Raises:
+        UserDataError: the dataset has no rows.
+
+    Examples:
+        >>> rows, columns = dataset_rows(datasets.Dataset.from_dict({"text": ["a"], "label": [0]}))  # doctest: +SKIP
+        >>> rows[0], columns  # doctest: +SKIP
+        (('the dataset, row 0', {'text': 'a', 'label': 0}), ['text', 'label'])
+    """
+    records = dataset.to_list()
+    if not records:
+        raise UserDataError(f"{name} has no rows")
+    return [(f"{name}, row {i}", dict(r)) for i, r in enumerate(records)], list(dataset.column_names)
+
+
 def load_user_data(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Any,
     *,
     text: str = "text",
     label: str = "label",
     text_pair: str | None = None,
     choices: str | Sequence[str] | None = None,
     classes: Sequence[str] | None = None,
+    name: str | None = None,
 ) -> UserData:
-    """Read a user's JSONL/CSV file into examples, by column names.
+    """Read a user's JSONL/CSV file or ``datasets.Dataset`` into examples, by column names.
 
     Args:
-        path: a ``.jsonl``, ``.csv`` or ``.tsv`` file.
+        path: a ``.jsonl``, ``.csv`` or ``.tsv`` file, a ``datasets.Dataset``, or a folder
+            written by ``Dataset.save_to_disk``.
         text: the column of the text (classification) or the question (multiple choice).
         label: the column of the label.
         text_pair: the column of a second text (pair classification, e.g. entailment), or ``None``.
@@ -157,7 +183,9 @@ def load_user_data(
             names several columns too. ``None`` reads a classification file.
         classes: classification only: the class names in index order. Labels may then be names
             or indices. Default: the sorted distinct labels (indices ``0..K-1`` when all labels
-            are integers, names otherwise).
+            are integers, names otherwise; for a ``Dataset`` whose label feature is a
+            ``ClassLabel``, its names).
+        name: how errors name a ``Dataset`` (default ``"the dataset"``; a file is named by its path).
 
     Returns:
         A `UserData`.
@@ -165,14 +193,30 @@ def load_user_data(
     Raises:
         UserDataError: a missing column (naming it, its option and the columns found), an
             empty text, a label outside the classes or the options, rows with different
-            numbers of options, fewer than two classes.
+            numbers of options, fewer than two classes, a ``DatasetDict`` (one split is read here).
+        FileNotFoundError, TypeError, ImportError: a folder that ``save_to_disk`` did not write,
+            an object that is neither a path nor a ``Dataset``, a ``save_to_disk`` folder without
+            ``datasets`` installed.
 
     Examples:
         >>> mc = load_user_data("quiz.csv", text="question", label="answer", choices="A,B,C,D")
         >>> mc.kind, mc.classes
         ('multiple_choice', ('A', 'B', 'C', 'D'))
     """
-    rows, columns = read_rows(path)
+    if isinstance(path, str | os.PathLike) and not Path(path).is_dir():
+        rows, columns = read_rows(path)
+    else:
+        source = open_source(path, "data")
+        is_path = isinstance(path, str | os.PathLike)
+        if isinstance(source, dict):
+            raise UserDataError(
+                f"{path if is_path else 'the data'} is a DatasetDict with the splits {list(source)}; "
+                "load_user_data reads one split: pass one of them (e.g. data['train']), or use "
+                "load_task('user', ...), which reads them all"
+            )
+        rows, columns = dataset_rows(source, name or (str(path) if is_path else "the dataset"))
+        if classes is None and choices is None:
+            classes = class_label_names(source, label)
     if choices is not None:
         return _multiple_choice(rows, columns, text, label, choices)
     return _classification(rows, columns, text, label, text_pair, classes)

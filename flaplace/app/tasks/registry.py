@@ -146,7 +146,7 @@ def _limits(max_examples: Mapping[str, int | None] | int | None) -> dict[str, in
 
 def load_task(
     name: str,
-    path: str | Path | None = None,
+    path: str | Path | Any | None = None,
     *,
     max_examples: Mapping[str, int | None] | int | None = None,
     seed: int = 0,
@@ -164,10 +164,12 @@ def load_task(
     seeded random subset, kept in file order. ``seed`` also fixes the
     deterministic carving of splits that the files do not provide.
 
-    Task ``user`` reads the user's own file: ``path`` is a ``.jsonl``, ``.csv`` or
-    ``.tsv`` training file and ``user`` (a [`UserSpec`][flaplace.app.tasks.user.UserSpec])
-    names its columns and the optional validation and test files; see
-    [`user`][flaplace.app.tasks.user] for how missing splits are carved.
+    Task ``user`` reads the user's own data: ``path`` is a ``.jsonl``, ``.csv`` or
+    ``.tsv`` training file, a ``datasets.Dataset``, a ``datasets.DatasetDict`` (its splits)
+    or a folder written by ``save_to_disk``, and ``user`` (a
+    [`UserSpec`][flaplace.app.tasks.user.UserSpec]) names its columns and the optional
+    validation and test files; see [`user`][flaplace.app.tasks.user] for how missing splits
+    are carved.
 
     Raises ``ValueError`` for an unknown task, ``FileNotFoundError`` for a
     missing file or source, and `TaskDataError` (a ``ValueError``)
@@ -186,16 +188,17 @@ def load_task(
     limits = _limits(max_examples)
     dropped: dict[str, int] = {}
     if name == USER_TASK:
-        if path is None or not Path(path).is_file():
+        if path is None:
             raise FileNotFoundError(
-                f"task {USER_TASK!r} reads your own data file: give --data-path <file.jsonl|.csv|.tsv>"
-                + ("" if path is None else f" (not found: {path})")
+                f"task {USER_TASK!r} reads your own data: give --data-path <file.jsonl|.csv|.tsv, or a "
+                "folder written by datasets' save_to_disk> (in Python also a Dataset or DatasetDict)"
             )
         kind, choices, splits = read_user_splits(path, user or UserSpec(), seed)
         for split in SPLITS:
             splits[split] = _subsample(splits[split], limits[split], seed, split)
         kind_: TaskKind = "multiple_choice" if kind == "multiple_choice" else "classification"
-        return Task(USER_TASK, kind_, len(choices), splits, choices, dropped, str(path))
+        source = str(path) if isinstance(path, str | os.PathLike) else f"datasets.{type(path).__name__}"
+        return Task(USER_TASK, kind_, len(choices), splits, choices, dropped, source)
     spec = _TASKS[name]
     if path is None and os.environ.get(DATA_DIR_ENV) and name != "demo":
         path = Path(os.environ[DATA_DIR_ENV])

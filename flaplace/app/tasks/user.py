@@ -1,8 +1,11 @@
-"""The ``user`` task: a user's own JSONL/CSV/TSV files, read by named columns, as a `Task`.
+"""The ``user`` task: a user's own JSONL/CSV/TSV files or Hugging Face datasets, read by named columns, as a `Task`.
 
 The files are read by [`load_user_data`][flaplace.app.userdata.load_user_data]. The splits:
 
-* ``path`` (``--data-path``) is the training file.
+* ``path`` (``--data-path``) is the training file, a ``datasets.Dataset``, or a
+  ``datasets.DatasetDict`` whose ``train``/``validation``/``test`` splits are used as they are
+  (also under the names ``training``, ``valid``, ``val``, ``dev``, ``eval``, ``testing``); a
+  folder written by ``save_to_disk`` of either works the same.
 * ``validation_path`` and ``test_path`` (``--validation-path``, ``--test-path``) are optional
   files with the same columns. A split without its own file is carved from the training file:
   the rows are shuffled with a generator seeded by ``seed`` (the run's ``--seed``) and
@@ -23,11 +26,13 @@ Examples:
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+from flaplace.app.hfdatasets import is_dataset, open_source
 from flaplace.app.tasks.examples import SPLITS, Example, Splits, TaskDataError
 from flaplace.app.tasks.prompts import LETTERS, multiple_choice_prompt
 from flaplace.app.userdata import UserData, load_user_data
@@ -113,41 +118,59 @@ def carve_splits(examples: Sequence[Example], missing: Sequence[str], seed: int)
     return splits
 
 
-def read_user_splits(path: str | Path, spec: UserSpec, seed: int) -> tuple[str, tuple[str, ...], Splits]:
-    """Read the user's files into ``(kind, choices, splits)`` with all three splits.
+def read_user_splits(
+    path: str | Path | Any, spec: UserSpec, seed: int
+) -> tuple[str, tuple[str, ...], Splits]:
+    """Read the user's data into ``(kind, choices, splits)`` with all three splits.
 
-    The validation and test files are read with the training file's classes, so their labels
-    must be among them; a multiple-choice file must have the same number of options in every
-    file.
+    ``path`` is a ``.jsonl``/``.csv``/``.tsv`` training file, a ``datasets.Dataset`` (the
+    training data), a ``datasets.DatasetDict`` (its ``train`` split, and its ``validation`` and
+    ``test`` splits when it has them, under the names of
+    `flaplace.app.hfdatasets.SPLIT_NAMES`), or a folder written by ``save_to_disk``
+    of either. ``spec.validation_path`` and ``spec.test_path`` take precedence over the splits.
+    The validation and test data are read with the training data's classes, so their labels
+    must be among them; multiple-choice data must have the same number of options in every split.
 
     Raises:
         UserDataError, TaskDataError (both ``ValueError``): a missing column (naming it and
-            the columns found), a bad label, files that disagree, too few rows to carve.
+            the columns found), a bad label, files that disagree, too few rows to carve, a
+            ``DatasetDict`` without a training split.
+        FileNotFoundError, TypeError, ImportError: see [`open_source`][flaplace.app.hfdatasets.open_source].
 
     Examples:
         >>> kind, choices, splits = read_user_splits("quiz.csv", UserSpec(choices=("A", "B", "C", "D")), 0)  # doctest: +SKIP
         >>> kind, choices  # doctest: +SKIP
         ('multiple_choice', ('A', 'B', 'C', 'D'))
     """
+    source = open_source(path, "data path")
+    parts: dict[str, Any] = source if isinstance(source, dict) else {"train": source}
+    where = str(path) if isinstance(path, str | os.PathLike) else "the DatasetDict"
 
-    def read(file: str | Path, classes: Sequence[str] | None) -> UserData:
+    def describe(split: str, item: Any) -> str:
+        if isinstance(item, str | os.PathLike):
+            return str(item)
+        return f"{where}, split {split!r}" if isinstance(source, dict) else "the dataset"
+
+    def read(split: str, item: Any, classes: Sequence[str] | None) -> UserData:
         return load_user_data(
-            file, text=spec.text, label=spec.label, text_pair=spec.text_pair, choices=spec.choices,
-            classes=classes,
+            item, text=spec.text, label=spec.label, text_pair=spec.text_pair, choices=spec.choices,
+            classes=classes, name=describe(split, item),
         )  # fmt: skip
 
-    train = read(path, spec.classes)
+    train = read("train", parts["train"], spec.classes)
     kind = train.kind
-    files = {"validation": spec.validation_path, "test": spec.test_path}
+    given = {"validation": spec.validation_path, "test": spec.test_path}
     splits: Splits = {}
-    for split, file in files.items():
-        if file is None:
+    for split in ("validation", "test"):
+        item = given[split] if given[split] is not None else parts.get(split)
+        if item is None:
             continue
-        data = read(file, train.classes if kind == "classification" else None)
+        data = read(split, item, train.classes if kind == "classification" else None)
         if data.classes != train.classes:
             raise TaskDataError(
-                f"{file}: {len(data.classes)} options per question, but the training file {path} "
-                f"has {len(train.classes)}; every file needs the same number"
+                f"{describe(split, item)}: {len(data.classes)} options per question, but the training "
+                f"{'data' if is_dataset(parts['train']) else 'file'} {describe('train', parts['train'])} "
+                f"has {len(train.classes)}; every split needs the same number"
             )
         splits[split] = _examples(data)
     missing = [split for split in SPLITS if split != "train" and split not in splits]
