@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flaplace.evidence import log_marginal_likelihood, tune_prior_evidence
+from flaplace.evidence import tune_prior_evidence
 from flaplace.kfac import fit as fit_kfac
 from flaplace.links import predictive_probs
-from flaplace.lowrank import dense_eigen
 from flaplace.metrics import nll
 from flaplace.params import ModelFunction, select_params
 from flaplace.posterior import make_posterior, with_prior_precision
@@ -25,7 +24,6 @@ from flaplace.temperature import (
     tune_prior_temperature_nll,
     validation_nll_tempered,
 )
-from flaplace.typing import KronFactor
 from flaplace.validation import validation_features, validation_nll
 
 F64 = torch.float64
@@ -175,7 +173,8 @@ def dense_validation_grid(f, posterior, batches, log_lams, log_ts):
     for a in log_lams:
         post = with_prior_precision(posterior, math.exp(a))
         f_mu, f_var = (
-            torch.cat(parts) for parts in zip(*(linearised_predictive(f, post, b) for b in batches))
+            torch.cat(parts)
+            for parts in zip(*(linearised_predictive(f, post, b) for b in batches), strict=True)
         )
         for b in log_ts:
             probs = predictive_probs(*tempered_moments(f_mu, f_var, math.exp(b)), link="probit")
