@@ -21,9 +21,8 @@ from flaplace.temperature import (
     evidence_at_temperature,
     tempered_moments,
     tune_evidence_temperature,
-    tune_prior_temperature_nll,
-    validation_nll_tempered,
 )
+from flaplace.tempered_validation import tune_prior_temperature_nll, validation_nll_tempered
 from flaplace.validation import validation_features, validation_nll
 
 F64 = torch.float64

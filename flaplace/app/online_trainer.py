@@ -17,7 +17,7 @@ Set ``weight_decay=0`` in the ``TrainingArguments``: the prior's penalty replace
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -132,7 +132,7 @@ class OnlineEvidenceCallback(_trainer_callback_base()):  # type: ignore[misc]
     def observe(self, batch: Batch, model: nn.Module) -> None:
         """Keep one (micro-)batch of the current optimiser step, as the model function reads it."""
         moved = batch_to(batch, next(model.parameters()).device)
-        if self.answer_ids is not None:
+        if self.answer_ids is not None and isinstance(moved, Mapping):
             moved = answer_batch(moved, self.answer_ids)
         self._pending.append(moved)
 
