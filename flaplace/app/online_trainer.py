@@ -217,7 +217,8 @@ class OnlineEvidenceTrainer(_trainer_base()):  # type: ignore[misc]
 
     Args:
         online: the callback that holds and tunes the prior.
-        *args, **kwargs: ``transformers.Trainer``'s.
+        *args: ``transformers.Trainer``'s positional arguments.
+        **kwargs: ``transformers.Trainer``'s keyword arguments.
 
     Examples:
         >>> online = OnlineEvidenceCallback(every=20, fisher="exact")  # doctest: +SKIP
