@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -155,7 +155,7 @@ def prior_penalty(
     lam = prior_precision_per_block(
         names,
         {k: v.detach() if isinstance(v, Tensor) else v for k, v in prior_precision.items()}
-        if isinstance(prior_precision, dict)
+        if isinstance(prior_precision, Mapping)
         else (prior_precision.detach() if isinstance(prior_precision, Tensor) else prior_precision),
         dtype=dtype,
         device=first.device,

@@ -12,7 +12,7 @@ import torch
 from test_app_trainer import ANSWER_IDS, arguments, causal_examples, collate, tiny_causal_lora
 
 from flaplace.app.online_trainer import OnlineEvidenceCallback, OnlineEvidenceTrainer
-from flaplace.app.trainer import answer_batch
+from flaplace.app.trainer import answer_batch, gaussian_prior_penalty, initial_prior_mean
 from flaplace.evidence import tune_prior_evidence
 from flaplace.kfac import fit
 from flaplace.online import prior_penalty
@@ -70,3 +70,17 @@ def test_the_penalty_needs_training_to_have_begun():
         OnlineEvidenceCallback().penalty(tiny_causal_lora())
     with pytest.raises(ValueError, match="prior_mean"):
         OnlineEvidenceCallback(prior_mean="middle")
+
+
+def test_core_penalty_is_the_trainer_integrations_penalty():
+    model = tiny_causal_lora()
+    centre = initial_prior_mean(model, "init")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora" in name:
+                p.add_(0.3)
+    params = {n: p for n, p in model.named_parameters() if n in centre}
+    got = prior_penalty(params, 2.5, 16, centre)
+    want = gaussian_prior_penalty(model, 2.5, 16, prior_mean=centre)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+    assert float(got.detach()) > 0
