@@ -4,13 +4,15 @@ A random Llama (hidden ``--hidden``, ``--layers`` blocks) with LoRA r=8 on q/v, 
 last-position logits of four answer tokens; batches of ``--batch`` random sequences of
 ``--seq`` tokens. Each case trains ``--steps`` AdamW steps on ``mean NLL + prior_penalty``:
 
-* ``fixed``: the penalty of a fixed prior precision (the baseline);
+* ``fixed``: the penalty of a fixed prior precision (the training time alone);
 * ``online-<fisher>-every<k>-window<w>``: the same loop with ``build_online_evidence``'s
   ``update`` after every step: a refresh every ``k`` steps on the batches of the last ``w``
   (default K-FAC settings, at most 100 evidence steps per refresh).
 
-Reported per case: seconds per optimiser step (median of ``--repeats`` runs), the overhead per
-step against ``fixed`` in seconds and as a fraction, and the time of one refresh.
+Reported per case (medians of ``--repeats`` runs): the training time per optimiser step, the
+time spent in ``update`` as a fraction of the training time of the same run (both measured step
+by step in one loop, so a change in the machine's load affects them alike), and the time of one
+refresh.
 
 Usage (from the repository root)::
 
@@ -35,8 +37,12 @@ from flaplace.online import build_online_evidence, prior_penalty
 from flaplace.params import LastTokenLogits, ModelFunction, select_params
 
 
-def train(model_fn, start, batches, steps: int, online: dict[str, Any] | None) -> tuple[float, int, Any]:
-    """Seconds for ``steps`` optimiser steps (and the number of refreshes), with or without online tuning."""
+def train(model_fn, start, batches, steps: int, online: dict[str, Any] | None) -> tuple[float, float, int]:
+    """``(training seconds, online-update seconds, refreshes)`` for ``steps`` optimiser steps.
+
+    The two times are measured in the same loop, step by step, so a change in the machine's load
+    during the run affects both alike.
+    """
     theta = {n: p.detach().clone().requires_grad_(True) for n, p in start.items()}
     optimizer = torch.optim.AdamW(theta.values(), lr=1e-3, weight_decay=0.0)
     n_train = len(batches) * batches[0]["labels"].shape[0]
@@ -45,18 +51,21 @@ def train(model_fn, start, batches, steps: int, online: dict[str, Any] | None) -
         init, update = build_online_evidence(model_fn, n_train=n_train, **online)
         state = init(theta)
     precision = 1.0
-    clock = time.perf_counter()
+    training = updating = 0.0
     for step in range(steps):
         batch = batches[step % len(batches)]
+        clock = time.perf_counter()
         lam = precision if state is None else state.prior_precision
         loss = F.cross_entropy(model_fn(theta, batch), batch["labels"]) + prior_penalty(theta, lam, n_train)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        training += time.perf_counter() - clock
         if update is not None:
+            clock = time.perf_counter()
             state = update(state, theta, batch)
-    elapsed = time.perf_counter() - clock
-    return elapsed, 0 if state is None else int(state.refreshes), state
+            updating += time.perf_counter() - clock
+    return training, updating, 0 if state is None else int(state.refreshes)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,32 +95,37 @@ def main(argv: list[str] | None = None) -> None:
             "every": int(every),
             "window": int(window),
         }
-    times: dict[str, list[float]] = {name: [] for name in cases}
+    overhead: dict[str, list[float]] = {name: [] for name in cases}
+    step_seconds: dict[str, list[float]] = {name: [] for name in cases}
     refreshes: dict[str, int] = {}
     train(model_fn, params, batches, 2, None)  # warm-up
-    for repeat in range(args.repeats):  # interleaved: each repeat runs every case once
+    for repeat in range(args.repeats):
         for name, online in cases.items():
-            elapsed, count, _ = train(model_fn, params, batches, args.steps, online)
-            times[name].append(elapsed / args.steps)
+            training, updating, count = train(model_fn, params, batches, args.steps, online)
+            overhead[name].append(updating / training)
+            step_seconds[name].append(training / args.steps)
             refreshes[name] = count
-            log(f"repeat {repeat}: {name} {elapsed / args.steps:.4f} s/step, {count} refreshes")
-    base = statistics.median(times["fixed"])
+            log(
+                f"repeat {repeat}: {name} {training / args.steps:.4f} s/step, online {updating:.2f} s, {count} refreshes"
+            )
     records = []
     for name, online in cases.items():
-        per_step = statistics.median(times[name])
-        extra = per_step - base
+        per_step = statistics.median(step_seconds[name])
+        fraction = statistics.median(overhead[name])
         records.append(
             {
                 "case": name,
-                "seconds_per_step": per_step,
-                "overhead_seconds_per_step": extra,
-                "overhead_fraction": extra / base,
+                "training_seconds_per_step": per_step,
+                "overhead_fraction": fraction,
+                "overhead_seconds_per_step": fraction * per_step,
                 "refreshes": refreshes[name],
-                "seconds_per_refresh": None if not refreshes[name] else extra * args.steps / refreshes[name],
+                "seconds_per_refresh": None
+                if not refreshes[name]
+                else fraction * per_step * args.steps / refreshes[name],
                 **(online or {}),
             }
         )
-        log(f"{name}: {per_step:.4f} s/step, overhead {extra:+.4f} s ({extra / base:+.1%})")
+        log(f"{name}: training {per_step:.4f} s/step, online overhead {fraction:+.1%} of the training time")
     settings = {
         k: getattr(args, k) for k in ("hidden", "layers", "batch", "seq", "steps", "repeats", "threads")
     }
