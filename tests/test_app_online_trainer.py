@@ -21,11 +21,20 @@ from flaplace.posterior import make_posterior
 from flaplace.predictive import linearised_predictive
 
 
-def test_frozen_training_reaches_the_post_hoc_prior(tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_frozen_training_reaches_the_post_hoc_prior(tmp_path, accumulate):
+    """Eight examples, four per optimiser step (one batch, or two micro-batches of two)."""
     model = tiny_causal_lora()
     data = causal_examples(8)
     online = OnlineEvidenceCallback(answer_ids=ANSWER_IDS, every=2, prior_precision=1e-2, fisher="exact")
-    args = arguments(tmp_path, max_steps=8, learning_rate=0.0, weight_decay=0.0)
+    args = arguments(
+        tmp_path,
+        max_steps=8,
+        learning_rate=0.0,
+        weight_decay=0.0,
+        per_device_train_batch_size=4 // accumulate,
+        gradient_accumulation_steps=accumulate,
+    )
     trainer = OnlineEvidenceTrainer(
         model=model, args=args, train_dataset=data, data_collator=collate, online=online
     )
@@ -37,11 +46,12 @@ def test_frozen_training_reaches_the_post_hoc_prior(tmp_path):
     tuned, _ = tune_prior_evidence(make_posterior(factors, params, 1.0), state.log_likelihood, progress=False)
     want = float(next(iter(tuned.prior_precision.values())))
     assert len(online.history) == 5  # four refreshes in training, one at the end
+    assert all(len(step) == accumulate for step in online.state.window)
     assert online.history[-1]["prior_precision"][next(iter(params))] == pytest.approx(want, rel=1e-3)
     assert online.posterior is not None
     assert float(next(iter(online.posterior.prior_precision.values()))) == pytest.approx(want, rel=1e-3)
     f_mu, f_var = linearised_predictive(online.model_fn, online.posterior, batches[0])
-    assert f_var.shape == (4, 2, 2) and bool(torch.isfinite(f_var).all())
+    assert f_var.shape == (len(batches[0]["labels"]), 2, 2) and bool(torch.isfinite(f_var).all())
 
 
 def test_training_loss_uses_the_current_prior_and_the_prior_moves(tmp_path):
