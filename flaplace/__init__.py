@@ -31,6 +31,7 @@ from flaplace.links import (
     probit_probs,
 )
 from flaplace.metrics import accuracy, brier, classification_metrics, ece, nll
+from flaplace.online import OnlineEvidenceState, build_online_evidence, online_posterior, prior_penalty
 from flaplace.params import (
     LastTokenLogits,
     ModelFunction,
@@ -50,6 +51,13 @@ from flaplace.sampling import sampling_probs
 from flaplace.scoring import ClozeModelFunction, cloze_batch, cloze_scores, flatten_choices, pair_batch
 from flaplace.sequences import SequenceScores, linearised_decode, sequence_scores
 from flaplace.sharding import unwrap_model
+from flaplace.temperature import (
+    TemperedModelFunction,
+    evidence_at_temperature,
+    tempered_moments,
+    tune_evidence_temperature,
+)
+from flaplace.tempered_validation import tune_prior_temperature_nll
 from flaplace.typing import Eigen, Factors, KronFactor, Params, Posterior
 from flaplace.validation import tune_prior_nll
 from flaplace.vocabulary import (
@@ -130,4 +138,13 @@ __all__ = [
     "unwrap_model",
     "validate_posterior",
     "with_prior_precision",
+    "OnlineEvidenceState",
+    "build_online_evidence",
+    "online_posterior",
+    "prior_penalty",
+    "TemperedModelFunction",
+    "evidence_at_temperature",
+    "tempered_moments",
+    "tune_evidence_temperature",
+    "tune_prior_temperature_nll",
 ]

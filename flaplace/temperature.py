@@ -1,0 +1,296 @@
+"""A likelihood temperature: ``p(y | f) = softmax(f / T)``, in the evidence and on validation data.
+
+The temperature ``T`` is a hyperparameter of the likelihood, as the noise scale is for a
+Gaussian likelihood. It changes both parts of the Laplace evidence:
+
+* the log-likelihood, ``LL_T = sum_n log softmax(f_n / T)[y_n]``;
+* the curvature: the Hessian of ``-log softmax(f / T)[y]`` in ``f`` is ``Lambda(f / T) / T^2``, so
+  the GGN of the tempered model is ``J^T Lambda(f / T) J / T^2``.
+
+Both come out of the existing functions unchanged when the model function's logits are divided
+by ``T`` (`TemperedModelFunction`): K-FAC then pulls back cotangents of ``softmax(f / T)``
+(``exact``, ``mc``) through ``f / T``, which multiplies every output gradient by ``1 / T``, and
+the log-likelihood K-FAC records is that of the tempered likelihood. ``T = 1`` is the untempered
+model exactly (division by 1 changes no bit).
+
+The factors depend on ``T`` (through ``Lambda(f / T)``), so each temperature needs its own K-FAC
+pass over the training data; the prior precision is then tuned at that temperature (cheap).
+[`tune_evidence_temperature`][flaplace.temperature.tune_evidence_temperature] does this on a grid of
+temperatures and refines the best one by a golden-section search in ``log T``.
+
+With validation data, [`tune_prior_temperature_nll`][flaplace.tempered_validation.tune_prior_temperature_nll]
+fits ``(lambda, T)`` jointly on the validation NLL of the linearised predictive with the logits
+divided by ``T``: mean ``f_mu / T`` and covariance ``f_var / T^2``. The posterior's factors are
+kept as given, so the validation Jacobians are computed once and every optimiser step only
+re-weights them. As ``lambda -> infinity`` the covariance vanishes and the family is temperature
+scaling of the MAP; at ``T = 1`` it is the validation NLL of
+[`tune_prior_nll`][flaplace.validation.tune_prior_nll].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flaplace.evidence import tune_prior_evidence
+from flaplace.kfac import fit as fit_kfac
+from flaplace.posterior import PriorPrecision, make_posterior
+from flaplace.typing import Batch, ModelFn, Params, Posterior
+
+__all__ = [
+    "DEFAULT_TEMPERATURES",
+    "EvidenceAtTemperature",
+    "TemperedModelFunction",
+    "evidence_at_temperature",
+    "tempered_moments",
+    "check_temperature",
+    "tune_evidence_temperature",
+]
+
+#: Default grid of temperatures for `tune_evidence_temperature`: ``2^-2 ... 2^3``, two per octave.
+DEFAULT_TEMPERATURES: tuple[float, ...] = tuple(2.0 ** (k / 2) for k in range(-4, 7))
+
+
+def check_temperature(temperature: float) -> float:
+    """``temperature`` as a float, checked positive and finite.
+
+    Examples:
+        >>> check_temperature(2.0)
+        2.0
+    """
+    value = float(temperature)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"the temperature must be positive and finite, got {temperature}")
+    return value
+
+
+class TemperedModelFunction:
+    """``f(params, batch) / T``: a model function whose likelihood is ``softmax(f / T)``.
+
+    Every function of flaplace that takes a model function applies to the tempered likelihood
+    through this wrapper: K-FAC (`build`, `fit_kfac`) gets the tempered GGN
+    ``J^T Lambda(f / T) J / T^2`` and the tempered log-likelihood, the linearised predictive the
+    moments ``(f_mu / T, f_var / T^2)``. Attributes of the wrapped function (``transposed``,
+    ``names``, ...) are read through, so the wrapper can stand in for a
+    [`ModelFunction`][flaplace.params.ModelFunction].
+
+    Args:
+        model_fn: ``f(params, batch) -> logits``.
+        temperature: ``T > 0``; ``T = 1`` returns the logits unchanged.
+
+    Raises:
+        ValueError: a temperature that is not positive and finite.
+
+    Examples:
+        >>> import torch
+        >>> def f(params, batch):
+        ...     return batch[0] @ params["w"].T
+        >>> hot = TemperedModelFunction(f, 2.0)
+        >>> hot({"w": torch.ones(2, 3)}, (torch.ones(1, 3),))
+        tensor([[1.5000, 1.5000]])
+    """
+
+    def __init__(self, model_fn: ModelFn, temperature: float):
+        self.model_fn = model_fn
+        self.temperature = check_temperature(temperature)
+
+    def __call__(self, params: Params, batch: Batch) -> Tensor:
+        logits = self.model_fn(params, batch)
+        return logits if self.temperature == 1.0 else logits / self.temperature
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("model_fn", "temperature"):  # not set yet (e.g. during unpickling)
+            raise AttributeError(name)
+        return getattr(self.model_fn, name)
+
+
+def tempered_moments(
+    f_mu: Float[Tensor, "batch classes"],
+    f_var: Float[Tensor, "batch classes classes"],
+    temperature: float | Tensor,
+) -> tuple[Float[Tensor, "batch classes"], Float[Tensor, "batch classes classes"]]:
+    """The logit predictive of ``f / T`` from that of ``f``: ``(f_mu / T, f_var / T^2)``.
+
+    Differentiable in a tensor ``temperature``. Pass the result to
+    [`predictive_probs`][flaplace.links.predictive_probs].
+
+    Examples:
+        >>> import torch
+        >>> mu, var = tempered_moments(torch.ones(1, 2), torch.eye(2)[None], 2.0)
+        >>> mu, var[0, 0, 0]
+        (tensor([[0.5000, 0.5000]]), tensor(0.2500))
+    """
+    return f_mu / temperature, f_var / temperature**2
+
+
+class EvidenceAtTemperature(NamedTuple):
+    """The evidence-tuned posterior of the tempered likelihood at one temperature.
+
+    ``posterior``: built from the factors of ``f / T`` with the prior precision that maximises
+    the evidence at this temperature; ``log_likelihood``: ``LL_T`` summed over the training
+    data; ``log_evidence``: ``log Z(lambda*, T)``.
+    """
+
+    temperature: float
+    posterior: Posterior
+    log_likelihood: Tensor
+    log_evidence: float
+
+
+def evidence_at_temperature(
+    model_fn: ModelFn,
+    params: Params,
+    batches: Iterable[Batch],
+    temperature: float = 1.0,
+    *,
+    prior_precision: PriorPrecision = 1.0,
+    prior_mean: Params | None = None,
+    per_block: bool | Sequence[str] = False,
+    tune_options: dict[str, Any] | None = None,
+    progress: bool = False,
+    **kfac_options: Any,
+) -> EvidenceAtTemperature:
+    """K-FAC of the tempered likelihood, then the prior precision that maximises its evidence.
+
+    Args:
+        model_fn: ``f(params, batch) -> logits`` (untempered).
+        params: the MAP adapter weights.
+        batches: the training data (any iterable; read once).
+        temperature: ``T``; ``1.0`` gives exactly `fit_kfac` and `tune_prior_evidence` on ``f``.
+        prior_precision: where the tuning of ``lambda`` starts.
+        prior_mean: the prior's centre (see [`make_posterior`][flaplace.posterior.make_posterior]).
+        per_block: one ``lambda`` (``False``), one per block (``True``) or one per keyword group.
+        tune_options: passed to [`tune_prior_evidence`][flaplace.evidence.tune_prior_evidence]
+            (``steps``, ``lr``, ``tol``, ``method``, ...).
+        progress: show progress bars.
+        **kfac_options: passed to [`fit_kfac`][flaplace.kfac.fit] (``fisher``, ``sharing``, ...).
+
+    Returns:
+        An [`EvidenceAtTemperature`][flaplace.temperature.EvidenceAtTemperature].
+
+    Examples:
+        >>> result = evidence_at_temperature(model_fn, params, train_batches, 2.0, fisher="exact")
+        >>> result.log_evidence, result.posterior.prior_precision  # doctest: +SKIP
+    """
+    tempered = TemperedModelFunction(model_fn, temperature)
+    factors, state = fit_kfac(tempered, params, batches, progress=progress, **kfac_options)
+    posterior = make_posterior(factors, params, prior_precision, prior_mean=prior_mean)
+    tuned, history = tune_prior_evidence(
+        posterior, state.log_likelihood, per_block=per_block, progress=progress, **(tune_options or {})
+    )
+    return EvidenceAtTemperature(
+        tempered.temperature, tuned, state.log_likelihood, float(history[-1]["log_evidence"])
+    )
+
+
+#: The golden ratio's conjugate, ``(sqrt 5 - 1) / 2``: the golden-section search's step.
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def tune_evidence_temperature(
+    model_fn: ModelFn,
+    params: Params,
+    batches: Iterable[Batch],
+    *,
+    temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
+    refine_steps: int = 8,
+    prior_precision: PriorPrecision = 1.0,
+    prior_mean: Params | None = None,
+    per_block: bool | Sequence[str] = False,
+    tune_options: dict[str, Any] | None = None,
+    progress: bool = True,
+    **kfac_options: Any,
+) -> tuple[EvidenceAtTemperature, list[dict[str, Any]]]:
+    """Maximise the evidence over the prior precision and a likelihood temperature jointly.
+
+    For each temperature ``T`` of the grid the factors of ``f / T`` are fitted and ``lambda`` is
+    tuned (`evidence_at_temperature`): that gives the profile ``max_lambda log Z(lambda, T)``.
+    The best grid point is then refined by ``refine_steps`` golden-section steps in ``log T``
+    between its neighbours on the grid (assuming one maximum there). Each evaluation is one
+    K-FAC pass over ``batches``, so ``batches`` must be re-iterable (a list or a DataLoader).
+
+    Args:
+        model_fn: ``f(params, batch) -> logits`` (untempered).
+        params: the MAP adapter weights.
+        batches: the training data, read once per evaluated temperature.
+        temperatures: the grid (positive); include ``1.0`` to compare with the untempered model.
+        refine_steps: golden-section steps after the grid (0: the grid's best only); each
+            step narrows the bracket by the factor 0.618 and costs one evaluation.
+        prior_precision: where each tuning of ``lambda`` starts.
+        prior_mean: the prior's centre.
+        per_block: one ``lambda`` (``False``), one per block (``True``) or per keyword group.
+        tune_options: passed to [`tune_prior_evidence`][flaplace.evidence.tune_prior_evidence].
+        progress: show a progress bar over the evaluations.
+        **kfac_options: passed to [`fit_kfac`][flaplace.kfac.fit].
+
+    Returns:
+        ``(best, table)``: the [`EvidenceAtTemperature`][flaplace.temperature.EvidenceAtTemperature]
+        with the highest evidence, and one record per evaluation (``temperature``,
+        ``log_evidence``, ``prior_precision`` as ``{block: value}``, ``log_likelihood``).
+
+    Raises:
+        ValueError: an empty grid, a non-positive temperature, or ``refine_steps < 0``.
+
+    Examples:
+        >>> best, table = tune_evidence_temperature(model_fn, params, train_batches, fisher="exact")
+        >>> best.temperature, best.posterior  # doctest: +SKIP
+    """
+    grid = sorted(check_temperature(t) for t in temperatures)
+    if not grid:
+        raise ValueError("the grid of temperatures is empty")
+    if refine_steps < 0:
+        raise ValueError(f"refine_steps must be non-negative, got {refine_steps}")
+    table: list[dict[str, Any]] = []
+    cache: dict[float, EvidenceAtTemperature] = {}
+    bar = tqdm(total=len(grid) + refine_steps, disable=not progress, desc="evidence over temperature")
+
+    def evaluate(temperature: float) -> float:
+        if temperature not in cache:
+            result = evidence_at_temperature(
+                model_fn,
+                params,
+                batches,
+                temperature,
+                prior_precision=prior_precision,
+                prior_mean=prior_mean,
+                per_block=per_block,
+                tune_options=tune_options,
+                **kfac_options,
+            )
+            cache[temperature] = result
+            table.append(
+                {
+                    "temperature": temperature,
+                    "log_evidence": result.log_evidence,
+                    "log_likelihood": float(result.log_likelihood),
+                    "prior_precision": {n: float(v) for n, v in result.posterior.prior_precision.items()},
+                }
+            )
+            bar.update(1)
+        return cache[temperature].log_evidence
+
+    values = [evaluate(t) for t in grid]
+    best = max(range(len(grid)), key=values.__getitem__)
+    if refine_steps and len(grid) > 1:
+        low = math.log(grid[max(best - 1, 0)])
+        high = math.log(grid[min(best + 1, len(grid) - 1)])
+        inner_low = high - _GOLDEN * (high - low)
+        inner_high = low + _GOLDEN * (high - low)
+        value_low, value_high = evaluate(math.exp(inner_low)), evaluate(math.exp(inner_high))
+        for _ in range(refine_steps - 2):
+            if value_low >= value_high:  # the maximum is in [low, inner_high]
+                high, inner_high, value_high = inner_high, inner_low, value_low
+                inner_low = high - _GOLDEN * (high - low)
+                value_low = evaluate(math.exp(inner_low))
+            else:
+                low, inner_low, value_low = inner_low, inner_high, value_high
+                inner_high = low + _GOLDEN * (high - low)
+                value_high = evaluate(math.exp(inner_high))
+    bar.close()
+    winner = max(cache.values(), key=lambda r: r.log_evidence)
+    return winner, table

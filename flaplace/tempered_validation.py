@@ -1,0 +1,208 @@
+"""Prior precision and a likelihood temperature fitted jointly on validation NLL.
+
+The model is the linearised predictive with the logits divided by ``T``: mean ``f_mu / T`` and
+covariance ``f_var(lambda) / T^2`` (see [`flaplace.temperature`][flaplace.temperature]). The
+posterior's factors are kept as given, so the validation Jacobians are computed once
+([`validation_features`][flaplace.validation.validation_features]) and every optimiser step only
+re-weights them. As ``lambda -> infinity`` the covariance vanishes and the family is temperature
+scaling of the MAP; at ``T = 1`` it is the validation NLL of
+[`tune_prior_nll`][flaplace.validation.tune_prior_nll].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flaplace.evidence import free_parameter_groups
+from flaplace.jacobians import JacobianMethod
+from flaplace.links import predictive_probs
+from flaplace.posterior import PriorPrecision, with_prior_precision
+from flaplace.predictive import covariance_from_features
+from flaplace.temperature import check_temperature, tempered_moments
+from flaplace.typing import Batch, Likelihood, ModelFn, Posterior
+from flaplace.validation import DIFFERENTIABLE_LINKS, ValidationFeatures, validation_features
+
+__all__ = ["tune_prior_temperature_nll", "validation_nll_tempered"]
+
+
+def validation_nll_tempered(
+    posterior: Posterior,
+    features: ValidationFeatures,
+    temperature: float | Tensor = 1.0,
+    *,
+    link: str = "probit",
+    likelihood: Likelihood = "categorical",
+) -> Float[Tensor, ""]:
+    """Mean validation NLL of the linearised predictive with the logits divided by ``T``.
+
+    The predictive is ``N(f_mu / T, f_var / T^2)`` through ``link``; differentiable in the prior
+    precision and in a tensor ``temperature``. At ``T = 1`` it equals
+    [`validation_nll`][flaplace.validation.validation_nll].
+
+    Args:
+        posterior: the posterior (its prior precision may require grad).
+        features: from [`validation_features`][flaplace.validation.validation_features].
+        temperature: ``T``, a float or a 0-d tensor.
+        link: ``"probit"`` or ``"bridge"``.
+        likelihood: ``"categorical"`` or ``"bernoulli"``.
+
+    Examples:
+        >>> features = validation_features(posterior, model_fn, val_batches)  # doctest: +SKIP
+        >>> nll = validation_nll_tempered(posterior, features, 1.5)  # doctest: +SKIP
+    """
+    if link not in DIFFERENTIABLE_LINKS:
+        raise ValueError(f"link must be one of {DIFFERENTIABLE_LINKS} (differentiable), got {link!r}")
+    f_var = covariance_from_features(posterior, features.covariance)
+    f_mu, f_var = tempered_moments(features.f_mu.to(f_var.dtype), f_var, temperature)
+    probs = predictive_probs(f_mu, f_var, link, likelihood)  # type: ignore[arg-type]
+    labels = features.labels.to(device=probs.device, dtype=torch.long).reshape(-1)
+    picked = probs.gather(1, labels[:, None])[:, 0]
+    return -picked.clamp_min(torch.finfo(probs.dtype).tiny).log().mean()
+
+
+def tune_prior_temperature_nll(
+    posterior: Posterior,
+    model_fn: ModelFn,
+    batches: Iterable[Batch],
+    *,
+    link: str = "probit",
+    likelihood: Likelihood = "categorical",
+    temperature: float = 1.0,
+    tune_prior: bool = True,
+    tune_temperature: bool = True,
+    steps: int = 500,
+    lr: float = 0.05,
+    tol: float = 1e-6,
+    patience: int = 30,
+    betas: tuple[float, float] = (0.5, 0.9),
+    decay: float = 0.9,
+    init: PriorPrecision | None = None,
+    per_block: bool | Sequence[str] = False,
+    chunk_size: int | None = None,
+    method: JacobianMethod = "auto",
+    progress: bool = True,
+) -> tuple[Posterior, float, list[dict[str, Any]]]:
+    """Fit the prior precision and a temperature jointly on the validation NLL (Adam on the logs).
+
+    The model is the linearised predictive ``N(f_mu / T, f_var(lambda) / T^2)`` of the given
+    posterior (its factors are not refitted per ``T``: `validation_nll_tempered`). The Jacobian
+    features are computed once; each step costs a few small matrix products. It contains
+    temperature scaling of the MAP (``lambda -> infinity``) and the prior tuning of
+    [`tune_prior_nll`][flaplace.validation.tune_prior_nll] (``T = 1``), so its validation NLL is
+    at most theirs up to the optimiser's tolerance. Start ``lambda`` (``init``) where the
+    predictive still changes with it: the NLL is flat for very large ``lambda``.
+
+    Args:
+        posterior: from [`make_posterior`][flaplace.posterior.make_posterior].
+        model_fn: ``f(params, batch) -> logits`` (untempered), as used to fit the factors.
+        batches: validation batches with labels.
+        link: ``"probit"`` or ``"bridge"``.
+        likelihood: ``"categorical"`` or ``"bernoulli"``.
+        temperature: the starting temperature (or the fixed one with ``tune_temperature=False``).
+        tune_prior: tune ``lambda`` (``False``: keep the posterior's, or ``init``).
+        tune_temperature: tune ``T`` (``False``: keep ``temperature``).
+        steps: maximum number of Adam steps.
+        lr: Adam's learning rate on ``(log lambda, log T)``.
+        tol: stop when the gradient norm falls below ``tol``, or when the NLL has not improved
+            by more than ``tol`` for ``patience`` steps; the best point seen is returned.
+        patience: see ``tol``.
+        betas: Adam's moment decay rates.
+        decay: the learning rate is multiplied by ``decay`` after every step that raised the NLL.
+        init: starting prior precision; default the posterior's.
+        per_block: one ``lambda`` (``False``), one per block (``True``) or one per keyword group.
+        chunk_size: examples per vectorised Jacobian chunk.
+        method: how Jacobians are computed.
+        progress: show a progress bar.
+
+    Returns:
+        ``(posterior, temperature, history)``: the posterior at the best prior precision, the best
+        temperature, and one record per step (``step``, ``nll``, ``grad_norm``,
+        ``prior_precision`` as ``{group: value}``, ``temperature``).
+
+    Raises:
+        ValueError: nothing to tune, a non-differentiable link, or bad optimiser settings.
+
+    Examples:
+        >>> tuned, T, history = tune_prior_temperature_nll(posterior, model_fn, val_batches)  # doctest: +SKIP
+        >>> f_mu, f_var = linearised_predictive(model_fn, tuned, test_batch)  # doctest: +SKIP
+        >>> probs = predictive_probs(*tempered_moments(f_mu, f_var, T))  # doctest: +SKIP
+    """
+    if link not in DIFFERENTIABLE_LINKS:
+        raise ValueError(f"link must be one of {DIFFERENTIABLE_LINKS} (differentiable), got {link!r}")
+    if not (tune_prior or tune_temperature):
+        raise ValueError("nothing to tune: set tune_prior or tune_temperature")
+    if steps < 0 or patience < 1 or not (lr > 0 and tol > 0 and 0 < decay <= 1):
+        raise ValueError(
+            f"need steps >= 0, patience >= 1, lr > 0, tol > 0 and decay in (0, 1]; got steps={steps}, "
+            f"patience={patience}, lr={lr}, tol={tol}, decay={decay}"
+        )
+    start = posterior if init is None else with_prior_precision(posterior, init)
+    features = validation_features(start, model_fn, batches, chunk_size=chunk_size, method=method)
+    groups = free_parameter_groups(list(start.mean), per_block)
+    reference = next(iter(start.prior_precision.values()))
+    log_lam = torch.stack(
+        [
+            torch.stack([start.prior_precision[n].detach().log() for n in members]).mean()
+            for members in groups.values()
+        ]
+    ).to(dtype=reference.dtype, device=reference.device)
+    log_t = torch.tensor(
+        math.log(check_temperature(temperature)), dtype=reference.dtype, device=reference.device
+    )
+    free = [t.requires_grad_(True) for t, on in ((log_lam, tune_prior), (log_t, tune_temperature)) if on]
+    optimizer = torch.optim.Adam(free, lr=lr, betas=betas)
+
+    def per_name(values: Tensor) -> dict[str, Tensor]:
+        return {n: values[k] for k, members in enumerate(groups.values()) for n in members}
+
+    history: list[dict[str, Any]] = []
+    best_value, best_point, since_best = math.inf, (log_lam.detach().clone(), log_t.detach().clone()), 0
+    bar = tqdm(total=steps, disable=not progress, desc="prior precision and temperature (validation NLL)")
+    for step in range(steps + 1):
+        value = validation_nll_tempered(
+            with_prior_precision(start, per_name(log_lam.exp())),
+            features,
+            log_t.exp(),
+            link=link,
+            likelihood=likelihood,
+        )
+        grads = torch.autograd.grad(value, free)
+        grad_norm = float(torch.cat([g.reshape(-1) for g in grads]).norm())
+        current = float(value.detach())
+        if not (math.isfinite(current) and math.isfinite(grad_norm)):
+            bar.close()
+            raise FloatingPointError(f"the validation NLL or its gradient is not finite at step {step}")
+        history.append(
+            {
+                "step": step,
+                "nll": current,
+                "grad_norm": grad_norm,
+                "prior_precision": {k: float(v) for k, v in zip(groups, log_lam.detach().exp(), strict=True)},
+                "temperature": float(log_t.detach().exp()),
+            }
+        )
+        improved = current < best_value - tol
+        if current < best_value:
+            best_value, best_point = current, (log_lam.detach().clone(), log_t.detach().clone())
+        since_best = 0 if improved else since_best + 1
+        if grad_norm < tol or since_best >= patience or step == steps:
+            break
+        if len(history) > 1 and current > history[-2]["nll"]:
+            for group in optimizer.param_groups:  # overshot the minimum: damp the steps
+                group["lr"] *= decay
+        optimizer.zero_grad()
+        for tensor, grad in zip(free, grads, strict=True):
+            tensor.grad = grad
+        optimizer.step()
+        bar.update(1)
+        bar.set_postfix(nll=f"{current:.4g}", grad=f"{grad_norm:.2e}")
+    bar.close()
+    best_log_lam, best_log_t = best_point
+    return with_prior_precision(start, per_name(best_log_lam.exp())), float(best_log_t.exp()), history

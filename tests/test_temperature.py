@@ -1,0 +1,237 @@
+"""A likelihood temperature in the evidence and on validation NLL, against closed forms and dense grids."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flaplace.evidence import tune_prior_evidence
+from flaplace.kfac import fit as fit_kfac
+from flaplace.links import predictive_probs
+from flaplace.metrics import nll
+from flaplace.params import ModelFunction, select_params
+from flaplace.posterior import make_posterior, with_prior_precision
+from flaplace.predictive import linearised_predictive
+from flaplace.temperature import (
+    TemperedModelFunction,
+    evidence_at_temperature,
+    tempered_moments,
+    tune_evidence_temperature,
+)
+from flaplace.tempered_validation import tune_prior_temperature_nll, validation_nll_tempered
+from flaplace.validation import validation_features, validation_nll
+
+F64 = torch.float64
+
+
+def linear_problem(scale: float = 3.0, n_batches: int = 3, seed: int = 0):
+    """``f = W x`` (3 classes, 4 features), labels from ``W`` with 15 % flipped: an overconfident MAP."""
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Linear(4, 3, bias=False, dtype=F64)
+    with torch.no_grad():
+        net.weight.copy_(scale * torch.randn(3, 4, generator=g, dtype=F64))
+    batches = []
+    for _ in range(n_batches):
+        x = torch.randn(6, 4, generator=g, dtype=F64)
+        y = net(x).detach().argmax(-1)
+        flip = torch.rand(6, generator=g, dtype=F64) < 0.15
+        y = torch.where(flip, torch.randint(0, 3, (6,), generator=g), y)
+        batches.append((x, y))
+    params = select_params(net, "weight")
+    return net, params, ModelFunction(net, params, lambda out, batch: out), batches
+
+
+def mlp_problem(seed: int = 0, n_batches: int = 4, scale: float = 2.0, flip: float = 0.35):
+    """A tanh MLP (5 -> 4 -> 3); labels are its own argmax with a fraction ``flip`` redrawn at random."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(scale)
+    batches = []
+    for _ in range(n_batches):
+        x = torch.randn(8, 5, generator=g, dtype=F64)
+        y = net(x).detach().argmax(-1)
+        y = torch.where(
+            torch.rand(8, generator=g, dtype=F64) < flip, torch.randint(0, 3, (8,), generator=g), y
+        )
+        batches.append((x, y))
+    params = select_params(net, "weight")
+    return net, params, ModelFunction(net, params, lambda out, batch: out), batches
+
+
+def test_wrapper_divides_logits_and_reads_attributes_through():
+    _, params, f, batches = mlp_problem()
+    hot = TemperedModelFunction(f, 2.5)
+    assert torch.equal(hot(params, batches[0]), f(params, batches[0]) / 2.5)
+    assert torch.equal(TemperedModelFunction(f, 1.0)(params, batches[0]), f(params, batches[0]))
+    assert hot.transposed == f.transposed and hot.names == f.names
+    with pytest.raises(ValueError, match="positive and finite"):
+        TemperedModelFunction(f, 0.0)
+
+
+def test_temperature_one_reproduces_the_untempered_evidence_exactly():
+    _, params, f, batches = mlp_problem()
+    factors, state = fit_kfac(f, params, batches, fisher="exact", progress=False)
+    tuned, history = tune_prior_evidence(
+        make_posterior(factors, params, 1.0), state.log_likelihood, progress=False
+    )
+    result = evidence_at_temperature(f, params, batches, 1.0, fisher="exact")
+    assert torch.equal(result.log_likelihood, state.log_likelihood)
+    assert result.log_evidence == history[-1]["log_evidence"]
+    for name in params:
+        assert torch.equal(result.posterior.prior_precision[name], tuned.prior_precision[name])
+        assert torch.equal(result.posterior.factors[name].S.values, factors[name].S.values)
+
+
+def closed_form_factors(net, batches, temperature):
+    """For ``f = W x`` with one position per example: ``S = sum_n Lambda(f_n / T) / T^2``, ``A = mean x x^T``."""
+    s = torch.zeros(3, 3, dtype=F64)
+    a = torch.zeros(4, 4, dtype=F64)
+    ll = torch.zeros((), dtype=F64)
+    n = 0
+    for x, y in batches:
+        f = net(x).detach() / temperature
+        p = f.softmax(-1)
+        s += (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).sum(0) / temperature**2
+        a += x.T @ x
+        ll += -F.cross_entropy(f, y, reduction="sum")
+        n += x.shape[0]
+    return s, a / n, ll
+
+
+@pytest.mark.parametrize("fisher", ["exact", "mc"])
+def test_tempered_factors_match_the_closed_form(fisher):
+    net, params, f, batches = linear_problem()
+    temperature = 2.0
+    options = {"n_samples": 4000, "generator": torch.Generator().manual_seed(0)} if fisher == "mc" else {}
+    factors, state = fit_kfac(
+        TemperedModelFunction(f, temperature), params, batches, fisher=fisher, progress=False, **options
+    )
+    s, a, ll = closed_form_factors(net, batches, temperature)
+    rtol = 1e-10 if fisher == "exact" else 0.1
+    assert torch.allclose(factors["weight"].S.dense(), s, rtol=rtol, atol=rtol * float(s.abs().max()))
+    assert torch.allclose(factors["weight"].A.dense(), a, rtol=1e-10)
+    assert float(state.log_likelihood) == pytest.approx(float(ll), rel=1e-12)
+
+
+def profile_evidence_dense(net, batches, params, temperature):
+    """``max_lambda log Z(lambda, T)`` on a fine grid of ``log lambda``, from the dense closed-form precision.
+
+    ``log Z = LL_T - (lambda/2) ||theta||^2 - 1/2 (logdet(H + lambda I) - logdet(lambda I))`` with
+    ``H = S_T (x) A`` materialised (12 x 12) and its eigenvalues taken once for the whole grid.
+    """
+    s, a, ll = closed_form_factors(net, batches, temperature)
+    eigenvalues = torch.linalg.eigvalsh(torch.kron(s, a)).clamp(min=0)
+    lam = torch.linspace(-8, 8, 4001, dtype=F64).exp()
+    squared = params["weight"].detach().square().sum()
+    log_z = ll - lam / 2 * squared - 0.5 * torch.log1p(eigenvalues[None, :] / lam[:, None]).sum(1)
+    return float(log_z.max())
+
+
+def test_joint_evidence_optimum_matches_a_dense_grid():
+    net, params, f, batches = linear_problem()
+    best, table = tune_evidence_temperature(
+        f,
+        params,
+        batches,
+        temperatures=[2.0 ** (k / 2) for k in range(-2, 11)],
+        fisher="exact",
+        refine_steps=14,
+        progress=False,
+        tune_options={"tol": 1e-8},
+    )
+    temperatures = torch.linspace(0.0, math.log(32.0), 161, dtype=F64).exp().tolist()
+    profile = [profile_evidence_dense(net, batches, params, t) for t in temperatures]
+    k = max(range(len(profile)), key=profile.__getitem__)
+    assert 0 < k < len(profile) - 1, "the optimum must be inside the grid for this test to mean anything"
+    spacing = math.log(temperatures[1]) - math.log(temperatures[0])
+    assert abs(math.log(best.temperature) - math.log(temperatures[k])) < spacing
+    assert best.log_evidence == pytest.approx(profile[k], abs=1e-3)
+    assert best.log_evidence >= max(r["log_evidence"] for r in table if r["temperature"] == 1.0)
+    assert best.temperature > 1.05  # an overconfident W: the evidence prefers a hotter likelihood
+
+
+def test_validation_nll_at_temperature_one_is_the_untempered_one():
+    _, params, f, batches = mlp_problem()
+    factors, _ = fit_kfac(f, params, batches, fisher="exact", progress=False)
+    posterior = make_posterior(factors, params, 0.5)
+    features = validation_features(posterior, f, batches)
+    assert torch.equal(validation_nll_tempered(posterior, features, 1.0), validation_nll(posterior, features))
+
+
+def dense_validation_grid(f, posterior, batches, log_lams, log_ts):
+    """Mean NLL on a grid, through the public path: linearised_predictive, tempered, probit, metrics.nll."""
+    labels = torch.cat([b[1] for b in batches])
+    grid = {}
+    for a in log_lams:
+        post = with_prior_precision(posterior, math.exp(a))
+        f_mu, f_var = (
+            torch.cat(parts)
+            for parts in zip(*(linearised_predictive(f, post, b) for b in batches), strict=True)
+        )
+        for b in log_ts:
+            probs = predictive_probs(*tempered_moments(f_mu, f_var, math.exp(b)), link="probit")
+            grid[(a, b)] = float(nll(probs, labels))
+    return grid
+
+
+def test_joint_validation_optimum_matches_a_dense_grid():
+    _, params, f, batches = mlp_problem()
+    train, val = batches[:2], batches[2:]
+    factors, _ = fit_kfac(f, params, train, fisher="exact", progress=False)
+    posterior = make_posterior(factors, params, 1.0)
+    tuned, temperature, _ = tune_prior_temperature_nll(
+        posterior, f, val, lr=0.1, tol=1e-7, patience=50, progress=False
+    )
+    lam = float(tuned.prior_precision["0.weight"])
+    log_lams = torch.linspace(-2, 6, 17, dtype=F64).tolist()
+    log_ts = torch.linspace(-1.5, 1.5, 31, dtype=F64).tolist()
+    grid = dense_validation_grid(f, posterior, val, log_lams, log_ts)
+    (best_a, best_b), best_nll = min(grid.items(), key=lambda kv: kv[1])
+    assert best_a not in (log_lams[0], log_lams[-1]) and best_b not in (log_ts[0], log_ts[-1])
+    assert abs(best_b) > 0.15  # the best temperature is not 1: the joint fit has something to find
+    got = dense_validation_grid(f, posterior, val, [math.log(lam)], [math.log(temperature)])
+    assert next(iter(got.values())) <= best_nll + 1e-9  # at least as good as the grid's best
+    assert abs(math.log(lam) - best_a) < 2 * (log_lams[1] - log_lams[0])
+    assert abs(math.log(temperature) - best_b) < 2 * (log_ts[1] - log_ts[0])
+
+
+def test_huge_prior_precision_recovers_temperature_scaling():
+    _, params, f, batches = mlp_problem()
+    factors, _ = fit_kfac(f, params, batches[:2], fisher="exact", progress=False)
+    posterior = make_posterior(factors, params, 1e12)
+    _, temperature, _ = tune_prior_temperature_nll(
+        posterior, f, batches[2:], tune_prior=False, steps=3000, tol=1e-10, patience=300, progress=False
+    )
+    logits = torch.cat([f(params, b).detach() for b in batches[2:]])
+    labels = torch.cat([b[1] for b in batches[2:]])
+    log_t = torch.zeros((), dtype=F64, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [log_t], lr=0.5, max_iter=500, tolerance_grad=1e-12, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert temperature == pytest.approx(float(log_t.detach().exp()), rel=2e-3)
+    assert abs(math.log(temperature)) > 0.1  # the fit moved away from T = 1
+
+
+def test_tempered_predictive_equals_the_predictive_of_the_tempered_function():
+    _, params, f, batches = mlp_problem()
+    factors, _ = fit_kfac(f, params, batches, fisher="exact", progress=False)
+    posterior = make_posterior(factors, params, 2.0)
+    mu, var = linearised_predictive(f, posterior, batches[0])
+    mu_t, var_t = linearised_predictive(TemperedModelFunction(f, 1.7), posterior, batches[0])
+    want_mu, want_var = tempered_moments(mu, var, 1.7)
+    assert torch.allclose(mu_t, want_mu, rtol=1e-12) and torch.allclose(var_t, want_var, rtol=1e-10)
