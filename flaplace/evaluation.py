@@ -9,7 +9,10 @@ A model handed over after training often still carries what training set on it:
 * **the input-require-grads hook**: ``enable_input_require_grads()`` (called by PEFT, TRL and
   Trainer with gradient checkpointing) registers a forward hook on the input embeddings that
   calls ``output.requires_grad_()``, which ``torch.func`` transforms refuse;
-* **training mode**: dropout and other training-mode layers.
+* **training mode**: dropout and other training-mode layers;
+* **QLoRA on CPU**: bitsandbytes 4-bit layers pack their weights for a bfloat16 CPU kernel at the
+  first forward without gradients in eval mode; that kernel has no backward, so every Jacobian
+  through the layer would be silently zero.
 
 `plain_evaluation` switches these off for the duration of one call and puts back exactly
 what was there: flaplace's model function is the model's own, in the dtype of its weights,
@@ -59,7 +62,9 @@ def plain_evaluation(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn
     * modules with ``gradient_checkpointing = True`` (Hugging Face layers) have it ``False``;
     * ``Tensor.requires_grad_`` calls made by forward hooks (``enable_input_require_grads``)
       are skipped, when any module has a forward hook; the hooks themselves stay registered;
-    * with ``eval_mode=True``, modules in training mode are in eval mode (dropout off).
+    * with ``eval_mode=True``, modules in training mode are in eval mode (dropout off);
+    * bitsandbytes 4-bit layers do not pack their weights for the CPU inference kernel
+      (``support_avx512bf16_for_cpu`` is ``False``), whose output has no gradient.
 
     On exit the forward, the checkpointing flags and the modes are put back as they were,
     also when the block raises.
@@ -72,7 +77,8 @@ def plain_evaluation(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn
         A context manager that yields ``model``.
 
     Raises:
-        RuntimeError: called inside an enabled ``torch.autocast``.
+        RuntimeError: called inside an enabled ``torch.autocast``, or a bitsandbytes 4-bit
+            weight is already packed for the CPU inference kernel.
 
     Examples:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).train()
@@ -85,6 +91,7 @@ def plain_evaluation(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn
     training: list[nn.Module] = []
     checkpointing: list[nn.Module] = []
     forwards: list[tuple[nn.Module, object]] = []
+    packing: list[nn.Module] = []
     for device in _AUTOCAST_DEVICES:
         if _autocast_enabled(device):
             raise RuntimeError(
@@ -101,6 +108,10 @@ def plain_evaluation(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn
         if module.__dict__.get("_original_forward") is not None and "forward" in module.__dict__:
             forwards.append((module, module.__dict__["forward"]))
         hooked = hooked or bool(module._forward_hooks)
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # a bitsandbytes 4-bit layer
+            _refuse_packed_4bit(module)
+            if module.support_avx512bf16_for_cpu:
+                packing.append(module)
     with contextlib.ExitStack() as stack:
         for module in training:
             module.training = False
@@ -111,6 +122,9 @@ def plain_evaluation(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn
         for module, wrapped in forwards:
             module.__dict__["forward"] = module.__dict__["_original_forward"]
             stack.callback(module.__dict__.__setitem__, "forward", wrapped)
+        for module in packing:
+            module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
+        stack.callback(_set_all, packing, "support_avx512bf16_for_cpu", True)
         if hooked:
             stack.enter_context(_KeepRequiresGrad())
         yield model
@@ -126,3 +140,15 @@ def _autocast_enabled(device: str) -> bool:
         return bool(torch.is_autocast_enabled(device))
     except (RuntimeError, TypeError):  # a device type this torch does not know
         return False
+
+
+def _refuse_packed_4bit(module: nn.Module) -> None:
+    """Refuse a bitsandbytes 4-bit layer whose weight is packed for its CPU inference kernel (no gradient)."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    if getattr(state, "packing_format_for_cpu", False):
+        raise RuntimeError(
+            f"the 4-bit weight of a {type(module).__name__} was packed by bitsandbytes for its CPU "
+            "inference kernel (by a forward without gradients in eval mode), which gives no gradient: "
+            "set support_avx512bf16_for_cpu = False on every bitsandbytes Linear4bit right after "
+            "loading, or reload the model"
+        )
