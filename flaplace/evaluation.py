@@ -103,12 +103,13 @@ def plain_evaluation(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn
     for module in model.modules():
         if eval_mode and module.training:
             training.append(module)
-        if getattr(module, "gradient_checkpointing", False) is True:
+        state = module.__dict__  # plain attributes: no nn.Module.__getattr__ search per module
+        if state.get("gradient_checkpointing") is True:
             checkpointing.append(module)
-        if module.__dict__.get("_original_forward") is not None and "forward" in module.__dict__:
-            forwards.append((module, module.__dict__["forward"]))
+        if state.get("_original_forward") is not None and "forward" in state:
+            forwards.append((module, state["forward"]))
         hooked = hooked or bool(module._forward_hooks)
-        if hasattr(module, "support_avx512bf16_for_cpu"):  # a bitsandbytes 4-bit layer
+        if "support_avx512bf16_for_cpu" in state:  # a bitsandbytes 4-bit layer
             _refuse_packed_4bit(module)
             if module.support_avx512bf16_for_cpu:
                 packing.append(module)

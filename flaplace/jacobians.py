@@ -202,7 +202,7 @@ def _jacobians_and_logits(
         raise RuntimeError(
             "vmap could not trace the model function for one example: its forward branches on tensor "
             "values (e.g. Hugging Face attention-mask shortcuts, bitsandbytes 4-bit layers); use "
-            "method='capture' (what 'auto' tries first) or 'loop', or build the model with "
+            "method='capture' (what 'auto' tries first) or method='loop', or build the model with "
             "attn_implementation='eager' or pass a 4-D additive attention_mask (docs/predictive.md). "
             "Original error: "
             f"{error}"
