@@ -9,9 +9,11 @@ evidence and the linearised predictive must be EQUAL to the twin's (no tolerance
 
 from __future__ import annotations
 
+import bitsandbytes as bnb
 import peft
 import pytest
 import torch
+import transformers
 from tiny_models import tiny_base_model
 
 from flaplace.jacobians import per_example_jacobians
@@ -20,9 +22,6 @@ from flaplace.laplace import laplace
 from flaplace.params import LastTokenLogits, ModelFunction, select_params
 from flaplace.posterior import make_posterior
 from flaplace.predictive import linearised_predictive
-
-bnb = pytest.importorskip("bitsandbytes")
-transformers = pytest.importorskip("transformers")
 
 ANSWERS = [3, 5, 7]
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
