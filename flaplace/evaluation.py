@@ -6,7 +6,7 @@ A model handed over after training often still carries what training set on it:
   ``fp16=True``) replaces ``model.forward`` with an autocast wrapper that also converts the
   outputs to float32, and keeps the original as ``model._original_forward``;
 * **gradient checkpointing**: Hugging Face layers with ``gradient_checkpointing = True``;
-* **the input-require-grads hook**: ``enable_input_require_grads()`` (called by PEFT, TRL and
+* **the input-require-grads hook**: ``enable_input_require_grads()`` (called by TRL, PEFT or
   Trainer with gradient checkpointing) registers a forward hook on the input embeddings that
   calls ``output.requires_grad_()``, which ``torch.func`` transforms refuse;
 * **training mode**: dropout and other training-mode layers;
