@@ -184,20 +184,27 @@ def _jacobians_and_logits(
         return jacrev(logits_of_one, has_aux=True)(params, example_leaves)
 
     batched_leaves = [split.leaves[i] for i in split.batched]
-    if method == "loop":
-        per_example = [jacobian_of_one(*(leaf[b] for leaf in batched_leaves)) for b in range(split.size)]
-        jacobians = {name: torch.stack([jac[name] for jac, _ in per_example]) for name in params}
-        return jacobians, torch.stack([logits for _, logits in per_example])
     try:
+        if method == "loop":
+            per_example = [jacobian_of_one(*(leaf[b] for leaf in batched_leaves)) for b in range(split.size)]
+            jacobians = {name: torch.stack([jac[name] for jac, _ in per_example]) for name in params}
+            return jacobians, torch.stack([logits for _, logits in per_example])
         return vmap(jacobian_of_one, chunk_size=chunk_size)(*batched_leaves)
     except RuntimeError as error:
-        if "vmap" not in str(error):
+        if "setup_context" in str(error):  # an autograd.Function written for eager autograd only
+            raise RuntimeError(
+                f"method={method!r} differentiates with torch.func, which the model's custom "
+                "autograd.Function (e.g. bitsandbytes' 4-bit matmul in QLoRA) does not support: use "
+                "method='capture' (or 'auto', which takes it)"
+            ) from error
+        if method == "loop" or "vmap" not in str(error):
             raise
         raise RuntimeError(
-            "vmap could not trace the model function for one example, usually because the "
-            "forward pass branches on tensor values (e.g. Hugging Face attention-mask shortcuts). "
-            "Build the model with attn_implementation='eager', pass a 4-D additive "
-            "attention_mask, or use method='loop'. See docs/predictive.md. Original error: "
+            "vmap could not trace the model function for one example: its forward branches on tensor "
+            "values (e.g. Hugging Face attention-mask shortcuts, bitsandbytes 4-bit layers); use "
+            "method='capture' (what 'auto' tries first) or method='loop', or build the model with "
+            "attn_implementation='eager' or pass a 4-D additive attention_mask (docs/predictive.md). "
+            "Original error: "
             f"{error}"
         ) from error
 
@@ -253,6 +260,6 @@ def _auto_jacobians(
     try:
         return _jacobians_and_logits(model_fn, params, batch, chunk_size=chunk_size, method="vmap")
     except RuntimeError as error:
-        if "vmap" not in str(error):
+        if "vmap" not in str(error) or "autograd.Function" in str(error):  # the loop would fail alike
             raise
     return _jacobians_and_logits(model_fn, params, batch, chunk_size=chunk_size, method="loop")

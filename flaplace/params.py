@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from flaplace.capture import refuse_uncapturable
+from flaplace.evaluation import plain_evaluation
 from flaplace.sharding import unwrap_model
 from flaplace.typing import Batch, Params
 
@@ -301,6 +302,10 @@ class ModelFunction:
     the same function with the modules left in their own modes, for fitting the MAP with
     dropout as the model is configured. A wrapped model
     (DDP, ``torch.compile``) is unwrapped ([`unwrap_model`][flaplace.sharding.unwrap_model]).
+    What training left on the model (accelerate's mixed-precision forward, gradient
+    checkpointing, the input-require-grads hook's call) is off inside each call and
+    restored after it ([`plain_evaluation`][flaplace.evaluation.plain_evaluation]): the model
+    runs in the dtype of its weights.
 
     When the output function reads a few positions only (`LastTokenLogits`) and the
     model is a Hugging Face language model that takes per-example ``logits_to_keep``
@@ -403,16 +408,9 @@ class ModelFunction:
             kwargs.update(self.output_fn.model_kwargs(batch))  # type: ignore[attr-defined]
         if self.no_cache and "use_cache" not in kwargs:
             kwargs["use_cache"] = False  # no key/value cache: nothing here generates
-        # Dropout and other training-mode layers would make f random: evaluate in eval mode
-        # and give the modules back their own modes afterwards.
-        training = [m for m in self.model.modules() if m.training] if self.eval_mode else []
-        for module in training:
-            module.training = False
-        try:
+        # Eval mode (dropout would make f random), no autocast, no checkpointing: see plain_evaluation.
+        with plain_evaluation(self.model, eval_mode=self.eval_mode):
             output = functional_call(self.model, params, args, kwargs, tie_weights=False)
-        finally:
-            for module in training:
-                module.training = True
         return self.output_fn(output, batch)
 
 

@@ -36,6 +36,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from flaplace.evaluation import plain_evaluation
 from flaplace.params import ModelFunction, logits_of
 from flaplace.typing import Batch, Params
 
@@ -310,7 +311,8 @@ class ClozeModelFunction(ModelFunction):
             for name, others in self.aliases.items():
                 if name in params:
                     params.update(dict.fromkeys(others, params[name]))
-        output = functional_call(self.model, params, (), kwargs, tie_weights=False)
+        with plain_evaluation(self.model, eval_mode=self.eval_mode):  # as ModelFunction.evaluate
+            output = functional_call(self.model, params, (), kwargs, tie_weights=False)
         return cloze_scores(logits_of(output), batch, normalize=self.normalize)
 
 

@@ -24,6 +24,7 @@ DOCTESTED = (
     "flaplace.typing",
     "flaplace.params",
     "flaplace.sharding",
+    "flaplace.evaluation",
     "flaplace.scoring",
     "flaplace.validation",
     "flaplace.jacobians",
