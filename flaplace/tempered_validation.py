@@ -22,12 +22,16 @@ from tqdm.auto import tqdm
 
 from flaplace.evidence import free_parameter_groups
 from flaplace.jacobians import JacobianMethod
-from flaplace.links import predictive_probs
 from flaplace.posterior import PriorPrecision, with_prior_precision
 from flaplace.predictive import covariance_from_features
 from flaplace.temperature import check_temperature, tempered_moments
 from flaplace.typing import Batch, Likelihood, ModelFn, Posterior
-from flaplace.validation import DIFFERENTIABLE_LINKS, ValidationFeatures, validation_features
+from flaplace.validation import (
+    ValidationFeatures,
+    check_differentiable_link,
+    labels_nll,
+    validation_features,
+)
 
 __all__ = ["tune_prior_temperature_nll", "validation_nll_tempered"]
 
@@ -57,14 +61,10 @@ def validation_nll_tempered(
         >>> features = validation_features(posterior, model_fn, val_batches)  # doctest: +SKIP
         >>> nll = validation_nll_tempered(posterior, features, 1.5)  # doctest: +SKIP
     """
-    if link not in DIFFERENTIABLE_LINKS:
-        raise ValueError(f"link must be one of {DIFFERENTIABLE_LINKS} (differentiable), got {link!r}")
+    check_differentiable_link(link)
     f_var = covariance_from_features(posterior, features.covariance)
     f_mu, f_var = tempered_moments(features.f_mu.to(f_var.dtype), f_var, temperature)
-    probs = predictive_probs(f_mu, f_var, link, likelihood)  # type: ignore[arg-type]
-    labels = features.labels.to(device=probs.device, dtype=torch.long).reshape(-1)
-    picked = probs.gather(1, labels[:, None])[:, 0]
-    return -picked.clamp_min(torch.finfo(probs.dtype).tiny).log().mean()
+    return labels_nll(f_mu, f_var, features.labels, link, likelihood)
 
 
 def tune_prior_temperature_nll(
@@ -134,8 +134,7 @@ def tune_prior_temperature_nll(
         >>> f_mu, f_var = linearised_predictive(model_fn, tuned, test_batch)  # doctest: +SKIP
         >>> probs = predictive_probs(*tempered_moments(f_mu, f_var, T))  # doctest: +SKIP
     """
-    if link not in DIFFERENTIABLE_LINKS:
-        raise ValueError(f"link must be one of {DIFFERENTIABLE_LINKS} (differentiable), got {link!r}")
+    check_differentiable_link(link)
     if not (tune_prior or tune_temperature):
         raise ValueError("nothing to tune: set tune_prior or tune_temperature")
     if steps < 0 or patience < 1 or not (lr > 0 and tol > 0 and 0 < decay <= 1):

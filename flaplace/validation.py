@@ -111,12 +111,27 @@ def validation_nll(
         >>> features = validation_features(posterior, model_fn, val_batches)
         >>> nll = validation_nll(with_prior_precision(posterior, 10.0), features)
     """
+    check_differentiable_link(link)
+    f_var = covariance_from_features(posterior, features.covariance)
+    return labels_nll(features.f_mu.to(f_var.dtype), f_var, features.labels, link, likelihood)
+
+
+def check_differentiable_link(link: str) -> None:
+    """Raise a clear error for a link that the validation NLL cannot differentiate through."""
     if link not in DIFFERENTIABLE_LINKS:
         raise ValueError(f"link must be one of {DIFFERENTIABLE_LINKS} (differentiable), got {link!r}")
-    f_var = covariance_from_features(posterior, features.covariance)
-    f_mu = features.f_mu.to(f_var.dtype)
+
+
+def labels_nll(
+    f_mu: Float[Tensor, "batch classes"],
+    f_var: Float[Tensor, "batch classes classes"],
+    labels: Tensor,
+    link: str,
+    likelihood: Likelihood,
+) -> Float[Tensor, ""]:
+    """Mean NLL of ``labels`` under the predictive ``N(f_mu, f_var)`` through a differentiable ``link``."""
     probs = predictive_probs(f_mu, f_var, link, likelihood)  # type: ignore[arg-type]
-    labels = features.labels.to(device=probs.device, dtype=torch.long).reshape(-1)
+    labels = labels.to(device=probs.device, dtype=torch.long).reshape(-1)
     picked = probs.gather(1, labels[:, None])[:, 0]
     return -picked.clamp_min(torch.finfo(probs.dtype).tiny).log().mean()
 

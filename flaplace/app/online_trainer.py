@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from flaplace.app.trainer import answer_batch, initial_prior_mean
+from flaplace.app.trainer import _trainer_base, _trainer_callback_base, answer_batch, initial_prior_mean
 from flaplace.online import (
     OnlineEvidenceState,
     build_online_evidence,
@@ -35,22 +35,6 @@ from flaplace.sharding import unwrap_model
 from flaplace.typing import Batch, Params, Posterior
 
 __all__ = ["OnlineEvidenceCallback", "OnlineEvidenceTrainer"]
-
-
-def _trainer_callback_base() -> type:
-    try:
-        from transformers import TrainerCallback
-    except ImportError:  # pragma: no cover - the hf extra is missing
-        return object
-    return TrainerCallback
-
-
-def _trainer_base() -> type:
-    try:
-        from transformers import Trainer
-    except ImportError:  # pragma: no cover - the hf extra is missing
-        return object
-    return Trainer
 
 
 class OnlineEvidenceCallback(_trainer_callback_base()):  # type: ignore[misc]
