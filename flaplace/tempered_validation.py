@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from flaplace.evidence import free_parameter_groups
 from flaplace.jacobians import JacobianMethod
@@ -30,6 +29,7 @@ from flaplace.validation import (
     ValidationFeatures,
     check_differentiable_link,
     labels_nll,
+    minimise_validation_nll,
     validation_features,
 )
 
@@ -155,53 +155,35 @@ def tune_prior_temperature_nll(
     log_t = torch.tensor(
         math.log(check_temperature(temperature)), dtype=reference.dtype, device=reference.device
     )
-    free = [t.requires_grad_(True) for t, on in ((log_lam, tune_prior), (log_t, tune_temperature)) if on]
-    optimizer = torch.optim.Adam(free, lr=lr, betas=betas)
+    tunable = [(log_lam, tune_prior), (log_t, tune_temperature)]
+    free = [t.requires_grad_(True) for t, on in tunable if on]
 
     def per_name(values: Tensor) -> dict[str, Tensor]:
         return {n: values[k] for k, members in enumerate(groups.values()) for n in members}
 
-    history: list[dict[str, Any]] = []
-    best_value, best_point, since_best = math.inf, (log_lam.detach().clone(), log_t.detach().clone()), 0
-    bar = tqdm(total=steps, disable=not progress, desc="prior precision and temperature (validation NLL)")
-    for step in range(steps + 1):
-        value = validation_nll_tempered(
-            with_prior_precision(start, per_name(log_lam.exp())),
-            features,
-            log_t.exp(),
-            link=link,
-            likelihood=likelihood,
-        )
-        grads = torch.autograd.grad(value, free)
-        grad_norm = float(torch.cat([g.reshape(-1) for g in grads]).norm())
-        current = float(value.detach())
-        if not (math.isfinite(current) and math.isfinite(grad_norm)):
-            bar.close()
-            raise FloatingPointError(f"the validation NLL or its gradient is not finite at step {step}")
-        history.append(
-            {
-                "step": step,
-                "nll": current,
-                "grad_norm": grad_norm,
-                "prior_precision": {k: float(v) for k, v in zip(groups, log_lam.detach().exp(), strict=True)},
-                "temperature": float(log_t.detach().exp()),
-            }
-        )
-        improved = current < best_value - tol
-        if current < best_value:
-            best_value, best_point = current, (log_lam.detach().clone(), log_t.detach().clone())
-        since_best = 0 if improved else since_best + 1
-        if grad_norm < tol or since_best >= patience or step == steps:
-            break
-        if len(history) > 1 and current > history[-2]["nll"]:
-            for group in optimizer.param_groups:  # overshot the minimum: damp the steps
-                group["lr"] *= decay
-        optimizer.zero_grad()
-        for tensor, grad in zip(free, grads, strict=True):
-            tensor.grad = grad
-        optimizer.step()
-        bar.update(1)
-        bar.set_postfix(nll=f"{current:.4g}", grad=f"{grad_norm:.2e}")
-    bar.close()
-    best_log_lam, best_log_t = best_point
+    def objective() -> Tensor:
+        posterior = with_prior_precision(start, per_name(log_lam.exp()))
+        return validation_nll_tempered(posterior, features, log_t.exp(), link=link, likelihood=likelihood)
+
+    def record() -> dict[str, Any]:
+        return {
+            "prior_precision": {k: float(v) for k, v in zip(groups, log_lam.detach().exp(), strict=True)},
+            "temperature": float(log_t.detach().exp()),
+        }
+
+    best, history = minimise_validation_nll(
+        objective,
+        free,
+        record,
+        steps=steps,
+        lr=lr,
+        betas=betas,
+        tol=tol,
+        patience=patience,
+        decay=decay,
+        progress=progress,
+        desc="prior precision and temperature (validation NLL)",
+    )
+    best_by_tensor = iter(best)
+    best_log_lam, best_log_t = (next(best_by_tensor) if on else t.detach() for t, on in tunable)
     return with_prior_precision(start, per_name(best_log_lam.exp())), float(best_log_t.exp()), history

@@ -17,7 +17,7 @@ link must be differentiable: ``"probit"`` or ``"bridge"``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -192,8 +192,7 @@ def tune_prior_nll(
     Examples:
         >>> tuned, history = tune_prior_nll(posterior, model_fn, val_batches, link="probit")
     """
-    if link not in DIFFERENTIABLE_LINKS:
-        raise ValueError(f"link must be one of {DIFFERENTIABLE_LINKS} (differentiable), got {link!r}")
+    check_differentiable_link(link)
     if steps < 0 or patience < 1 or not (lr > 0 and tol > 0 and 0 < decay <= 1):
         raise ValueError(
             f"need steps >= 0, patience >= 1, lr > 0, tol > 0 and decay in (0, 1]; got steps={steps}, "
@@ -208,49 +207,87 @@ def tune_prior_nll(
         for members in groups.values()
     ]
     log_lam = torch.stack(initial).to(dtype=reference.dtype, device=reference.device).requires_grad_(True)
-    optimizer = torch.optim.Adam([log_lam], lr=lr, betas=betas)
 
     def per_name(values: Tensor) -> dict[str, Tensor]:
         return {n: values[k] for k, members in enumerate(groups.values()) for n in members}
 
+    def objective() -> Tensor:
+        posterior = with_prior_precision(start, per_name(log_lam.exp()))
+        return validation_nll(posterior, features, link=link, likelihood=likelihood)
+
+    def record() -> dict[str, Any]:
+        return {
+            "prior_precision": {key: float(v) for key, v in zip(groups, log_lam.detach().exp(), strict=True)}
+        }
+
+    (best_log_lam,), history = minimise_validation_nll(
+        objective,
+        [log_lam],
+        record,
+        steps=steps,
+        lr=lr,
+        betas=betas,
+        tol=tol,
+        patience=patience,
+        decay=decay,
+        progress=progress,
+        desc="prior precision (validation NLL)",
+    )
+    return with_prior_precision(start, per_name(best_log_lam.exp())), history
+
+
+def minimise_validation_nll(
+    objective: Callable[[], Tensor],
+    free: list[Tensor],
+    record: Callable[[], dict[str, Any]],
+    *,
+    steps: int,
+    lr: float,
+    betas: tuple[float, float],
+    tol: float,
+    patience: int,
+    decay: float,
+    progress: bool,
+    desc: str,
+) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """Adam on the tensors ``free`` (which require grad) to minimise ``objective()``.
+
+    Stops when the gradient norm falls below ``tol``, after ``patience`` steps without an
+    improvement of more than ``tol``, or after ``steps`` steps; the step size is multiplied by
+    ``decay`` whenever the objective goes up (an overshot minimum). Returns the values of ``free``
+    at the lowest objective seen and one record per step (``step``, ``nll``, ``grad_norm`` and
+    the fields of ``record()``).
+
+    Raises:
+        FloatingPointError: a non-finite objective or gradient.
+    """
+    optimizer = torch.optim.Adam(free, lr=lr, betas=betas)
     history: list[dict[str, Any]] = []
-    best_value, best_log_lam, since_best = math.inf, log_lam.detach().clone(), 0
-    bar = tqdm(total=steps, disable=not progress, desc="prior precision (validation NLL)")
+    best_value, best_point, since_best = math.inf, [t.detach().clone() for t in free], 0
+    bar = tqdm(total=steps, disable=not progress, desc=desc)
     for step in range(steps + 1):
-        value = validation_nll(
-            with_prior_precision(start, per_name(log_lam.exp())), features, link=link, likelihood=likelihood
-        )
-        (grad,) = torch.autograd.grad(value, log_lam)
-        grad_norm = float(grad.norm())
+        value = objective()
+        grads = torch.autograd.grad(value, free)
+        grad_norm = float(torch.cat([g.reshape(-1) for g in grads]).norm())
         current = float(value.detach())
         if not (math.isfinite(current) and math.isfinite(grad_norm)):
             bar.close()
             raise FloatingPointError(f"the validation NLL or its gradient is not finite at step {step}")
-        history.append(
-            {
-                "step": step,
-                "nll": current,
-                "grad_norm": grad_norm,
-                "prior_precision": {
-                    key: float(v) for key, v in zip(groups, log_lam.detach().exp(), strict=True)
-                },
-            }
-        )
-        if current < best_value - tol:
-            best_value, best_log_lam, since_best = current, log_lam.detach().clone(), 0
-        else:
-            since_best += 1
-            if current < best_value:
-                best_value, best_log_lam = current, log_lam.detach().clone()
+        history.append({"step": step, "nll": current, "grad_norm": grad_norm, **record()})
+        improved = current < best_value - tol
+        if current < best_value:
+            best_value, best_point = current, [t.detach().clone() for t in free]
+        since_best = 0 if improved else since_best + 1
         if grad_norm < tol or since_best >= patience or step == steps:
             break
         if len(history) > 1 and current > history[-2]["nll"]:
             for group in optimizer.param_groups:  # overshot the minimum: damp the steps
                 group["lr"] *= decay
         optimizer.zero_grad()
-        log_lam.grad = grad
+        for tensor, grad in zip(free, grads, strict=True):
+            tensor.grad = grad
         optimizer.step()
         bar.update(1)
         bar.set_postfix(nll=f"{current:.4g}", grad=f"{grad_norm:.2e}")
     bar.close()
-    return with_prior_precision(start, per_name(best_log_lam.exp())), history
+    return best_point, history
