@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from flaplace.app.trainer import _trainer_base, _trainer_callback_base, answer_batch, initial_prior_mean
+from flaplace.app.trainer import answer_batch, initial_prior_mean, trainer_base, trainer_callback_base
 from flaplace.online import (
     OnlineEvidenceState,
     build_online_evidence,
@@ -37,7 +37,7 @@ from flaplace.typing import Batch, Params, Posterior
 __all__ = ["OnlineEvidenceCallback", "OnlineEvidenceTrainer"]
 
 
-class OnlineEvidenceCallback(_trainer_callback_base()):  # type: ignore[misc]
+class OnlineEvidenceCallback(trainer_callback_base()):  # type: ignore[misc]
     """A ``TrainerCallback`` that tunes the prior precision by the evidence while the Trainer trains.
 
     Every ``every`` optimiser steps it refits K-FAC at the current weights on the batches of the
@@ -192,7 +192,7 @@ class OnlineEvidenceCallback(_trainer_callback_base()):  # type: ignore[misc]
         )
 
 
-class OnlineEvidenceTrainer(_trainer_base()):  # type: ignore[misc]
+class OnlineEvidenceTrainer(trainer_base()):  # type: ignore[misc]
     """A ``Trainer`` whose loss uses the prior that an `OnlineEvidenceCallback` tunes as it trains.
 
     ``loss = mean loss + sum_b (lambda_b / (2N)) ||theta_b - m_b||^2`` with the callback's current

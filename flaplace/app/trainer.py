@@ -219,7 +219,8 @@ def laplace_from_trainer(
     )
 
 
-def _trainer_callback_base() -> type:
+def trainer_callback_base() -> type:
+    """``transformers.TrainerCallback``, or ``object`` without the hf extra (a base class for callbacks)."""
     try:
         from transformers import TrainerCallback
     except ImportError:  # pragma: no cover - the hf extra is missing
@@ -227,7 +228,7 @@ def _trainer_callback_base() -> type:
     return TrainerCallback
 
 
-class LaplaceCallback(_trainer_callback_base()):  # type: ignore[misc]
+class LaplaceCallback(trainer_callback_base()):  # type: ignore[misc]
     """A ``TrainerCallback`` that fits the posterior when training ends; the result is ``.laplace``.
 
     ``prior_mean="init"`` centres the posterior's prior at the adapters as they were when
@@ -338,7 +339,8 @@ def gaussian_prior_penalty(
     return prior_precision / (2 * n_train) * squared  # type: ignore[return-value]
 
 
-def _trainer_base() -> type:
+def trainer_base() -> type:
+    """``transformers.Trainer``, or ``object`` without the hf extra (a base class for Trainer variants)."""
     try:
         from transformers import Trainer
     except ImportError:  # pragma: no cover - the hf extra is missing
@@ -346,7 +348,7 @@ def _trainer_base() -> type:
     return Trainer
 
 
-class GaussianPriorTrainer(_trainer_base()):  # type: ignore[misc]
+class GaussianPriorTrainer(trainer_base()):  # type: ignore[misc]
     """A ``Trainer`` whose loss is the MAP objective of a Gaussian prior on the LoRA weights.
 
     ``loss = mean loss + (lambda / (2N)) ||theta - m||^2`` (`gaussian_prior_penalty`), with
