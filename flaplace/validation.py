@@ -32,6 +32,8 @@ from flaplace.params import batch_targets
 from flaplace.posterior import PriorPrecision, with_prior_precision
 from flaplace.predictive import (
     CovarianceFeatures,
+    Directions,
+    check_directions,
     covariance_features,
     covariance_from_features,
     predictive_precompute,
@@ -98,6 +100,7 @@ def validation_nll(
     *,
     link: str = "probit",
     likelihood: Likelihood = "categorical",
+    directions: Directions = "all",
 ) -> Float[Tensor, ""]:
     """Mean validation NLL of the linearised predictive, differentiable in the prior precision.
 
@@ -106,6 +109,8 @@ def validation_nll(
         features: from `validation_features` (computed with the same factors).
         link: ``"probit"`` or ``"bridge"``.
         likelihood: ``"categorical"`` or ``"bernoulli"``.
+        directions: the predictive's covariance, ``"all"`` (default) or ``"informed"`` (see
+            [`predictive_precompute`][flaplace.predictive.predictive_precompute]).
 
     Examples:
         >>> features = validation_features(posterior, model_fn, val_batches)
@@ -113,7 +118,7 @@ def validation_nll(
     """
     if link not in DIFFERENTIABLE_LINKS:
         raise ValueError(f"link must be one of {DIFFERENTIABLE_LINKS} (differentiable), got {link!r}")
-    f_var = covariance_from_features(posterior, features.covariance)
+    f_var = covariance_from_features(posterior, features.covariance, directions)
     f_mu = features.f_mu.to(f_var.dtype)
     probs = predictive_probs(f_mu, f_var, link, likelihood)  # type: ignore[arg-type]
     labels = features.labels.to(device=probs.device, dtype=torch.long).reshape(-1)
@@ -138,6 +143,7 @@ def tune_prior_nll(
     per_block: bool | Sequence[str] = False,
     chunk_size: int | None = None,
     method: JacobianMethod = "auto",
+    directions: Directions = "all",
     progress: bool = True,
 ) -> tuple[Posterior, list[dict[str, Any]]]:
     """Minimise the validation NLL of the linearised predictive over ``log lambda`` with Adam.
@@ -168,6 +174,8 @@ def tune_prior_nll(
             per keyword group.
         chunk_size: examples per vectorised Jacobian chunk.
         method: how Jacobians are computed (see [`per_example_jacobians`][flaplace.jacobians.per_example_jacobians]).
+        directions: the predictive's covariance: ``"all"`` (default, the exact Laplace
+            predictive) or ``"informed"`` (see [`predictive_precompute`][flaplace.predictive.predictive_precompute]).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -184,6 +192,7 @@ def tune_prior_nll(
             f"need steps >= 0, patience >= 1, lr > 0, tol > 0 and decay in (0, 1]; got steps={steps}, "
             f"patience={patience}, lr={lr}, tol={tol}, decay={decay}"
         )
+    check_directions(directions)
     start = posterior if init is None else with_prior_precision(posterior, init)
     features = validation_features(start, model_fn, batches, chunk_size=chunk_size, method=method)
     groups = free_parameter_groups(list(start.mean), per_block)
@@ -203,7 +212,11 @@ def tune_prior_nll(
     bar = tqdm(total=steps, disable=not progress, desc="prior precision (validation NLL)")
     for step in range(steps + 1):
         value = validation_nll(
-            with_prior_precision(start, per_name(log_lam.exp())), features, link=link, likelihood=likelihood
+            with_prior_precision(start, per_name(log_lam.exp())),
+            features,
+            link=link,
+            likelihood=likelihood,
+            directions=directions,
         )
         (grad,) = torch.autograd.grad(value, log_lam)
         grad_norm = float(grad.norm())
