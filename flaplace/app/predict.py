@@ -66,7 +66,10 @@ def _records(data: Data, config: RunConfig) -> list[Mapping[str, Any]]:
     rows = list(data)
     if not rows:
         raise ValueError("predict_run got no inputs")
-    return [{config.text_column: row} if isinstance(row, str) else row for row in rows]
+    records: list[Mapping[str, Any]] = []
+    for row in rows:
+        records.append({config.text_column: row} if isinstance(row, str) else cast(Mapping[str, Any], row))
+    return records
 
 
 def _label_index(value: Any, choices: Sequence[str]) -> int | None:
