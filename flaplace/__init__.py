@@ -21,7 +21,7 @@ from flaplace.jacobians import per_example_jacobians
 from flaplace.kfac import KFAC, build
 from flaplace.kfac import fit as fit_kfac
 from flaplace.kfac_state import KFACState, input_factor_keys, kfac_factors, reduce_across_ranks
-from flaplace.laplace import LaplaceLoRA, laplace
+from flaplace.laplace import LaplaceLoRA, fit_laplace_lora
 from flaplace.links import (
     centre_moments,
     gaussian_predictive,
@@ -110,7 +110,7 @@ __all__ = [
     "gaussian_predictive",
     "input_factor_keys",
     "kfac_factors",
-    "laplace",
+    "fit_laplace_lora",
     "laplace_bridge_probs",
     "linearised_predictive",
     "load_posterior",

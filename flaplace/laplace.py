@@ -1,6 +1,6 @@
 """One call for the common case: select the LoRA weights, fit K-FAC, tune the prior, predict.
 
-`LaplaceLoRA` (and `laplace`, which builds, fits and tunes one) strings together the
+`LaplaceLoRA` (and `fit_laplace_lora`, which builds, fits and tunes one) strings together the
 pure functions of the library: [`select_params`][flaplace.params.select_params],
 [`fit`][flaplace.kfac.fit], [`make_posterior`][flaplace.posterior.make_posterior], a prior tuner
 ([`tune_prior_evidence`][flaplace.evidence.tune_prior_evidence], [`tune_prior_nll`][flaplace.validation.tune_prior_nll] or
@@ -52,7 +52,7 @@ PRIOR_METHODS: tuple[str, ...] = ("evidence", "val_nll", "grid", "none", "margli
 #: laplace-torch's names for the same methods.
 ALIASES = {"marglik": "evidence", "gridsearch": "grid"}
 
-__all__ = ["LaplaceLoRA", "laplace"]
+__all__ = ["LaplaceLoRA", "fit_laplace_lora"]
 
 
 class LaplaceLoRA:
@@ -79,9 +79,10 @@ class LaplaceLoRA:
             token labels into class indices); default: move tensors to the weights' device.
         jacobian_method: how the linearised predictive computes Jacobians (``"auto"``,
             ``"vmap"``, ``"loop"`` or ``"capture"``, see [`per_example_jacobians`][flaplace.jacobians.per_example_jacobians]).
-        directions: the covariance of the linearised predictive: ``"all"`` (default, the
-            Laplace posterior's) or ``"informed"`` (only the directions where the data outweigh
-            the prior, see [`predictive_precompute`][flaplace.predictive.predictive_precompute]).
+        directions: the covariance of the linearised predictive: ``"informed"`` (default, as
+            in ``flaplace run`` and the Trainer helpers: only the directions where the data
+            outweigh the prior) or ``"all"`` (the whole Laplace posterior's, the default of the
+            core function [`predictive_precompute`][flaplace.predictive.predictive_precompute]).
             The sampling predictive (``pred_type="nn"``) always draws from the whole posterior.
         **kfac_options: passed to [`build`][flaplace.kfac.build] (``fisher``, ``sharing``,
             ``n_kfac``, ``lr_threshold``, ``generator``, ...).
@@ -103,7 +104,7 @@ class LaplaceLoRA:
         prior_mean: Params | None = None,
         batch_fn: Callable[[Batch], Batch] | None = None,
         jacobian_method: JacobianMethod = "auto",
-        directions: Directions = "all",
+        directions: Directions = "informed",
         **kfac_options: Any,
     ):
         if likelihood not in ("categorical", "bernoulli"):
@@ -215,6 +216,7 @@ class LaplaceLoRA:
                     likelihood=self.likelihood,
                     per_block=per_block,
                     method=self.jacobian_method,
+                    directions=self.directions,
                     progress=progress,
                     **options,
                 )
@@ -366,7 +368,7 @@ class LaplaceLoRA:
         return out, (torch.cat(labels) if len(labels) == len(probs) else None)
 
 
-def laplace(
+def fit_laplace_lora(
     model: nn.Module,
     train_batches: Iterable[Batch],
     output_fn: OutputFn = classifier_logits,
@@ -393,7 +395,7 @@ def laplace(
             ``fisher``, ...).
 
     Examples:
-        >>> la = laplace(peft_model, train_loader, LastTokenLogits(answer_ids))
+        >>> la = fit_laplace_lora(peft_model, train_loader, LastTokenLogits(answer_ids))
         >>> probs = la(test_batch, link="probit")
     """
     la = LaplaceLoRA(model, output_fn, **options).fit(train_batches, progress=progress)

@@ -157,7 +157,7 @@ class LastTokenLogits:
     batch's ``attention_mask`` when it has one.
 
     Examples:
-        >>> output_fn = LastTokenLogits([tok(" A").input_ids[-1], tok(" B").input_ids[-1]])  # doctest: +SKIP
+        >>> output_fn = LastTokenLogits(answer_token_ids(tokenizer, ["A", "B"]))  # doctest: +SKIP
     """
 
     def __init__(self, token_ids: Sequence[object] | Tensor, *, vocab_size: int | None = None):

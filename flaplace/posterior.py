@@ -137,7 +137,7 @@ def prior_precision_per_block(
             for key, value in prior_precision.items()
         }
         return {name: resolved[owner[name]] for name in names}
-    shared = _precision_tensor(prior_precision, "", dtype, device)
+    shared = _precision_tensor(prior_precision, "(one value for every block)", dtype, device)
     return dict.fromkeys(names, shared)
 
 

@@ -1,5 +1,9 @@
 """The linearised (GLM) predictive: ``J Sigma J^T`` from the per-example Jacobians.
 
+Defaults: these core functions compute the exact Laplace predictive (``directions="all"``,
+the whole posterior covariance). The one-call [`LaplaceLoRA`][flaplace.laplace.LaplaceLoRA],
+the Trainer helpers and ``flaplace run`` default to ``directions="informed"`` instead.
+
 The network is linearised around the MAP ``theta*``: ``f(theta, x) ~ N(f_mu, f_var)`` with
 ``f_mu = f(theta*, x)`` and ``f_var = J Sigma J^T``, ``Sigma`` the Laplace posterior covariance
 (the Conventions page of the docs). For one Kronecker block ``P = S (x) A + lambda I`` with Jacobian slices
@@ -98,6 +102,9 @@ def _is_complete(S_vectors: Tensor, A_vectors: Tensor) -> bool:
 def predictive_precompute(posterior: Posterior, directions: Directions = "all") -> PredictiveCache:
     """Precompute, once per posterior, everything the predictive covariance needs.
 
+    Default: the exact Laplace covariance (``directions="all"``); `LaplaceLoRA`, the Trainer
+    helpers and ``flaplace run`` use ``directions="informed"``.
+
     The per-block grid of inverse eigenvalues ``1/(s_i a_j + lambda) - 1/lambda`` (or
     ``1/(s_i a_j + lambda)`` for complete bases) is formed here and reused for every batch.
     Eigenvalues below zero (round-off of a PSD factor) are clamped to zero. Differentiable in
@@ -194,11 +201,11 @@ def informed_directions(posterior: Posterior) -> dict[str, int]:
     return counts
 
 
-def _as_cache(posterior: Posterior | PredictiveCache) -> PredictiveCache:
+def _as_cache(posterior: Posterior | PredictiveCache, directions: Directions = "all") -> PredictiveCache:
     if isinstance(posterior, PredictiveCache):
         return posterior
     if isinstance(posterior, Posterior):
-        return predictive_precompute(posterior)
+        return predictive_precompute(posterior, directions)
     raise TypeError(f"expected a Posterior or a PredictiveCache, got {type(posterior).__name__}")
 
 
@@ -310,12 +317,13 @@ def covariance_features(
 
 
 def covariance_from_features(
-    posterior: Posterior | PredictiveCache, features: CovarianceFeatures
+    posterior: Posterior | PredictiveCache, features: CovarianceFeatures, directions: Directions = "all"
 ) -> Float[Tensor, "batch classes classes"]:
     """``J Sigma J^T`` from [`covariance_features`][flaplace.predictive.covariance_features].
 
     ``sum_ij R_c[i,j] R_c'[i,j] w[i,j]`` per block plus, for thin bases, ``(1/lambda) <G_c, G_c'>``;
-    differentiable in the prior precision.
+    differentiable in the prior precision. ``directions`` as in `predictive_precompute` (used
+    when ``posterior`` is a Posterior; a cache already carries its choice).
 
     Examples:
         >>> import torch, flaplace
@@ -327,7 +335,7 @@ def covariance_from_features(
         >>> torch.allclose(f_var, predictive_covariance(post, jac))
         True
     """
-    cache = _as_cache(posterior)
+    cache = _as_cache(posterior, directions)
     covariance: Tensor | int = 0
     for name, block in cache.blocks.items():
         flat = features.rotated[name].to(block.weights.dtype)

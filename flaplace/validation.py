@@ -32,6 +32,8 @@ from flaplace.params import batch_targets
 from flaplace.posterior import PriorPrecision, with_prior_precision
 from flaplace.predictive import (
     CovarianceFeatures,
+    Directions,
+    check_directions,
     covariance_features,
     covariance_from_features,
     predictive_precompute,
@@ -98,6 +100,7 @@ def validation_nll(
     *,
     link: str = "probit",
     likelihood: Likelihood = "categorical",
+    directions: Directions = "all",
 ) -> Float[Tensor, ""]:
     """Mean validation NLL of the linearised predictive, differentiable in the prior precision.
 
@@ -106,13 +109,15 @@ def validation_nll(
         features: from `validation_features` (computed with the same factors).
         link: ``"probit"`` or ``"bridge"``.
         likelihood: ``"categorical"`` or ``"bernoulli"``.
+        directions: the predictive's covariance, ``"all"`` (default) or ``"informed"`` (see
+            [`predictive_precompute`][flaplace.predictive.predictive_precompute]).
 
     Examples:
         >>> features = validation_features(posterior, model_fn, val_batches)
         >>> nll = validation_nll(with_prior_precision(posterior, 10.0), features)
     """
     check_differentiable_link(link)
-    f_var = covariance_from_features(posterior, features.covariance)
+    f_var = covariance_from_features(posterior, features.covariance, directions)
     return labels_nll(features.f_mu.to(f_var.dtype), f_var, features.labels, link, likelihood)
 
 
@@ -153,6 +158,7 @@ def tune_prior_nll(
     per_block: bool | Sequence[str] = False,
     chunk_size: int | None = None,
     method: JacobianMethod = "auto",
+    directions: Directions = "all",
     progress: bool = True,
 ) -> tuple[Posterior, list[dict[str, Any]]]:
     """Minimise the validation NLL of the linearised predictive over ``log lambda`` with Adam.
@@ -183,6 +189,8 @@ def tune_prior_nll(
             per keyword group.
         chunk_size: examples per vectorised Jacobian chunk.
         method: how Jacobians are computed (see [`per_example_jacobians`][flaplace.jacobians.per_example_jacobians]).
+        directions: the predictive's covariance: ``"all"`` (default, the exact Laplace
+            predictive) or ``"informed"`` (see [`predictive_precompute`][flaplace.predictive.predictive_precompute]).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -198,6 +206,7 @@ def tune_prior_nll(
             f"need steps >= 0, patience >= 1, lr > 0, tol > 0 and decay in (0, 1]; got steps={steps}, "
             f"patience={patience}, lr={lr}, tol={tol}, decay={decay}"
         )
+    check_directions(directions)
     start = posterior if init is None else with_prior_precision(posterior, init)
     features = validation_features(start, model_fn, batches, chunk_size=chunk_size, method=method)
     groups = free_parameter_groups(list(start.mean), per_block)
@@ -213,7 +222,7 @@ def tune_prior_nll(
 
     def objective() -> Tensor:
         posterior = with_prior_precision(start, per_name(log_lam.exp()))
-        return validation_nll(posterior, features, link=link, likelihood=likelihood)
+        return validation_nll(posterior, features, link=link, likelihood=likelihood, directions=directions)
 
     def record() -> dict[str, Any]:
         return {

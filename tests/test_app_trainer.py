@@ -239,7 +239,7 @@ def test_docs_trainer_snippet_runs_as_written(tmp_path):
     model = tiny_causal_lora()
     data = causal_examples(16)
     trainer = Trainer(model=model, args=arguments(tmp_path), train_dataset=data, data_collator=collate)
-    namespace = {"trainer": trainer, "answer_ids": list(ANSWER_IDS), "batch": collate(data[:4])}
+    namespace = {"trainer": trainer, "answer_token_ids": list(ANSWER_IDS), "batch": collate(data[:4])}
     exec(compile(snippet, "docs/huggingface.md", "exec"), namespace)
     probs = namespace["probs"]
     assert probs.shape == (4, 2) and bool(torch.isfinite(probs).all())

@@ -1,4 +1,4 @@
-"""The one-call entry point (flaplace.laplace) and validation-NLL prior tuning (flaplace.validation).
+"""The one-call entry point (flaplace.laplace.fit_laplace_lora) and validation-NLL prior tuning (flaplace.validation).
 
 References: on a linear model the linearised predictive is exact, so the moments of the sampled
 logits must match ``(f_mu, f_var)`` and the sampling predictive must match Monte Carlo on the
@@ -17,12 +17,12 @@ import torch
 from torch import nn
 from torch.func import jvp
 
-from flaplace.laplace import LaplaceLoRA, laplace
+from flaplace.laplace import LaplaceLoRA, fit_laplace_lora
 from flaplace.links import mc_probs, predictive_probs
 from flaplace.metrics import nll
 from flaplace.params import ModelFunction, select_params
 from flaplace.posterior import make_posterior, sample, with_prior_precision
-from flaplace.predictive import linearised_predictive
+from flaplace.predictive import linearised_predictive, predictive_precompute
 from flaplace.sampling import batch_to, logits_at, sampling_probs
 from flaplace.typing import Eigen, KronFactor
 from flaplace.validation import tune_prior_nll, validation_features, validation_nll
@@ -126,7 +126,7 @@ def test_sampled_logits_approach_the_linearisation_as_the_posterior_shrinks(lam)
 def test_laplace_lora_glm_equals_the_pure_functions_and_nn_is_close_for_a_tight_posterior():
     model = tiny_bert()
     train = bert_batches()
-    la = laplace(model, train, prior="evidence", fisher="exact", jacobian_method="loop")
+    la = fit_laplace_lora(model, train, prior="evidence", fisher="exact", jacobian_method="loop")
     batch = bert_batches(1, seed=9)[0]
     # the same posterior through the pure functions
     from flaplace.evidence import tune_prior_evidence
@@ -135,7 +135,10 @@ def test_laplace_lora_glm_equals_the_pure_functions_and_nn_is_close_for_a_tight_
     params = select_params(model, "lora")
     factors, state = fit(la.model_fn, params, train, fisher="exact", progress=False)
     tuned, _ = tune_prior_evidence(make_posterior(factors, params, 1.0), state.log_likelihood, progress=False)
-    f_mu, f_var = linearised_predictive(la.model_fn, tuned, batch, method="loop")
+    # the one-call default is the informed predictive (the core default is the whole posterior)
+    assert la.directions == "informed"
+    informed = predictive_precompute(tuned, "informed")
+    f_mu, f_var = linearised_predictive(la.model_fn, informed, batch, method="loop")
     torch.testing.assert_close(la(batch), predictive_probs(f_mu, f_var, "probit"))
     assert la.prior_precision == pytest.approx({n: float(v) for n, v in tuned.prior_precision.items()})
     from flaplace.evidence import log_marginal_likelihood
@@ -225,9 +228,9 @@ def test_laplace_lora_val_nll_and_grid_methods_agree():
     model, val = overconfident_problem()
     train = [(val[0][0][:6], val[0][1][:6])]
     grid = torch.logspace(-3, 3, 121, dtype=F64).tolist()
-    by_grid = LaplaceLoRA(model, include="fc.weight", fisher="exact").fit(train)
+    by_grid = LaplaceLoRA(model, include="fc.weight", fisher="exact", directions="all").fit(train)
     by_grid.optimize_prior_precision("grid", val_batches=val, grid=grid)
-    by_grad = LaplaceLoRA(model, include="fc.weight", fisher="exact").fit(train)
+    by_grad = LaplaceLoRA(model, include="fc.weight", fisher="exact", directions="all").fit(train)
     by_grad.optimize_prior_precision("val_nll", val_batches=val, tol=1e-7)
     a, b = by_grid.prior_precision["fc.weight"], by_grad.prior_precision["fc.weight"]
     assert 1e-3 < a < 1e3
@@ -256,3 +259,43 @@ def test_batch_to_moves_tensors_only():
     moved = batch_to({"x": torch.ones(2), "name": "a"}, "meta")
     assert moved["x"].device.type == "meta" and moved["name"] == "a"
     assert batch_to((torch.ones(1), 3), "meta")[1] == 3
+
+
+def test_informed_validation_nll_matches_the_informed_predictive():
+    model, val = overconfident_problem()
+    params, posterior = linear_posterior(model, lam=0.7, scale=0.3)
+    model_fn = ModelFunction(model, params)
+    features = validation_features(posterior, model_fn, val)
+    labels = torch.cat([y for _, y in val])
+    informed = predictive_precompute(posterior, "informed")
+    probs = torch.cat([predictive_probs(*linearised_predictive(model_fn, informed, b)) for b in val])
+    got = float(validation_nll(posterior, features, directions="informed"))
+    assert got == pytest.approx(nll(probs.detach(), labels), rel=1e-10)
+    assert got != pytest.approx(float(validation_nll(posterior, features)), rel=1e-6)  # the two differ here
+
+
+def test_the_one_call_api_the_trainer_helpers_and_the_command_line_share_their_defaults():
+    """One default per option: LaplaceLoRA, fit_laplace_lora, the Trainer helpers and ``flaplace run``."""
+    import inspect
+
+    from flaplace.app import trainer
+    from flaplace.app.config import RunConfig
+    from flaplace.kfac import build
+
+    def defaults(function) -> dict:
+        return {
+            n: p.default
+            for n, p in inspect.signature(function).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+
+    cli = RunConfig(model="m")
+    one_call = defaults(LaplaceLoRA) | defaults(build)
+    assert one_call["directions"] == cli.predictive_directions == "informed"
+    assert one_call["prior_precision"] == cli.prior_precision
+    for name in ("fisher", "sharing", "n_kfac", "lr_threshold"):
+        assert one_call[name] == getattr(cli, name), name
+    assert defaults(fit_laplace_lora)["prior"] == cli.prior_tuning == "evidence"
+    assert defaults(fit_laplace_lora)["link"] == defaults(LaplaceLoRA.predict)["link"] == cli.link
+    for helper in (trainer.fit_laplace, trainer.laplace_from_trainer, trainer.LaplaceCallback):
+        assert defaults(helper)["prior"] == cli.prior_tuning, helper

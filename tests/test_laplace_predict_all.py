@@ -8,7 +8,7 @@ from tiny_models import padded_batch
 
 from flaplace.laplace import LaplaceLoRA
 from flaplace.links import predictive_probs
-from flaplace.predictive import linearised_predictive
+from flaplace.predictive import linearised_predictive, predictive_precompute
 
 F64 = torch.float64
 
@@ -42,7 +42,7 @@ class Rows(torch.utils.data.Dataset):
 
 def test_predict_all_over_a_data_loader_concatenates_every_output_in_order():
     model = tiny_bert()
-    la = LaplaceLoRA(model, prior_precision=3.0, fisher="exact", jacobian_method="loop")
+    la = LaplaceLoRA(model, prior_precision=3.0, fisher="exact", jacobian_method="loop", directions="all")
     la.fit([padded_batch("bert", n=4, length=6, seed=s) for s in (1, 2)])
     data = padded_batch("bert", n=7, length=6, seed=9)
     loader = torch.utils.data.DataLoader(Rows(data), batch_size=3)  # batches of 3, 3 and 1
@@ -51,7 +51,8 @@ def test_predict_all_over_a_data_loader_concatenates_every_output_in_order():
     # reference: each example alone through the pure functions (the outputs do not depend on batching)
     for i in range(7):
         one = {k: v[i : i + 1] for k, v in data.items()}
-        f_mu, f_var = linearised_predictive(la.model_fn, la.posterior, one, method="loop")
+        cache = predictive_precompute(la.posterior, la.directions)
+        f_mu, f_var = linearised_predictive(la.model_fn, cache, one, method="loop")
         torch.testing.assert_close(probs[i : i + 1], predictive_probs(f_mu, f_var, "probit"))
     bridge, _ = la.predict_all(loader, link="bridge")  # the link is passed through
     assert not torch.allclose(bridge, probs)

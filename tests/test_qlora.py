@@ -18,7 +18,7 @@ from tiny_models import tiny_base_model
 
 from flaplace.jacobians import per_example_jacobians
 from flaplace.kfac import fit
-from flaplace.laplace import laplace
+from flaplace.laplace import fit_laplace_lora
 from flaplace.params import LastTokenLogits, ModelFunction, select_params
 from flaplace.posterior import make_posterior
 from flaplace.predictive import linearised_predictive
@@ -84,7 +84,7 @@ def test_qlora_gives_the_factors_and_predictive_of_its_dequantised_twin(tmp_path
         factors, state = fit(f, params, data, fisher="exact", lr_threshold=None, progress=False)
         f_mu, f_var = linearised_predictive(f, make_posterior(factors, params, 1.0), data[0])
         torch.manual_seed(2)
-        la = laplace(model, data, LastTokenLogits(ANSWERS))  # the one call: MC Fisher, evidence
+        la = fit_laplace_lora(model, data, LastTokenLogits(ANSWERS))  # the one call: MC Fisher, evidence
         results.append(
             [*torch.utils._pytree.tree_leaves(factors), state.log_likelihood, f_mu, f_var, la(data[1])]
         )

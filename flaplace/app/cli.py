@@ -1,4 +1,5 @@
-"""Command line: ``flaplace run`` (any model and task) and ``flaplace demo`` (offline defaults).
+"""Command line: ``flaplace run`` (any model and task), ``flaplace demo`` (offline defaults) and
+``flaplace predict`` (a finished run on new inputs).
 
 Options are read, in increasing priority, from the defaults, a TOML file given with
 ``--config`` (keys are the option names, with ``_`` or ``-``), and the command line.
@@ -7,8 +8,8 @@ Examples:
     $ flaplace demo
     $ flaplace demo --model minilm
     $ flaplace run --model gpt2 --task arc_easy --data-path ../shared/data/arc_easy --lora-targets c_attn
-    $ flaplace run --model gpt2 --data-path my.jsonl --text-column review --label-column stars \\
-        --lora-targets c_attn
+    $ flaplace run --model gpt2 --data-path my.jsonl --text-column review --label-column stars
+    $ flaplace predict outputs/run new.jsonl
     $ torchrun --nproc-per-node 4 -m flaplace run --model gpt2 --task arc_easy --device cuda \\
         --lora-targets c_attn  # one process per GPU: see docs/distributed.md
 """
@@ -181,6 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the second posterior whose prior precision is tuned on validation NLL",
     )
+    predict = commands.add_parser(
+        "predict",
+        help="predict new inputs with a finished run's posterior",
+        description=(
+            "Load a finished run (its results.json, posterior and trained adapters) and write, "
+            "per input, the Laplace predictive's class probabilities, the MAP's and the "
+            "uncertainty, as JSON lines."
+        ),
+    )
+    predict.add_argument("run_dir", help="the run's --output-dir")
+    predict.add_argument("data", help=".jsonl/.csv/.tsv file with the run's text column")
+    predict.add_argument("--output", help="JSONL file to write (default: RUN_DIR/predictions.jsonl)")
+    predict.add_argument("--device", help="torch device (default: the run's)")
+    predict.add_argument("--batch-size", type=int, help="inputs per batch (default: the run's)")
+    predict.add_argument("--quiet", action="store_true", help="no progress bars")
     for sub, defaults in ((run, {}), (demo, DEMO_DEFAULTS)):
         # defaults are SUPPRESSed so that only options given on the command line override the config file
         sub.add_argument(
@@ -284,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "predict":
+        return _predict(args)
     if args.command == "demo":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -327,12 +345,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"log evidence {results['log_evidence']:.2f}, link {config.link}, "
         f"{results['timings_s']['total']:.0f} s"
     )
-    print(f"wrote {out / 'results.json'}, {out / 'reliability.png'}, {out / 'posterior.safetensors'}")
+    written = [out / name for name in ("results.json", "posterior.safetensors", "reliability.png")]
+    print(f"wrote {', '.join(str(path) for path in written if path.is_file())}")
     if tuned is not None:
         print(
             f"validation-tuned prior precision {tuned['prior_precision']:.4g}, "
             f"{tuned['timings_s']['total']:.0f} s; wrote {Path(tuned['config']['output_dir']) / 'results.json'}"
         )
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """``flaplace predict RUN_DIR DATA``: see [`predict_run`][flaplace.app.predict.predict_run]."""
+    from flaplace.app.predict import PREDICTIONS_FILE, predict_run
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        rows = predict_run(
+            args.run_dir, args.data, output=args.output, device=args.device, batch_size=args.batch_size,
+            progress=not args.quiet,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError, ImportError, OSError) as err:
+        print(f"flaplace predict: error: {err}", file=sys.stderr)
+        return 2
+    target = args.output or Path(args.run_dir, PREDICTIONS_FILE)
+    print(f"wrote {len(rows)} predictions to {target}")
     return 0
 
 

@@ -137,8 +137,12 @@ class RunConfig:
     lora_alpha: float = option(
         16.0, "LoRA alpha (scale alpha / rank)", kind="float", stage="map", positive=True
     )
-    lora_targets: tuple[str, ...] = option(
-        ("query", "value"), "comma-separated module names, e.g. query,value", kind="names", stage="map"
+    lora_targets: tuple[str, ...] | None = option(
+        None,
+        "comma-separated linear layers to adapt, e.g. q_proj,v_proj (none: PEFT's default for "
+        "the model's architecture)",
+        kind="optional_names",
+        stage="map",
     )
     lora_layers: int | None = option(
         None,
@@ -207,8 +211,7 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
-        self.lora_targets = tuple(self.lora_targets)
-        for name in ("choice_columns", "classes"):
+        for name in ("lora_targets", "choice_columns", "classes"):
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(getattr(self, name)))
         check_config(self)

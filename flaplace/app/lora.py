@@ -27,16 +27,42 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return names
 
 
+def default_targets(model: nn.Module) -> list[str]:
+    """PEFT's default LoRA targets for the architecture of ``model`` (its ``config.model_type``).
+
+    The table is PEFT's own (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``): e.g.
+    ``q_proj, v_proj`` for Llama, Qwen2 and Mistral, ``query, value`` for BERT, ``c_attn`` for GPT-2.
+
+    Raises:
+        ValueError: an architecture PEFT has no default for (listing the model's linear layers).
+
+    Examples:
+        >>> default_targets(llama)
+        ['q_proj', 'v_proj']
+    """
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as TABLE
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in TABLE:
+        raise ValueError(
+            f"PEFT has no default LoRA targets for model type {model_type!r}; pass --lora-targets with "
+            f"some of its linear layers: {', '.join(linear_module_names(model))}"
+        )
+    return list(TABLE[model_type])
+
+
 def attach_lora(
     loaded: LoadedModel,
     *,
     rank: int,
     alpha: float,
-    targets: Sequence[str],
+    targets: Sequence[str] | None = None,
     dropout: float = 0.0,
     last_layers: int | None = None,
 ) -> nn.Module:
     """Wrap ``loaded.model`` with PEFT LoRA adapters on the linear layers named ``targets``.
+
+    ``targets=None`` (or empty) takes PEFT's default for the architecture (`default_targets`).
 
     For ``seq_cls`` models the classification head is trained too
     (PEFT ``modules_to_save``). Targets are checked first: every name must be the
@@ -47,8 +73,9 @@ def attach_lora(
     on a deep model; ``None`` adapts every block.
 
     Raises:
-        ValueError: a bad rank/alpha, a target that names no linear layer (the
-            message lists the linear layers the model has), or ``last_layers`` larger
+        ValueError: a bad rank/alpha, a target that names no linear layer or an
+            architecture without default targets (the message lists the linear layers the
+            model has), or ``last_layers`` larger
             than the model's number of blocks.
 
     Examples:
@@ -59,9 +86,7 @@ def attach_lora(
 
     if rank < 1 or alpha <= 0:
         raise ValueError(f"LoRA rank must be at least 1 and alpha positive, got rank={rank}, alpha={alpha}")
-    targets = list(targets)
-    if not targets:
-        raise ValueError("no LoRA target modules given")
+    targets = list(targets or default_targets(loaded.model))
     available = linear_module_names(loaded.model)
     if loaded.head is not None:
         available = [n for n in available if n != loaded.head]

@@ -12,8 +12,10 @@ Stages, each resumable from a checkpoint in ``<output_dir>/checkpoints``
 A stage is reused when its checkpoint's key (a hash of the options it depends on)
 matches; otherwise it and every later stage are recomputed. The final outputs
 (``results.json``, ``reliability.png``, ``posterior.safetensors``) are deleted when a
-run starts and ``results.json`` is written last, so a run that fails leaves nothing that
-looks like a finished result.
+run starts. The posterior and ``results.json`` are written as soon as the predictive is done,
+before any optional output: a run that fails earlier leaves nothing that looks like a finished
+result, and a missing optional package (matplotlib, for the reliability diagram) only skips
+that output, with a warning.
 
 [`run`][flaplace.app.pipeline.run] changes no process-wide state: it seeds the random-number
 generators with ``transformers.set_seed`` inside [`seeded`][flaplace.app.pipeline.seeded], which
@@ -334,25 +336,13 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
             stacklevel=2,
         )
 
-    # outputs: metrics, posterior, reliability diagram, results.json (last)
+    # outputs: metrics; then posterior and results.json; then the optional reliability diagram
     map_probs = torch.softmax(f_mu.double(), dim=-1)
     laplace_probs = probs(f_mu, f_var)
     metrics = {
         "map": classification_metrics(map_probs, labels),
         "laplace": classification_metrics(laplace_probs, labels),
     }
-    if ranks.main:  # the other ranks hold the same results and write nothing
-        with atomic_path(out / "posterior.safetensors") as tmp:
-            save_posterior(tmp, posterior)
-        from flaplace.app.plots import reliability_diagram
-
-        with atomic_path(out / "reliability.png") as tmp:
-            reliability_diagram(
-                {"MAP": map_probs, f"Laplace ({config.link})": laplace_probs},
-                labels,
-                tmp,
-                title=f"{task.name} test split ({len(test)} examples)",
-            )
     timings["total"] = time.perf_counter() - started
     results = {
         "config": dataclasses.asdict(config),
@@ -383,6 +373,32 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         "versions": versions(),
         "processes": ranks.world,
     }
-    if ranks.main:
+    if ranks.main:  # the other ranks hold the same results and write nothing
+        with atomic_path(out / "posterior.safetensors") as tmp:
+            save_posterior(tmp, posterior)
         write_json(out / "results.json", results)
+        # optional outputs come after the results, so that nothing is lost when one fails
+        _reliability_plot(
+            out / "reliability.png",
+            {"MAP": map_probs, f"Laplace ({config.link})": laplace_probs},
+            labels,
+            title=f"{task.name} test split ({len(test)} examples)",
+        )
     return results
+
+
+def _reliability_plot(
+    path: Path, probs: dict[str, torch.Tensor], labels: torch.Tensor, *, title: str
+) -> bool:
+    """Write the reliability diagram; without matplotlib, warn and skip it. Returns whether it was written."""
+    from flaplace.app.plots import reliability_diagram
+
+    try:
+        with atomic_path(path) as tmp:
+            reliability_diagram(probs, labels, tmp, title=title)
+    except ImportError as err:
+        warnings.warn(
+            f"{err}; skipped {path.name} (results.json and the posterior are written)", stacklevel=2
+        )
+        return False
+    return True

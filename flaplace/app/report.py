@@ -19,7 +19,7 @@ import torch
 
 import flaplace
 
-#: The files of a finished run; deleted when a run starts, ``results.json`` written last.
+#: The files of a finished run; deleted when a run starts; the diagram is optional and written last.
 FINAL_OUTPUTS: tuple[str, ...] = ("results.json", "reliability.png", "posterior.safetensors")
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from flaplace.app.hfdatasets import DatasetLike, dataset_loaders
-from flaplace.laplace import LaplaceLoRA, batch_to, laplace
+from flaplace.laplace import LaplaceLoRA, batch_to, fit_laplace_lora
 from flaplace.params import LastTokenLogits, classifier_logits, select_params
 from flaplace.typing import Batch, Params
 
@@ -162,20 +162,18 @@ def fit_laplace(
             from [`flaplace.app.hf.answer_token_ids`][flaplace.app.hf.answer_token_ids]); ``None`` for a classification head.
         val_loader: validation batches, for ``prior="val_nll"`` or ``"grid"``.
         prior: ``"evidence"`` (default), ``"val_nll"``, ``"grid"`` or ``"none"``.
-        **options: passed to [`laplace`][flaplace.laplace.laplace] (``include``, ``fisher``,
-            ``prior_options``, ``jacobian_method``, ...). ``directions`` defaults to
-            ``"informed"`` here (the linearised predictive keeps only the directions where the
-            data outweigh the prior; ``"all"``: the whole posterior), as in ``flaplace run``.
+        **options: passed to [`fit_laplace_lora`][flaplace.laplace.fit_laplace_lora] (``include``, ``fisher``,
+            ``prior_options``, ``jacobian_method``, ``directions``, ...), whose defaults are
+            those of ``flaplace run`` (e.g. ``directions="informed"``).
 
     Examples:
         >>> la = fit_laplace(peft_model, train_loader, answer_ids=[317, 347])
         >>> probs = la(next(iter(test_loader)))
     """
-    options.setdefault("directions", "informed")
     train_loader, val_loader = dataset_loaders(train_loader, val_loader, model)  # datasets -> batches
     output_fn = classifier_logits if answer_ids is None else LastTokenLogits(answer_ids)
     batch_fn = _BatchFn(_device_of(model), answer_ids)
-    return laplace(
+    return fit_laplace_lora(
         model,
         train_loader,
         output_fn,
