@@ -30,10 +30,11 @@ scaling of the MAP; at ``T = 1`` it is the validation NLL of
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
-from jaxtyping import Float
+import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -47,6 +48,8 @@ __all__ = [
     "EvidenceAtTemperature",
     "TemperedModelFunction",
     "evidence_at_temperature",
+    "fit_temperature",
+    "maximise_on_log_grid",
     "tempered_moments",
     "check_temperature",
     "tune_evidence_temperature",
@@ -128,6 +131,120 @@ def tempered_moments(
     return f_mu / temperature, f_var / temperature**2
 
 
+def fit_temperature(
+    logits: Float[Tensor, "n classes"] | Iterable[Tensor],
+    labels: Int[Tensor, " n"] | Iterable[Tensor],
+    *,
+    bounds: tuple[float, float] = (1e-2, 1e2),
+    tol: float = 1e-6,
+) -> float:
+    """Temperature scaling: the ``T`` that minimises the mean NLL of ``softmax(logits / T)``.
+
+    With ``beta = 1 / T`` the NLL ``-beta f_y + logsumexp(beta f)`` is convex in ``beta`` (its
+    second derivative is the variance of ``f`` under ``softmax(beta f)``), so its derivative
+    ``E_beta[f] - f_y`` summed over the rows increases with ``beta``: the minimiser is found by
+    bisection on ``log beta`` to ``tol``, within ``bounds`` on ``T`` (a bound is returned when
+    the optimum lies beyond it, e.g. ``T -> infinity`` when the logits carry no information).
+
+    Args:
+        logits: validation logits ``(n, classes)`` (answer logits of a classifier, or the
+            vocabulary logits of the supervised tokens), or an iterable of such chunks.
+        labels: the class (token) index of every row, a tensor or chunks matching ``logits``.
+        bounds: the smallest and largest temperature considered.
+        tol: the bisection stops when the interval of ``log T`` is shorter than this.
+
+    Returns:
+        ``T`` (a float).
+
+    Raises:
+        ValueError: no rows, mismatched shapes, non-finite logits, or bounds that are not
+            ``0 < low < high``.
+
+    Examples:
+        >>> logits = torch.tensor([[4.0, 0.0], [4.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+        >>> T = fit_temperature(logits, torch.tensor([0, 0, 1, 1]))  # 3 of 4 right: p = 0.75
+        >>> round(T * math.log(3), 3)  # softmax(4 / T) = 0.75  <=>  4 / T = log 3
+        4.0
+    """
+    row_chunks = [logits] if isinstance(logits, Tensor) else list(logits)
+    label_chunks = [labels] if isinstance(labels, Tensor) else list(labels)
+    if len(row_chunks) != len(label_chunks) or any(
+        r.ndim != 2 or t.shape != r.shape[:1] for r, t in zip(row_chunks, label_chunks, strict=False)
+    ):
+        raise ValueError("logits must be (n, classes) chunks with one label per row in labels")
+    if sum(int(t.numel()) for t in label_chunks) == 0:
+        raise ValueError("fit_temperature needs at least one labelled row")
+    low, high = bounds
+    if not 0 < low < high:
+        raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
+    chunks = [
+        (r.detach().to(torch.promote_types(r.dtype, torch.float64)), t.to(r.device).long())
+        for r, t in zip(row_chunks, label_chunks, strict=True)
+    ]
+    if not all(bool(torch.isfinite(r).all()) for r, _ in chunks):
+        raise ValueError("fit_temperature got non-finite logits")
+
+    def slope(log_beta: float) -> float:  # d NLL / d beta, summed over the rows
+        beta = math.exp(log_beta)
+        total = 0.0
+        for r, t in chunks:
+            p = torch.softmax(r * beta, -1)
+            total += float(((p * r).sum(-1) - r.gather(-1, t[:, None])[:, 0]).sum())
+        return total
+
+    lo, hi = -math.log(high), -math.log(low)  # log beta
+    if slope(lo) >= 0:
+        return high
+    if slope(hi) <= 0:
+        return low
+    while hi - lo > tol:
+        mid = 0.5 * (lo + hi)
+        if slope(mid) > 0:
+            hi = mid
+        else:
+            lo = mid
+    return math.exp(-0.5 * (lo + hi))
+
+
+#: The golden ratio's conjugate, ``(sqrt 5 - 1) / 2``: the golden-section search's step.
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def maximise_on_log_grid(
+    evaluate: Callable[[float], float], grid: Sequence[float], refine_steps: int
+) -> float:
+    """The ``x`` with the highest ``evaluate(x)``: a grid search, then a golden-section search in ``log x``.
+
+    The golden-section steps search the bracket between the best grid point's neighbours (for a
+    function unimodal there, each step shrinks it by the golden ratio); the best point evaluated
+    is returned. ``evaluate`` is called once per grid point and once per refinement step.
+
+    Examples:
+        >>> round(maximise_on_log_grid(lambda x: -math.log(x / 3.0) ** 2, [1.0, 2.0, 4.0, 8.0], 20), 3)
+        3.0
+    """
+    seen = {x: evaluate(x) for x in grid}
+    ordered = sorted(seen)
+    best = max(range(len(ordered)), key=lambda k: seen[ordered[k]])
+    if refine_steps and len(ordered) > 1:
+        low = math.log(ordered[max(best - 1, 0)])
+        high = math.log(ordered[min(best + 1, len(ordered) - 1)])
+        inner_low = high - _GOLDEN * (high - low)
+        inner_high = low + _GOLDEN * (high - low)
+        value_low = seen[math.exp(inner_low)] = evaluate(math.exp(inner_low))
+        value_high = seen[math.exp(inner_high)] = evaluate(math.exp(inner_high))
+        for _ in range(refine_steps - 2):
+            if value_low >= value_high:  # the maximum is in [low, inner_high]
+                high, inner_high, value_high = inner_high, inner_low, value_low
+                inner_low = high - _GOLDEN * (high - low)
+                value_low = seen[math.exp(inner_low)] = evaluate(math.exp(inner_low))
+            else:
+                low, inner_low, value_low = inner_low, inner_high, value_high
+                inner_high = low + _GOLDEN * (high - low)
+                value_high = seen[math.exp(inner_high)] = evaluate(math.exp(inner_high))
+    return max(seen, key=seen.__getitem__)
+
+
 class EvidenceAtTemperature(NamedTuple):
     """The evidence-tuned posterior of the tempered likelihood at one temperature.
 
@@ -186,10 +303,6 @@ def evidence_at_temperature(
     return EvidenceAtTemperature(
         tempered.temperature, tuned, state.log_likelihood, float(history[-1]["log_evidence"])
     )
-
-
-#: The golden ratio's conjugate, ``(sqrt 5 - 1) / 2``: the golden-section search's step.
-_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
 def tune_evidence_temperature(
@@ -274,23 +387,7 @@ def tune_evidence_temperature(
             bar.update(1)
         return cache[temperature].log_evidence
 
-    values = [evaluate(t) for t in grid]
-    best = max(range(len(grid)), key=values.__getitem__)
-    if refine_steps and len(grid) > 1:
-        low = math.log(grid[max(best - 1, 0)])
-        high = math.log(grid[min(best + 1, len(grid) - 1)])
-        inner_low = high - _GOLDEN * (high - low)
-        inner_high = low + _GOLDEN * (high - low)
-        value_low, value_high = evaluate(math.exp(inner_low)), evaluate(math.exp(inner_high))
-        for _ in range(refine_steps - 2):
-            if value_low >= value_high:  # the maximum is in [low, inner_high]
-                high, inner_high, value_high = inner_high, inner_low, value_low
-                inner_low = high - _GOLDEN * (high - low)
-                value_low = evaluate(math.exp(inner_low))
-            else:
-                low, inner_low, value_low = inner_low, inner_high, value_high
-                inner_high = low + _GOLDEN * (high - low)
-                value_high = evaluate(math.exp(inner_high))
+    maximise_on_log_grid(evaluate, grid, refine_steps)
     bar.close()
     winner = max(cache.values(), key=lambda r: r.log_evidence)
     return winner, table

@@ -19,6 +19,7 @@ from flaplace.predictive import linearised_predictive
 from flaplace.temperature import (
     TemperedModelFunction,
     evidence_at_temperature,
+    fit_temperature,
     tempered_moments,
     tune_evidence_temperature,
 )
@@ -235,3 +236,26 @@ def test_tempered_predictive_equals_the_predictive_of_the_tempered_function():
     mu_t, var_t = linearised_predictive(TemperedModelFunction(f, 1.7), posterior, batches[0])
     want_mu, want_var = tempered_moments(mu, var, 1.7)
     assert torch.allclose(mu_t, want_mu, rtol=1e-12) and torch.allclose(var_t, want_var, rtol=1e-10)
+
+
+def test_fit_temperature_is_the_minimum_of_a_dense_grid_and_chunks_change_nothing():
+    torch.manual_seed(0)
+    logits = 3.0 * torch.randn(200, 5, dtype=torch.float64)
+    labels = torch.where(torch.rand(200) < 0.6, logits.argmax(-1), torch.randint(0, 5, (200,)))
+    T = fit_temperature(logits, labels)
+    grid = torch.exp(torch.linspace(math.log(T) - 0.05, math.log(T) + 0.05, 2001, dtype=torch.float64))
+    nlls = torch.stack([F.cross_entropy(logits / t, labels) for t in grid])
+    assert abs(math.log(float(grid[nlls.argmin()])) - math.log(T)) < 1e-4
+    assert fit_temperature(logits.split(37), labels.split(37)) == pytest.approx(T, rel=1e-9)
+    # overconfident logits are cooled, uninformative ones go to the upper bound
+    assert T > 1.0
+    assert fit_temperature(torch.zeros(4, 3), torch.tensor([0, 1, 2, 0])) == 100.0
+
+
+def test_fit_temperature_refuses_bad_input():
+    with pytest.raises(ValueError, match="one label per row"):
+        fit_temperature(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="non-finite"):
+        fit_temperature(torch.tensor([[float("nan"), 0.0]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="at least one"):
+        fit_temperature(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
