@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, get_args
 
 import torch
 from torch import Tensor, nn
@@ -43,14 +43,20 @@ from flaplace.predictive import (
 from flaplace.sampling import batch_to as batch_to  # re-exported for existing callers
 from flaplace.sampling import logits_at as logits_at
 from flaplace.sampling import sampling_probs
+from flaplace.temperature import TemperedModelFunction, fit_temperature, tempered_moments
+from flaplace.tempered_validation import tune_prior_temperature_nll
 from flaplace.typing import Batch, Likelihood, Params, Posterior
 from flaplace.validation import tune_prior_nll
 
 PredType: TypeAlias = Literal["glm", "nn"]
-PriorMethod: TypeAlias = Literal["evidence", "val_nll", "grid", "none", "marglik", "gridsearch"]
-PRIOR_METHODS: tuple[str, ...] = ("evidence", "val_nll", "grid", "none", "marglik", "gridsearch")
+PriorMethod: TypeAlias = Literal[
+    "evidence", "val_nll", "val_nll_temperature", "grid", "none", "marglik", "gridsearch"
+]
+PRIOR_METHODS: tuple[str, ...] = get_args(PriorMethod)
 #: laplace-torch's names for the same methods.
 ALIASES = {"marglik": "evidence", "gridsearch": "grid"}
+#: The prior precision that stands for ``lambda -> infinity``: no posterior variance, the MAP.
+MAP_LIMIT = 1e12
 
 __all__ = ["LaplaceLoRA", "fit_laplace_lora"]
 
@@ -127,9 +133,10 @@ class LaplaceLoRA:
         self.posterior: Posterior | None = None
         self.log_likelihood: Tensor | None = None
         self.history: list[dict[str, Any]] = []
+        #: The likelihood temperature: the predictive is that of the logits over ``T`` (tuned
+        #: with ``optimize_prior_precision("val_nll_temperature")``; 1 otherwise).
+        self.temperature = 1.0
         self._cache: PredictiveCache | None = None
-
-    # ------------------------------------------------------------------ fitting
 
     def _batches(self, batches: Iterable[Batch]) -> Iterable[Batch]:
         return (self.batch_fn(b) for b in batches)
@@ -171,7 +178,7 @@ class LaplaceLoRA:
         progress: bool = False,
         **options: Any,
     ) -> LaplaceLoRA:
-        """Tune the prior precision: ``"evidence"`` (default), ``"val_nll"`` (gradient) or ``"grid"``.
+        """Tune the prior precision (``"evidence"``, default) and, on validation data, a temperature.
 
         Args:
             method: ``"evidence"`` maximises the log marginal likelihood
@@ -179,6 +186,11 @@ class LaplaceLoRA:
                 validation NLL of the linearised predictive by Adam on ``log lambda``
                 ([`tune_prior_nll`][flaplace.validation.tune_prior_nll]); ``"grid"`` picks the lowest
                 validation NLL on a grid ([`tune_prior_grid`][flaplace.evidence.tune_prior_grid]);
+                ``"val_nll_temperature"`` fits ``lambda`` and the likelihood temperature ``T``
+                (`temperature`) jointly on validation NLL, starting from the current ``lambda``
+                and the temperature scaling of the MAP, and keeps temperature scaling alone
+                (``lambda`` = `MAP_LIMIT`) when that scores lower
+                ([`tune_prior_temperature_nll`][flaplace.tempered_validation.tune_prior_temperature_nll]);
                 ``"none"`` keeps the current value. laplace-torch's names ``"marglik"`` and
                 ``"gridsearch"`` are accepted for ``"evidence"`` and ``"grid"``.
             val_batches: validation batches with labels (``"val_nll"`` and ``"grid"``).
@@ -207,6 +219,8 @@ class LaplaceLoRA:
             if val_batches is None:
                 raise ValueError(f"method {method!r} needs val_batches (validation batches with labels)")
             val = [self.batch_fn(b) for b in val_batches]
+            if method == "val_nll_temperature":
+                return self._tune_prior_and_temperature(val, link, per_block, progress, **options)
             if method == "val_nll":
                 tuned, history = tune_prior_nll(
                     posterior,
@@ -237,7 +251,29 @@ class LaplaceLoRA:
         self._cache = None
         return self
 
-    # ------------------------------------------------------------------ inspection
+    def _tune_prior_and_temperature(
+        self, val: list[Batch], link: Link, per_block: bool | Sequence[str], progress: bool, **options: Any
+    ) -> LaplaceLoRA:
+        """``(lambda, T)`` on validation NLL, never worse there than temperature scaling (see above)."""
+        with torch.no_grad():
+            logits = [self.model_fn(self.params, b).detach() for b in val]
+        labels = [batch_targets(b) for b in val]
+        scaling = fit_temperature(logits, labels) if self.likelihood == "categorical" else 1.0
+        tuned, temperature, history = tune_prior_temperature_nll(
+            self._posterior(), self.model_fn, val, link=link, likelihood=self.likelihood,
+            temperature=scaling, per_block=per_block, method=self.jacobian_method,
+            directions=self.directions, progress=progress, **options,
+        )  # fmt: skip
+        scaled = [
+            predictive_probs(f / scaling, torch.zeros(*f.shape, f.shape[-1]), link, self.likelihood)
+            for f in logits
+        ]
+        scaling_nll = nll_metric(torch.cat(scaled), torch.cat(labels))
+        if scaling_nll < min(r["nll"] for r in history):
+            tuned, temperature = with_prior_precision(tuned, MAP_LIMIT), scaling
+        self.posterior, self.temperature, self.history = tuned, temperature, history
+        self._cache = None
+        return self
 
     @property
     def prior_precision(self) -> dict[str, float]:
@@ -268,8 +304,6 @@ class LaplaceLoRA:
         """
         return sample(self._posterior(), n_samples, generator)
 
-    # ------------------------------------------------------------------ prediction
-
     def predictive(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """The linearised predictive ``(f_mu (B, C), f_var (B, C, C))`` of one batch.
 
@@ -282,7 +316,8 @@ class LaplaceLoRA:
         """The linearised predictive of a batch already passed through ``batch_fn``."""
         if self._cache is None:
             self._cache = predictive_precompute(self._posterior(), self.directions)
-        return linearised_predictive(self.model_fn, self._cache, batch, method=self.jacobian_method)
+        f_mu, f_var = linearised_predictive(self.model_fn, self._cache, batch, method=self.jacobian_method)
+        return tempered_moments(f_mu, f_var, self.temperature) if self.temperature != 1.0 else (f_mu, f_var)
 
     def predict(
         self,
@@ -329,7 +364,9 @@ class LaplaceLoRA:
             ).detach()
         if pred_type == "nn":
             return sampling_probs(
-                self.model_fn,
+                self.model_fn
+                if self.temperature == 1.0
+                else TemperedModelFunction(self.model_fn, self.temperature),
                 self._posterior(),
                 batch,
                 n_samples,
@@ -373,7 +410,7 @@ def fit_laplace_lora(
     train_batches: Iterable[Batch],
     output_fn: OutputFn = classifier_logits,
     *,
-    prior: PriorMethod = "evidence",
+    prior: PriorMethod | None = None,
     val_batches: Iterable[Batch] | None = None,
     link: Link = "probit",
     prior_options: Mapping[str, Any] | None = None,
@@ -386,8 +423,10 @@ def fit_laplace_lora(
         model: the fine-tuned model at its MAP weights.
         train_batches: the training data (any iterable of batches with labels, e.g. a DataLoader).
         output_fn: see `LaplaceLoRA`.
-        prior: ``"evidence"`` (default), ``"val_nll"``, ``"grid"`` or ``"none"``.
-        val_batches: validation batches for ``"val_nll"`` and ``"grid"``.
+        prior: ``None`` (default): ``"val_nll_temperature"`` (prior precision and temperature on
+            validation NLL, from the evidence's prior precision) when ``val_batches`` are given,
+            else ``"evidence"``; or any method of `LaplaceLoRA.optimize_prior_precision`.
+        val_batches: validation batches for the validation-NLL methods.
         link: the validation predictive's link for ``"val_nll"``/``"grid"``.
         prior_options: passed to `LaplaceLoRA.optimize_prior_precision`.
         progress: show progress bars.
@@ -399,6 +438,9 @@ def fit_laplace_lora(
         >>> probs = la(test_batch, link="probit")
     """
     la = LaplaceLoRA(model, output_fn, **options).fit(train_batches, progress=progress)
+    prior = prior or ("evidence" if val_batches is None else "val_nll_temperature")
+    if prior == "val_nll_temperature":  # start from the evidence's prior precision
+        la.optimize_prior_precision("evidence")
     return la.optimize_prior_precision(
         prior, val_batches=val_batches, link=link, progress=progress, **dict(prior_options or {})
     )

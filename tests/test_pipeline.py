@@ -197,9 +197,10 @@ def test_resume_skips_finished_stages_and_recomputes_changed_ones(models, data, 
     seconds = first["stage_seconds_when_computed"]
     assert all(seconds[stage] > 0 for stage in config_module.STAGES)
     assert again["stage_seconds_when_computed"] == seconds  # how long the reused stages once took
-    # a new link only changes how the stored predictive is turned into probabilities
+    # a new link re-tunes the prior (default-val scores the validation NLL through the link), not
+    # the MAP or K-FAC
     mc = run(config(models, data, "llama", "arc_easy", tmp_path, link="mc"), progress=False)
-    assert mc["stages"] == dict.fromkeys(config_module.STAGES, "loaded")
+    assert mc["stages"] == {"map": "loaded", "kfac": "loaded", "prior": "computed", "predictive": "computed"}
     assert mc["metrics"]["map"] == first["metrics"]["map"]
     # another Fisher recomputes K-FAC and everything after it, not the MAP
     exact = run(config(models, data, "llama", "arc_easy", tmp_path, fisher="exact"), progress=False)
@@ -320,8 +321,13 @@ def test_stage_keys_depend_on_the_right_fields():
     assert config_module.stage_key(base, "kfac") != config_module.stage_key(
         RunConfig(model="m", lr=0.5), "kfac"
     )
-    assert config_module.stage_key(base, "predictive") == config_module.stage_key(
-        RunConfig(model="m", link="mc"), "predictive"
+    evidence = RunConfig(model="m", prior_tuning="default")  # the link only turns moments into probabilities
+    assert config_module.stage_key(evidence, "predictive") == config_module.stage_key(
+        dataclasses.replace(evidence, link="mc"), "predictive"
+    )
+    # the default (default-val) scores the validation NLL through the link
+    assert config_module.stage_key(base, "prior") != config_module.stage_key(
+        RunConfig(model="m", link="mc"), "prior"
     )
     # the predictive's directions change the covariance (and the grid's choice), not the fit
     for stage, same in (("kfac", True), ("prior", False), ("predictive", False)):

@@ -164,6 +164,9 @@ def test_validation_nll_at_temperature_one_is_the_untempered_one():
     posterior = make_posterior(factors, params, 0.5)
     features = validation_features(posterior, f, batches)
     assert torch.equal(validation_nll_tempered(posterior, features, 1.0), validation_nll(posterior, features))
+    informed = validation_nll_tempered(posterior, features, 1.0, directions="informed")
+    assert torch.equal(informed, validation_nll(posterior, features, directions="informed"))
+    assert not torch.equal(informed, validation_nll(posterior, features))  # the choice matters here
 
 
 def dense_validation_grid(f, posterior, batches, log_lams, log_ts):

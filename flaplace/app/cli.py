@@ -63,7 +63,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "sharing": "expand",
     "lr_threshold": None,
     "prior_precision": 1.0,
-    "prior_tuning": "evidence",
+    "prior_tuning": "default",
     "link": "probit",
     "output_dir": "outputs/demo",
 }
@@ -89,7 +89,7 @@ MINILM_DEMO_DEFAULTS: dict[str, Any] = {
     "sharing": "expand",
     "lr_threshold": None,
     "prior_precision": 1.0,
-    "prior_tuning": "evidence",
+    "prior_tuning": "default",
     "link": "probit",
     "output_dir": "outputs/demo-minilm",
 }
@@ -319,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(config.threads or threads_per_rank(default_threads()))
         results = run(config, progress=not args.quiet)
         tuned = None
-        if args.command == "demo" and config.prior_tuning == "evidence" and not args.evidence_only:
+        if args.command == "demo" and config.prior_tuning == "default" and not args.evidence_only:
             tuned = run(validation_prior_config(config), progress=not args.quiet)
     except (ValueError, FileNotFoundError, ImportError, OSError) as err:
         where = f" (rank {ranks.rank} of {ranks.world})" if ranks.world > 1 else ""
@@ -378,7 +378,7 @@ VALIDATION_PRIOR_DIR = "validation_prior"
 
 
 def validation_prior_config(config: RunConfig) -> RunConfig:
-    """The demo's second run: the same MAP and K-FAC, the prior precision tuned on validation NLL.
+    """The demo's second run: the same MAP and K-FAC, prior precision and temperature tuned on validation NLL.
 
     Its output folder is ``<output_dir>/validation_prior``; the MAP and K-FAC checkpoints of
     the first run are copied there, so only the prior and the predictive are computed again.
@@ -386,29 +386,44 @@ def validation_prior_config(config: RunConfig) -> RunConfig:
     Examples:
         >>> second = validation_prior_config(RunConfig(model="m", output_dir="outputs/demo"))
         >>> second.prior_tuning, second.output_dir
-        ('grid', 'outputs/demo/validation_prior')
+        ('default-val', 'outputs/demo/validation_prior')
     """
     out = Path(config.output_dir)
     second = Path(out, VALIDATION_PRIOR_DIR)
     if current_ranks().main and (out / "checkpoints").is_dir():  # rank 0 owns the files
         shutil.copytree(out / "checkpoints", second / "checkpoints", dirs_exist_ok=True)
-    return dataclasses.replace(config, prior_tuning="grid", output_dir=str(second))
+    return dataclasses.replace(config, prior_tuning="default-val", output_dir=str(second))
 
 
 def format_demo_table(evidence: dict[str, Any], validation: dict[str, Any]) -> str:
-    """The demo's table: MAP, Laplace with the evidence-tuned prior, Laplace with the validation-tuned one.
+    """The demo's table: MAP, temperature scaling and the two defaults, on the same test split.
+
+    ``evidence`` is the run with ``prior_tuning="default"``, ``validation`` the one with
+    ``"default-val"``; rows marked ``[validation]`` use the validation split.
 
     Examples:
         >>> m = {"accuracy": 0.9, "nll": 0.3, "ece": 0.05, "brier": 0.15}
-        >>> first = {"metrics": {"map": m, "laplace": m}, "prior_precision": 2.0}
-        >>> print(format_demo_table(first, first).splitlines()[2])
-        Laplace, prior by evidence (2)        0.9000   0.3000   0.0500   0.1500
+        >>> first = {"metrics": {"map": m, "laplace": m, "temperature": m}, "prior_precision": 2.0,
+        ...          "temperature": 1.0, "temperature_scaling": 1.5}
+        >>> print(format_demo_table(first, first).splitlines()[3])
+        Laplace default (evidence: lambda 2)                0.9000   0.3000   0.0500   0.1500
     """
-    rows = [
-        ("MAP", evidence["metrics"]["map"]),
-        (f"Laplace, prior by evidence ({evidence['prior_precision']:.3g})", evidence["metrics"]["laplace"]),
+    rows = [("MAP", evidence["metrics"]["map"])]
+    if "temperature" in validation["metrics"]:
+        rows.append(
+            (
+                f"temperature scaling (T {validation['temperature_scaling']:.3g}) [validation]",
+                validation["metrics"]["temperature"],
+            )
+        )
+    rows += [
         (
-            f"Laplace, prior by validation NLL ({validation['prior_precision']:.3g})",
+            f"Laplace default (evidence: lambda {evidence['prior_precision']:.3g})",
+            evidence["metrics"]["laplace"],
+        ),
+        (
+            f"Laplace default-val (lambda {validation['prior_precision']:.3g}, T {validation['temperature']:.3g})"
+            " [validation]",
             validation["metrics"]["laplace"],
         ),
     ]

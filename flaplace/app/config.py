@@ -36,7 +36,7 @@ from flaplace.typing import FisherType, Sharing
 #: The stages of a run, in order; each is stored in its own checkpoint.
 STAGES: tuple[str, ...] = ("map", "kfac", "prior", "predictive")
 #: How the prior precision is tuned.
-PRIOR_TUNINGS: tuple[str, ...] = ("evidence", "grid")
+PRIOR_TUNINGS: tuple[str, ...] = ("default-val", "default", "evidence", "grid")
 #: Where the Gaussian prior is centred: at zero, or at the adapters' initialisation.
 PRIOR_MEANS: tuple[str, ...] = ("zero", "init")
 #: The links from logit moments to class probabilities.
@@ -192,7 +192,11 @@ class RunConfig:
         choices=PRIOR_MEANS,
     )
     prior_tuning: str = option(
-        "evidence", "how the prior precision is tuned", stage="prior", choices=PRIOR_TUNINGS
+        "default-val",
+        "how the prior precision (and a likelihood temperature) is tuned: default-val (both on "
+        "validation NLL), default (the evidence only), evidence, or grid (validation NLL, T = 1)",
+        stage="prior",
+        choices=PRIOR_TUNINGS,
     )
     predictive_directions: str = option(
         "informed",
@@ -365,8 +369,8 @@ def user_spec(config: RunConfig) -> UserSpec:
 def stage_key(config: RunConfig, stage: str) -> str:
     """A hash of the configuration fields that ``stage`` and the stages before it depend on.
 
-    With ``prior_tuning="grid"`` the prior (and so every later stage) also depends on the
-    link, since the grid scores the predictive through it.
+    With ``prior_tuning="grid"`` or ``"default-val"`` the prior (and so every later stage) also
+    depends on the link, since the validation NLL scores the predictive through it.
 
     Examples:
         >>> stage_key(RunConfig(model="m"), "map") == stage_key(RunConfig(model="m", link="mc"), "map")
@@ -375,7 +379,7 @@ def stage_key(config: RunConfig, stage: str) -> str:
     fields: dict[str, Any] = {}
     for name in STAGES[: STAGES.index(stage) + 1]:
         fields.update({key: getattr(config, key) for key in STAGE_FIELDS[name]})
-    if stage in ("prior", "predictive") and config.prior_tuning == "grid":
+    if stage in ("prior", "predictive") and config.prior_tuning in ("grid", "default-val"):
         fields["link"] = config.link
     text = json.dumps(fields, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

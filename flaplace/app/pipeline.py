@@ -71,6 +71,7 @@ from flaplace.app.stages import (
     covariances,
     fit_factors,
     link_probs,
+    map_logits,
     moments,
     train_map,
     training_batches,
@@ -81,6 +82,7 @@ from flaplace.evidence import log_marginal_likelihood
 from flaplace.metrics import classification_metrics
 from flaplace.posterior import load_posterior, make_posterior, save_posterior
 from flaplace.predictive import Directions, informed_directions
+from flaplace.temperature import fit_temperature
 
 
 def _log(message: str, progress: bool) -> None:
@@ -284,22 +286,46 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         def probs(f_mu: torch.Tensor, f_var: torch.Tensor) -> torch.Tensor:
             return link_probs(f_mu, f_var, link=config.link, n_samples=config.n_samples, seed=config.seed)
 
-        def validation() -> tuple[Any, torch.Tensor]:
-            data = encoded("validation", share=True)
-            labels = torch.tensor([ex.label for ex in task.split("validation")])
+        def validation_labels(data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
             if many:  # this rank's share
-                labels = torch.cat([batch["labels"] for batch in data]).cpu()
-            return moments(laplace_fn, posterior, data, progress=progress, desc="validation"), labels
+                return torch.cat([batch["labels"] for batch in data]).cpu()
+            return torch.tensor([ex.label for ex in task.split("validation")])
+
+        scored: dict[str, Any] = {}  # the validation moments, computed at most once
+
+        def validation() -> tuple[Any, torch.Tensor]:
+            if not scored:
+                data = encoded("validation", share=True)
+                scored["moments"] = moments(laplace_fn, posterior, data, progress=progress, desc="validation")
+                scored["labels"] = validation_labels(data)
+            return scored["moments"], scored["labels"]
+
+        def temperature_scaling() -> float | None:
+            """Temperature scaling of the MAP on the validation split (None without one)."""
+            if not task.split("validation"):
+                return None
+            if scored:
+                val_mu, val_labels = scored["moments"].logits, scored["labels"]
+            else:
+                data = encoded("validation", share=True)
+                val_mu, val_labels = map_logits(laplace_fn, map_params, data), validation_labels(data)
+            if many:  # every rank's share
+                parts = gather((val_mu, val_labels), config.device)
+                val_mu, val_labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            return fit_temperature(val_mu, val_labels)
 
         def compute_prior() -> tuple[None, dict[str, Any]]:
             precision, record = tune_prior(
                 posterior, log_likelihood, method=config.prior_tuning, validation=validation, probs=probs,
                 progress=progress, distributed=many, directions=directions,
             )  # fmt: skip
-            return None, {"prior_precision": precision, "tuning": record}
+            scaling = temperature_scaling()
+            return None, {"prior_precision": precision, "tuning": record, "temperature_scaling": scaling}
 
         _, prior_record = cache.get("prior", stage_key(config, "prior"), compute_prior)
         tuned_precision, tuning_record = float(prior_record["prior_precision"]), prior_record["tuning"]
+        temperature = float(tuning_record.get("temperature", 1.0))  # of the posterior's likelihood
+        scaling_temperature = prior_record.get("temperature_scaling")
         posterior = make_posterior(factors, map_params, tuned_precision, prior_mean=prior_mean)
         log_evidence = float(log_marginal_likelihood(posterior, log_likelihood).detach())
         timings["prior"] = time.perf_counter() - tick
@@ -338,11 +364,15 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
 
     # outputs: metrics; then posterior and results.json; then the optional reliability diagram
     map_probs = torch.softmax(f_mu.double(), dim=-1)
-    laplace_probs = probs(f_mu, f_var)
+    laplace_probs = probs(f_mu / temperature, f_var / temperature**2)
     metrics = {
         "map": classification_metrics(map_probs, labels),
         "laplace": classification_metrics(laplace_probs, labels),
     }
+    if scaling_temperature is not None:  # the MAP's logits over T fitted on validation: a baseline
+        metrics["temperature"] = classification_metrics(
+            torch.softmax(f_mu.double() / scaling_temperature, -1), labels
+        )
     timings["total"] = time.perf_counter() - started
     results = {
         "config": dataclasses.asdict(config),
@@ -362,6 +392,8 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         "metrics": metrics,
         "prior_precision": tuned_precision,
         "prior_tuning": tuning_record,
+        "temperature": temperature,
+        "temperature_scaling": scaling_temperature,
         "predictive_directions": directions,
         "informed_directions": n_informed,
         "log_evidence": log_evidence,

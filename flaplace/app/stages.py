@@ -40,12 +40,15 @@ from tqdm.auto import tqdm
 from flaplace.app.distributed import SINGLE, all_sum, broadcast_, current_ranks, rank_seed, rows
 from flaplace.app.hf import LoadedModel, encode
 from flaplace.app.tasks import Example, Task, batches
-from flaplace.evidence import tune_prior_evidence, tune_prior_grid
+from flaplace.evidence import DEFAULT_GRID, tune_prior_evidence, tune_prior_grid
 from flaplace.jacobian_cache import JacobianCache, cache_jacobians, cached_covariance
 from flaplace.kfac import fit as fit_kfac
+from flaplace.laplace import MAP_LIMIT
 from flaplace.links import predictive_probs
 from flaplace.metrics import classification_metrics
+from flaplace.posterior import with_prior_precision
 from flaplace.predictive import Directions, JacobianMethod
+from flaplace.temperature import maximise_on_log_grid
 from flaplace.typing import Factors, ModelFn, Params, Posterior
 
 #: How per-example Jacobians of token-level weights are computed (see flaplace.predictive).
@@ -285,13 +288,17 @@ def tune_prior(
     distributed: bool = False,
     directions: Directions = "all",
 ) -> tuple[float, dict[str, Any]]:
-    """The tuned prior precision and a record of the tuning.
+    """The tuned prior precision and a record of the tuning (with the likelihood ``temperature``).
 
-    ``directions``: the predictive covariance the grid scores (see `covariances`).
+    ``directions``: the predictive covariance the validation NLL scores (see `covariances`).
 
-    ``method="evidence"`` maximises the Laplace evidence; ``"grid"`` scores the
-    validation NLL of the predictive (``validation()`` gives its moments and labels,
-    ``probs(f_mu, f_var)`` the link) on a grid, reusing the Jacobians for every prior.
+    ``method="default"`` or ``"evidence"`` maximises the Laplace evidence (temperature 1);
+    ``"grid"`` scores the validation NLL of the predictive (``validation()`` gives its moments
+    and labels, ``probs(f_mu, f_var)`` the link) on a grid of prior precisions, reusing the
+    Jacobians for every prior; ``"default-val"`` scores ``(lambda, T)`` jointly, the predictive
+    ``N(f_mu / T, f_var / T^2)``: for every prior precision of the grid, and for ``lambda ->
+    infinity`` (temperature scaling of the MAP), the best temperature by a golden-section search
+    in ``log T``; the pair with the lowest validation NLL wins.
     ``distributed=True``: ``validation()`` gives this rank's share of the validation set, and
     each candidate's NLL is averaged over all ranks' examples (the evidence needs nothing:
     every rank holds the summed factors).
@@ -299,22 +306,62 @@ def tune_prior(
     Examples:
         >>> precision, record = tune_prior(posterior, log_likelihood, method="evidence")  # doctest: +SKIP
     """
-    if method == "evidence":
+    if method in ("default", "evidence"):
         tuned, history = tune_prior_evidence(posterior, log_likelihood, progress=progress)
-        record: dict[str, Any] = {"method": "evidence", "steps": len(history) - 1, "final": history[-1]}
-    else:
-        if validation is None or probs is None:
-            raise ValueError("prior tuning by 'grid' needs the validation moments and a link")
-        (f_mu, jacobians), labels = validation()
+        record: dict[str, Any] = {"method": method, "steps": len(history) - 1, "final": history[-1]}
+        return float(next(iter(tuned.prior_precision.values()))), {**record, "temperature": 1.0}
+    if validation is None or probs is None:
+        raise ValueError(f"prior tuning by {method!r} needs the validation moments and a link")
+    (f_mu, jacobians), labels = validation()
 
-        def validation_nll(candidate: Posterior) -> float:
-            f_var = covariances(candidate, jacobians, directions)
-            nll = classification_metrics(probs(f_mu, f_var), labels)["nll"]
-            if not distributed:
-                return nll
-            total = all_sum(torch.tensor([nll * len(labels), len(labels)], dtype=torch.float64))
-            return float(total[0] / total[1])
+    def nll_of(f_var: Tensor, temperature: float = 1.0) -> float:
+        nll = classification_metrics(probs(f_mu / temperature, f_var / temperature**2), labels)["nll"]
+        if not distributed:
+            return nll
+        total = all_sum(torch.tensor([nll * len(labels), len(labels)], dtype=torch.float64))
+        return float(total[0] / total[1])
 
-        tuned, table = tune_prior_grid(posterior, validation_nll, progress=progress)
-        record = {"method": "grid", "table": table}
-    return float(next(iter(tuned.prior_precision.values()))), record
+    if method == "grid":
+        tuned, table = tune_prior_grid(
+            posterior,
+            lambda candidate: nll_of(covariances(candidate, jacobians, directions)),
+            progress=progress,
+        )
+        return float(next(iter(tuned.prior_precision.values()))), {
+            "method": "grid",
+            "table": table,
+            "temperature": 1.0,
+        }
+
+    def negative_nll(f_var: Tensor, temperature: float) -> float:
+        return -nll_of(f_var, temperature)
+
+    candidates: list[dict[str, Any]] = []
+    for precision in tqdm([*DEFAULT_GRID, MAP_LIMIT], disable=not progress, desc="prior and temperature"):
+        f_var = covariances(with_prior_precision(posterior, precision), jacobians, directions)
+        temperature = maximise_on_log_grid(
+            functools.partial(negative_nll, f_var), TEMPERATURES, refine_steps=16
+        )
+        candidates.append(
+            {"prior_precision": precision, "temperature": temperature, "nll": nll_of(f_var, temperature)}
+        )
+    best = min(candidates, key=lambda r: r["nll"])
+    return best["prior_precision"], {
+        "method": method,
+        "table": candidates,
+        "temperature": best["temperature"],
+    }
+
+
+#: The temperatures ``default-val`` starts its search from (``2^-2 ... 2^4``), refined in ``log T``.
+TEMPERATURES: tuple[float, ...] = tuple(2.0 ** (k / 2) for k in range(-4, 9))
+
+
+def map_logits(model_fn: ModelFn, params: Params, encoded: Sequence[dict[str, Tensor]]) -> Tensor:
+    """The MAP's logits on every batch, concatenated (a forward pass, no Jacobians).
+
+    Examples:
+        >>> logits = map_logits(f, map_params, validation_batches)  # doctest: +SKIP
+    """
+    with torch.no_grad():
+        return torch.cat([model_fn(params, batch).detach() for batch in encoded])

@@ -32,6 +32,10 @@ from flaplace.typing import Batch, Params
 
 #: The label value Hugging Face losses ignore.
 IGNORE_INDEX = -100
+#: The command line's names of the two default priors -> `LaplaceLoRA.optimize_prior_precision`'s methods.
+PRIOR_NAMES = {"default": "evidence", "default-val": "val_nll_temperature"}
+#: The methods that read validation data.
+VALIDATION_PRIORS = ("val_nll", "val_nll_temperature", "grid", "gridsearch")
 #: Where the Gaussian prior of the Trainer integration can be centred.
 PRIOR_MEANS: tuple[str, ...] = ("zero", "init")
 
@@ -147,7 +151,7 @@ def fit_laplace(
     *,
     answer_ids: Sequence[int] | None = None,
     val_loader: Iterable[Batch] | DatasetLike | None = None,
-    prior: str = "evidence",
+    prior: str | None = None,
     **options: Any,
 ) -> LaplaceLoRA:
     """A fitted, prior-tuned [`LaplaceLoRA`][flaplace.laplace.LaplaceLoRA] from a PEFT model and a DataLoader.
@@ -160,8 +164,11 @@ def fit_laplace(
             ``DatasetDict`` gives its training split (and its validation split as ``val_loader``).
         answer_ids: for a causal LM scored on answer tokens: the token id of each class (e.g.
             from [`flaplace.app.hf.answer_token_ids`][flaplace.app.hf.answer_token_ids]); ``None`` for a classification head.
-        val_loader: validation batches, for ``prior="val_nll"`` or ``"grid"``.
-        prior: ``"evidence"`` (default), ``"val_nll"``, ``"grid"`` or ``"none"``.
+        val_loader: validation batches (for the validation-NLL priors).
+        prior: as in ``flaplace run``: ``"default-val"`` (prior precision and likelihood
+            temperature on validation NLL; the default when ``val_loader`` is given) or
+            ``"default"`` (the evidence; the default without one); or a method of
+            [`LaplaceLoRA.optimize_prior_precision`][flaplace.laplace.LaplaceLoRA.optimize_prior_precision].
         **options: passed to [`fit_laplace_lora`][flaplace.laplace.fit_laplace_lora] (``include``, ``fisher``,
             ``prior_options``, ``jacobian_method``, ``directions``, ...), whose defaults are
             those of ``flaplace run`` (e.g. ``directions="informed"``).
@@ -177,7 +184,7 @@ def fit_laplace(
         model,
         train_loader,
         output_fn,
-        prior=prior,  # type: ignore[arg-type]
+        prior=PRIOR_NAMES.get(prior, prior) if prior is not None else None,  # type: ignore[arg-type]
         val_batches=val_loader,
         batch_fn=batch_fn,
         **options,
@@ -188,14 +195,15 @@ def laplace_from_trainer(
     trainer: Any,
     *,
     answer_ids: Sequence[int] | None = None,
-    prior: str = "evidence",
+    prior: str | None = None,
     **options: Any,
 ) -> LaplaceLoRA:
     """A fitted, prior-tuned posterior from a trained ``transformers.Trainer``, post hoc.
 
     Uses the Trainer's model and its training DataLoader (``trainer.get_train_dataloader()``,
-    the Trainer's own collator and batch size); with ``prior="val_nll"`` or ``"grid"`` its
-    evaluation DataLoader too. A `GaussianPriorTrainer` trained with ``prior_mean="init"``
+    the Trainer's own collator and batch size), and its evaluation DataLoader when it has an
+    ``eval_dataset`` (then ``prior`` defaults to ``"default-val"``, else to ``"default"``; see
+    `fit_laplace`). A `GaussianPriorTrainer` trained with ``prior_mean="init"``
     hands its prior's centre to the posterior (unless ``prior_mean`` is given here).
 
     Examples:
@@ -203,7 +211,11 @@ def laplace_from_trainer(
         >>> la = laplace_from_trainer(trainer, answer_ids=answer_ids)
         >>> probs = la(batch)
     """
-    val = trainer.get_eval_dataloader() if prior in ("val_nll", "grid", "gridsearch") else None
+    wants_val = prior is None or PRIOR_NAMES.get(prior, prior) in VALIDATION_PRIORS
+    has_val = getattr(trainer, "eval_dataset", None) is not None
+    if wants_val and prior is not None and not has_val:
+        raise ValueError(f"prior={prior!r} needs validation data: give the Trainer an eval_dataset")
+    val = trainer.get_eval_dataloader() if wants_val and has_val else None
     centre = getattr(trainer, "prior_mean_values", None)
     if centre is not None and "prior_mean" not in options:
         options["prior_mean"] = centre
@@ -243,7 +255,7 @@ class LaplaceCallback(trainer_callback_base()):  # type: ignore[misc]
         self,
         *,
         answer_ids: Sequence[int] | None = None,
-        prior: str = "evidence",
+        prior: str | None = None,
         prior_mean: str = "zero",
         **options: Any,
     ):
