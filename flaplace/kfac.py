@@ -42,6 +42,15 @@ from flaplace.kfac_state import dense_block as dense_block  # re-exported for ex
 from flaplace.kfac_state import input_factor_keys as input_factor_keys
 from flaplace.lowrank import empty_sketch, merge_rows
 from flaplace.params import batch_targets, check_rows, token_mask
+from flaplace.tokens import (
+    check_targets,
+    predicting_mask,
+    rank_in_example,
+    supervised_rows,
+    supervised_targets,
+    token_cotangents,
+    token_labels,
+)
 from flaplace.typing import (
     Batch,
     Eigen,
@@ -204,6 +213,21 @@ def build(
     ) -> KFACState:
         names = list(state.S)
         mask = token_mask_fn(batch)
+        # Causal-LM token labels (batch, tokens): every predicting position is one of its example's
+        # positions, all others (prompt, padding, trailing tokens) count nowhere.
+        by_token_labels = token_labels(batch) if likelihood == "categorical" else None
+        if by_token_labels is not None:
+            if mask.ndim != 2:
+                raise ValueError(f"token mask must be (batch, tokens) with token labels, got {tuple(mask.shape)}")
+            check_rows(mask)
+            mask = predicting_mask(by_token_labels, mask)
+            if sharing != "expand" and not torch.compiler.is_compiling():
+                empty = (~mask.any(1)).nonzero().flatten().tolist()
+                if empty:
+                    raise ValueError(
+                        f"example(s) {empty[:5]} have no supervised token (every label -100), which "
+                        f"sharing={sharing!r} cannot average over: drop them, or use sharing='expand'"
+                    )
         # A 3-D mask (batch, rows, tokens): each example is `rows` sequences (e.g. one per answer
         # choice), all of whose positions are that example's positions.
         n_batch, per_example = mask.shape[0], (mask.shape[1] if mask.ndim == 3 else 1)
@@ -213,7 +237,8 @@ def build(
             raise ValueError(
                 f"token mask must be (batch, tokens) or (batch, rows, tokens), got {tuple(mask.shape)}"
             )
-        check_rows(mask)
+        if by_token_labels is None:
+            check_rows(mask)
         # sharing "last" reads one position per row: the capture pulls back to those positions only
         token_last = _last_index(mask.to(state.n_examples.dtype)) if sharing == "last" else None
         shape = (mask.shape[0], mask.shape[1])
@@ -225,12 +250,42 @@ def build(
                 "non-finite (NaN/inf) logits in this batch: check the model's weights and inputs "
                 "(e.g. a diverged fine-tune, or half precision overflowing)"
             )
-        has_targets = _has_targets(batch, targets_fn)
-        labels = targets_fn(batch) if has_targets else None
-        cotangents = fisher_cotangents(
-            logits, likelihood, fisher, targets=labels, n_samples=n_samples, sigma=sigma, generator=generator
-        )
         acc = state.n_examples.dtype
+        if by_token_labels is not None:
+            rows = supervised_rows(logits, mask)
+            labels = supervised_targets(by_token_labels.to(mask.device), mask).to(rows.device)
+            check_targets(labels, rows.shape[-1])
+            count_of, row_cotangents = token_cotangents(
+                rows,
+                fisher,
+                targets=labels,
+                ranks=rank_in_example(mask) if fisher == "exact" else None,
+                n_samples=n_samples,
+                generator=generator,
+            )
+            # every position's logits (e.g. all_logits): place the rows' cotangent at their positions
+            cotangents: Iterable[Tensor] = (
+                row_cotangents if rows is logits else (_scatter_rows(logits, mask, c) for c in row_cotangents)
+            )
+            ll_term = log_likelihood(rows.detach().to(acc), labels, "categorical")
+        else:
+            if logits.ndim == 3:
+                raise ValueError(
+                    f"the model function returned token logits {tuple(logits.shape)}, but the batch has no "
+                    "causal-LM token labels ('labels' of the shape of 'input_ids', -100 = no loss): add them "
+                    "(SupervisedTokenLogits), or use an output function with one row of logits per example"
+                )
+            has_targets = _has_targets(batch, targets_fn)
+            labels = targets_fn(batch) if has_targets else None
+            stacked = fisher_cotangents(
+                logits, likelihood, fisher, targets=labels, n_samples=n_samples, sigma=sigma, generator=generator
+            )
+            count_of, cotangents = len(stacked), iter(stacked)
+            ll_term = (
+                log_likelihood(logits.detach().to(acc), labels, likelihood, sigma)
+                if labels is not None
+                else logits.new_tensor(float("nan"), dtype=acc)  # unknown from now on: the evidence needs every example's
+            )
         token_weights = mask.to(acc)
         example_weights = token_weights.new_ones(mask.shape[0], 1)
 
@@ -251,7 +306,7 @@ def build(
         S, A, count = dict(state.S), dict(state.A), dict(state.a_count)
         sketch_rows: dict[str, list[Tensor]] = {n: [] for n in names if isinstance(S[n], Eigen)}
         for k, cotangent in enumerate(cotangents):
-            final = k == len(cotangents) - 1
+            final = k == count_of - 1
             # The last pull-back frees the forward's saved activations as its backward goes.
             grads = output_grads(cotangent, last=final)
             if final:
@@ -283,11 +338,7 @@ def build(
             A[key] = _accumulate(state.A[key], _input_rows(x.to(acc), weights, last, sharing, per_example))
             for name in group:
                 count[name] = count[name] + (weights.sum() if sharing == "expand" else n_batch)
-        ll = state.log_likelihood
-        if labels is not None:
-            ll = ll + log_likelihood(logits.detach().to(acc), labels, likelihood, sigma)
-        else:  # unknown from now on: the evidence needs the log-likelihood of every example
-            ll = ll + float("nan")
+        ll = state.log_likelihood + ll_term
         return state._replace(
             S=S,
             A=A,
@@ -297,6 +348,15 @@ def build(
         )
 
     return KFAC(init, update)
+
+
+def _scatter_rows(
+    logits: Float[Tensor, "batch tokens vocab"], mask: Tensor, rows: Float[Tensor, "supervised vocab"]
+) -> Float[Tensor, "batch tokens vocab"]:
+    """A cotangent of every position's logits: ``rows`` at the predicting positions, zero elsewhere."""
+    full = logits.new_zeros(logits.shape)
+    full[mask.to(logits.device)] = rows.to(logits.dtype)
+    return full
 
 
 def _has_targets(batch: Batch, targets_fn: Callable[[Batch], Tensor]) -> bool:
