@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from flaplace.laplace import LaplaceLoRA, batch_to, laplace
-from flaplace.params import LastTokenLogits, classifier_logits, select_params
+from flaplace.params import LastTokenLogits, OutputFn, classifier_logits, select_params
+from flaplace.tokens import SupervisedTokenLogits
 from flaplace.typing import Batch, Params
 
 #: The label value Hugging Face losses ignore.
@@ -156,7 +157,11 @@ def fit_laplace(
         train_loader: batches of the training data as the collator makes them (dicts with
             ``input_ids``, ``attention_mask``, ``labels``); on any device.
         answer_ids: for a causal LM scored on answer tokens: the token id of each class (e.g.
-            from [`flaplace.app.hf.answer_token_ids`][flaplace.app.hf.answer_token_ids]); ``None`` for a classification head.
+            from [`flaplace.app.hf.answer_token_ids`][flaplace.app.hf.answer_token_ids]); ``None`` for a classification head,
+            or for a causal LM fine-tuned generatively (SFT): its posterior is then fitted on the
+            batches' token labels (``-100`` = no loss) with
+            [`SupervisedTokenLogits`][flaplace.tokens.SupervisedTokenLogits], and its prior tuned by
+            the evidence.
         val_loader: validation batches, for ``prior="val_nll"`` or ``"grid"``.
         prior: ``"evidence"`` (default), ``"val_nll"``, ``"grid"`` or ``"none"``.
         **options: passed to [`laplace`][flaplace.laplace.laplace] (``include``, ``fisher``,
@@ -169,7 +174,14 @@ def fit_laplace(
         >>> probs = la(next(iter(test_loader)))
     """
     options.setdefault("directions", "informed")
-    output_fn = classifier_logits if answer_ids is None else LastTokenLogits(answer_ids)
+    output_fn: OutputFn = classifier_logits if answer_ids is None else LastTokenLogits(answer_ids)
+    if answer_ids is None and _is_causal_lm(model):  # generative fine-tuning: its own token labels
+        if prior not in ("evidence", "marglik", "none"):
+            raise ValueError(
+                f"prior={prior!r} tunes on a classification predictive, but a causal LM without answer_ids "
+                "is fitted on its token labels: use prior='evidence', or pass answer_ids to score answers"
+            )
+        output_fn = SupervisedTokenLogits()
     batch_fn = _BatchFn(_device_of(model), answer_ids)
     return laplace(
         model,
@@ -180,6 +192,13 @@ def fit_laplace(
         batch_fn=batch_fn,
         **options,
     )
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` (or the base of a PEFT model) is a Hugging Face causal language model."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    return type(base).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 def laplace_from_trainer(
