@@ -95,7 +95,8 @@ def build(
 
     Args:
         model_fn: ``f(params, batch) -> logits (batch, C)``, e.g. a
-            [`ModelFunction`][flaplace.params.ModelFunction].
+            [`ModelFunction`][flaplace.params.ModelFunction]; token logits for batches with
+            token labels (see below).
         likelihood: ``categorical``, ``bernoulli`` (one logit) or ``gaussian``.
         fisher: ``mc`` (``n_samples`` draws), ``exact`` (GGN) or ``empirical``.
         sharing: ``expand``, ``reduce`` or ``last`` (how positions are combined).
@@ -121,8 +122,24 @@ def build(
         layer has its own. The state's structure never changes in ``update``, so a compiled
         ``update`` compiles once.
 
+    **Token labels (generative fine-tuning).** When a batch's ``labels`` are integers of the shape
+    of its ``input_ids`` (Hugging Face causal-LM labels: unshifted, ``-100`` where no loss is
+    taken) and the likelihood is categorical, every supervised token is a categorical observation
+    over the vocabulary. ``model_fn`` then returns the logits of every position
+    ``(batch, tokens, vocab)`` or one row per supervised token
+    ([`SupervisedTokenLogits`][flaplace.tokens.SupervisedTokenLogits], which projects only those
+    positions). The positions of an example are its *predicting* positions (those whose next label
+    is supervised, within ``token_mask_fn``'s real positions): ``expand`` sums ``g g^T`` and averages
+    ``a a^T`` over them, ``reduce`` sums ``g`` and averages ``a`` over them per example, ``last``
+    keeps each example's last one; every other position adds nothing to ``S``, ``A`` or the
+    log-likelihood, which is the summed log-probability of the supervised tokens. ``mc`` samples
+    one token per supervised position (one pull-back per sample), ``empirical`` pulls back the
+    gradient of each example's summed loss, and ``exact`` (``vocab - 1`` pull-backs per supervised
+    position) is refused above a vocabulary of
+    [`MAX_EXACT_VOCABULARY`][flaplace.tokens.MAX_EXACT_VOCABULARY].
+
     The compiled ``update`` is traced without graph breaks when called without a
-    ``generator`` (for ``fisher="mc"`` seed the global RNG with ``torch.manual_seed``
+    ``generator`` and without token labels (for ``fisher="mc"`` seed the global RNG with ``torch.manual_seed``
     instead: dynamo cannot trace ``torch.Generator`` objects).
 
     Examples:
@@ -218,7 +235,9 @@ def build(
         by_token_labels = token_labels(batch) if likelihood == "categorical" else None
         if by_token_labels is not None:
             if mask.ndim != 2:
-                raise ValueError(f"token mask must be (batch, tokens) with token labels, got {tuple(mask.shape)}")
+                raise ValueError(
+                    f"token mask must be (batch, tokens) with token labels, got {tuple(mask.shape)}"
+                )
             check_rows(mask)
             mask = predicting_mask(by_token_labels, mask)
             if sharing != "expand" and not torch.compiler.is_compiling():
@@ -275,16 +294,22 @@ def build(
                     "causal-LM token labels ('labels' of the shape of 'input_ids', -100 = no loss): add them "
                     "(SupervisedTokenLogits), or use an output function with one row of logits per example"
                 )
-            has_targets = _has_targets(batch, targets_fn)
-            labels = targets_fn(batch) if has_targets else None
+            targets = targets_fn(batch) if _has_targets(batch, targets_fn) else None
             stacked = fisher_cotangents(
-                logits, likelihood, fisher, targets=labels, n_samples=n_samples, sigma=sigma, generator=generator
+                logits,
+                likelihood,
+                fisher,
+                targets=targets,
+                n_samples=n_samples,
+                sigma=sigma,
+                generator=generator,
             )
             count_of, cotangents = len(stacked), iter(stacked)
+            # without targets the log-likelihood is unknown from now on (NaN): the evidence needs every example's
             ll_term = (
-                log_likelihood(logits.detach().to(acc), labels, likelihood, sigma)
-                if labels is not None
-                else logits.new_tensor(float("nan"), dtype=acc)  # unknown from now on: the evidence needs every example's
+                log_likelihood(logits.detach().to(acc), targets, likelihood, sigma)
+                if targets is not None
+                else logits.new_tensor(float("nan"), dtype=acc)
             )
         token_weights = mask.to(acc)
         example_weights = token_weights.new_ones(mask.shape[0], 1)

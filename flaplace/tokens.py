@@ -59,7 +59,12 @@ def token_labels(batch: Batch) -> Int[Tensor, "batch tokens"] | None:
     labels, ids = batch.get("labels"), batch.get("input_ids")
     if not isinstance(labels, Tensor) or not isinstance(ids, Tensor):
         return None
-    if labels.ndim != 2 or labels.shape != ids.shape or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+    if (
+        labels.ndim != 2
+        or labels.shape != ids.shape
+        or labels.dtype.is_floating_point
+        or labels.dtype == torch.bool
+    ):
         return None
     return labels
 

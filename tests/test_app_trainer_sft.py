@@ -30,7 +30,9 @@ def word_tokenizer():
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
+    )
 
 
 def sft_trainer(tmp_path: Path, callbacks=()):
@@ -39,11 +41,15 @@ def sft_trainer(tmp_path: Path, callbacks=()):
     torch.manual_seed(0)
     base = tiny_base_model("llama", vocab=len(WORDS), pad_token_id=0, eos_token_id=2)
     model = peft.get_peft_model(
-        base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
+        base,
+        peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"),
     )
     nouns, moods = ["film", "meal", "book"], ["good", "bad"]
     rows = [
-        {"prompt": f"the {nouns[i % 3]} was", "completion": f" {moods[i % 2]} ." + (" it was" if i % 4 == 0 else "")}
+        {
+            "prompt": f"the {nouns[i % 3]} was",
+            "completion": f" {moods[i % 2]} ." + (" it was" if i % 4 == 0 else ""),
+        }
         for i in range(8)
     ]
     config = trl.SFTConfig(
@@ -85,7 +91,8 @@ def test_laplace_from_sft_trainer_fits_the_token_posterior(tmp_path):
     torch.testing.assert_close(la.log_likelihood, state.log_likelihood)
     with torch.no_grad():
         summed = sum(
-            float(model(**b).loss) * int(((b["labels"][:, 1:] != -100) & b["attention_mask"][:, 1:].bool()).sum())
+            float(model(**b).loss)
+            * int(((b["labels"][:, 1:] != -100) & b["attention_mask"][:, 1:].bool()).sum())
             for b in batches
         )
     assert float(la.log_likelihood) == pytest.approx(-summed, rel=1e-5)

@@ -230,7 +230,9 @@ def test_one_supervised_token_is_exact():
         factors, _ = factors_of(f, params, [batch], fisher="exact", sharing=sharing)
         for name in params:
             S, A = factors[name]
-            torch.testing.assert_close(torch.kron(S, A), dense_ggn(model, params, batch, [name]), rtol=1e-10, atol=1e-13)
+            torch.testing.assert_close(
+                torch.kron(S, A), dense_ggn(model, params, batch, [name]), rtol=1e-10, atol=1e-13
+            )
 
 
 # ------------------------------------------------------------------ masking and padding
@@ -248,7 +250,9 @@ def test_trailing_masked_tokens_equal_the_truncated_sequence():
             long_f, long_state = factors_of(f, params, [batch], fisher="exact", sharing=sharing)
             short_f, short_state = factors_of(f, params, [short], fisher="exact", sharing=sharing)
             assert_factors_close(long_f, short_f, rtol=1e-10, atol=1e-12)
-            torch.testing.assert_close(long_state.log_likelihood, short_state.log_likelihood, rtol=1e-12, atol=0)
+            torch.testing.assert_close(
+                long_state.log_likelihood, short_state.log_likelihood, rtol=1e-12, atol=0
+            )
 
 
 def test_masking_a_label_removes_its_row_from_the_likelihood():
@@ -301,7 +305,9 @@ def test_padding_changes_nothing(side):
             joint, joint_state = factors_of(f, params, [together], fisher="exact", sharing=sharing)
             apart, apart_state = factors_of(f, params, [a, b], fisher="exact", sharing=sharing)
             assert_factors_close(joint, apart, rtol=1e-8, atol=1e-10)
-            torch.testing.assert_close(joint_state.log_likelihood, apart_state.log_likelihood, rtol=1e-10, atol=0)
+            torch.testing.assert_close(
+                joint_state.log_likelihood, apart_state.log_likelihood, rtol=1e-10, atol=0
+            )
 
 
 # ------------------------------------------------------------------ Monte Carlo
@@ -356,7 +362,9 @@ def test_every_token_logits_function_gives_the_same_factors(fisher):
         TokenLogitsFunction(model, params),
         ModelFunction(model, params, all_logits),
     ):
-        results.append(factors_of(f, params, [batch], fisher=fisher, generator=torch.Generator().manual_seed(0)))
+        results.append(
+            factors_of(f, params, [batch], fisher=fisher, generator=torch.Generator().manual_seed(0))
+        )
     for factors, state in results[1:]:
         assert_factors_close(factors, results[0][0], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(state.log_likelihood, results[0][1].log_likelihood)
@@ -376,28 +384,51 @@ def test_misuse_gives_one_line_errors():
     for fisher in ("exact", "mc", "empirical"):
         message = one_line_error(
             ValueError,
-            lambda fisher=fisher: fit(ModelFunction(model, params, NextTokenLogits()), params, [batch], fisher=fisher, progress=False),
+            lambda fisher=fisher: fit(
+                ModelFunction(model, params, NextTokenLogits()),
+                params,
+                [batch],
+                fisher=fisher,
+                progress=False,
+            ),
             "SupervisedTokenLogits",
         )
         assert "(3, 1, 16)" in message
     no_labels = {k: v for k, v in batch.items() if k != "labels"}
     one_line_error(
-        ValueError, lambda: fit(TokenLogitsFunction(model, params), params, [no_labels], progress=False), "token labels"
+        ValueError,
+        lambda: fit(TokenLogitsFunction(model, params), params, [no_labels], progress=False),
+        "token labels",
     )
     one_line_error(
         ValueError,
         lambda: ModelFunction(model, params, SupervisedTokenLogits())(params, no_labels),
         "SupervisedTokenLogits needs causal-LM token labels",
     )
-    out_of_vocab = {**batch, "labels": batch["labels"].masked_fill(batch["labels"] == batch["labels"].max(), 99)}
-    one_line_error(ValueError, lambda: fit(TokenLogitsFunction(model, params), params, [out_of_vocab], progress=False), "outside")
+    out_of_vocab = {
+        **batch,
+        "labels": batch["labels"].masked_fill(batch["labels"] == batch["labels"].max(), 99),
+    }
+    one_line_error(
+        ValueError,
+        lambda: fit(TokenLogitsFunction(model, params), params, [out_of_vocab], progress=False),
+        "outside",
+    )
     last_token = ModelFunction(model, params, LastTokenLogits([3, 5]))
-    one_line_error(ValueError, lambda: fit(last_token, params, [batch], progress=False), "SupervisedTokenLogits")
+    one_line_error(
+        ValueError, lambda: fit(last_token, params, [batch], progress=False), "SupervisedTokenLogits"
+    )
     empty_row = {**batch, "labels": batch["labels"].clone()}
     empty_row["labels"][1] = -100
     one_line_error(
         ValueError,
-        lambda: fit(ModelFunction(model, params, SupervisedTokenLogits()), params, [empty_row], sharing="reduce", progress=False),
+        lambda: fit(
+            ModelFunction(model, params, SupervisedTokenLogits()),
+            params,
+            [empty_row],
+            sharing="reduce",
+            progress=False,
+        ),
         "no supervised token",
     )
     # expand: the example simply adds nothing
@@ -409,7 +440,9 @@ def test_exact_is_refused_above_the_vocabulary_threshold():
     params = select_params(model, "lora")
     batch = sft_batch(vocab=MAX_EXACT_VOCABULARY + 1)
     f = ModelFunction(model, params, SupervisedTokenLogits())
-    message = one_line_error(ValueError, lambda: fit(f, params, [batch], fisher="exact", progress=False), "fisher='mc'")
+    message = one_line_error(
+        ValueError, lambda: fit(f, params, [batch], fisher="exact", progress=False), "fisher='mc'"
+    )
     assert "256" in message
     fit(f, params, [batch], fisher="mc", progress=False)  # mc is fine
 
@@ -418,7 +451,9 @@ def test_posterior_evidence_and_predictive_accept_token_factors():
     model = tiny_llm()
     params = select_params(model, "lora")
     batch = sft_batch()
-    factors, state = fit(ModelFunction(model, params, SupervisedTokenLogits()), params, [batch], progress=False)
+    factors, state = fit(
+        ModelFunction(model, params, SupervisedTokenLogits()), params, [batch], progress=False
+    )
     posterior = make_posterior(factors, params, 1.0)
     tuned, _ = tune_prior_evidence(posterior, state.log_likelihood)
     assert all(torch.isfinite(v).all() for v in tuned.prior_precision.values())
