@@ -46,7 +46,7 @@ from flaplace.params import logits_of
 from flaplace.predictive import Directions, check_directions
 from flaplace.tokens import predicting_mask, supervised_rows, supervised_targets, token_labels
 from flaplace.typing import Batch, ModelFn, Params, Posterior
-from flaplace.vocabulary import _chunks, _draws, linearised_logits
+from flaplace.vocabulary import linearised_logits, sample_perturbations
 
 __all__ = [
     "SupervisedTokens",
@@ -317,11 +317,12 @@ def token_predictive(
     entropy_sum: Tensor | None = None
     sample_rows: list[Tensor] = []
     map_log_p: Tensor | None = None
-    for start, stop in _chunks(n_samples, size):
+    for start in range(0, n_samples, size):
+        stop = min(n_samples, start + size)
         if perturbations is not None:
             deltas = {k: v[start:stop] for k, v in perturbations.items()}
-        else:
-            deltas = _draws(posterior, stop - start, generator, directions)
+        else:  # sample k depends only on the generator's state before it, whatever the chunks
+            deltas = sample_perturbations(posterior, stop - start, generator, directions=directions)
         primal, tangents = linearised_logits(model_fn, posterior.mean, batch, deltas)
         primal = _rows(primal, tokens)
         wide = torch.promote_types(primal.dtype, torch.float32)
