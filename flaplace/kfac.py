@@ -264,7 +264,8 @@ def build(
         logits, output_grads, inputs = capture(
             model_fn, params, batch, shape, targets=names, transposed=layout, positions=token_last
         )
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits).all()):
+        # one reduction instead of a boolean tensor of the logits' size (a NaN or inf reaches the sum)
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits.sum(dtype=torch.float32))):
             raise FloatingPointError(
                 "non-finite (NaN/inf) logits in this batch: check the model's weights and inputs "
                 "(e.g. a diverged fine-tune, or half precision overflowing)"

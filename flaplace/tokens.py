@@ -254,6 +254,20 @@ def check_targets(targets: Int[Tensor, " supervised"], vocab: int) -> None:
         )
 
 
+def _sample_tokens(
+    probs: Float[Tensor, "rows vocab"], n_samples: int, generator: torch.Generator | None
+) -> Int[Tensor, "rows n_samples"]:
+    """``n_samples`` draws per row from ``probs`` by inverting each row's cumulative sum.
+
+    One uniform number per draw: over a vocabulary of tens of thousands ``torch.multinomial``
+    draws one exponential number per entry, which costs as much as a few layers of the model.
+    """
+    cdf = probs.cumsum(-1)
+    u = torch.rand((probs.shape[0], n_samples), generator=generator, dtype=cdf.dtype, device=cdf.device)
+    draws = torch.searchsorted(cdf, u * cdf[:, -1:])
+    return draws.clamp_(max=probs.shape[-1] - 1)
+
+
 def token_cotangents(
     rows: Float[Tensor, "supervised vocab"],
     fisher: str,
@@ -308,10 +322,11 @@ def token_cotangents(
         scale = n_samples**-0.5
 
         def sampled() -> Iterator[Tensor]:
-            draws = torch.multinomial(probs, n_samples, replacement=True, generator=generator)
+            draws = _sample_tokens(probs, n_samples, generator)
             index = torch.arange(rows.shape[0], device=rows.device)
             for k in range(n_samples):
-                cotangent = probs * -scale
+                # the last sample reuses the probabilities' memory: one (rows, vocab) buffer in all
+                cotangent = probs.mul_(-scale) if k == n_samples - 1 else probs * -scale
                 cotangent.index_put_((index, draws[:, k]), cotangent.new_full((), scale), accumulate=True)
                 yield cotangent.to(rows.dtype)
 
