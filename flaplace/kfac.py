@@ -46,6 +46,7 @@ from flaplace.tokens import (
     check_targets,
     predicting_mask,
     rank_in_example,
+    supervised_log_likelihood,
     supervised_rows,
     supervised_targets,
     token_cotangents,
@@ -275,6 +276,8 @@ def build(
             rows = supervised_rows(logits, mask)
             labels = supervised_targets(by_token_labels.to(mask.device), mask).to(rows.device)
             check_targets(labels, rows.shape[-1])
+            ll_term = supervised_log_likelihood(rows, labels, acc)
+            # the logits are not read again: the probabilities and the cotangent reuse their memory
             count_of, row_cotangents = token_cotangents(
                 rows,
                 fisher,
@@ -282,18 +285,18 @@ def build(
                 ranks=rank_in_example(mask) if fisher == "exact" else None,
                 n_samples=n_samples,
                 generator=generator,
+                overwrite=True,
             )
             # every position's logits (e.g. all_logits): place the rows' cotangent at their positions
             cotangents: Iterable[Tensor] = (
                 row_cotangents if rows is logits else (_scatter_rows(logits, mask, c) for c in row_cotangents)
             )
-            ll_term = log_likelihood(rows.detach().to(acc), labels, "categorical")
         else:
-            if logits.ndim == 3:
+            if logits.ndim == 3 and likelihood == "categorical":
                 raise ValueError(
                     f"the model function returned token logits {tuple(logits.shape)}, but the batch has no "
-                    "causal-LM token labels ('labels' of the shape of 'input_ids', -100 = no loss): add them "
-                    "(SupervisedTokenLogits), or use an output function with one row of logits per example"
+                    "causal-LM token labels ('labels' of the shape of 'input_ids', -100 = no loss): pass "
+                    "them, or use an output function with one row of logits per example"
                 )
             targets = targets_fn(batch) if _has_targets(batch, targets_fn) else None
             stacked = fisher_cotangents(

@@ -40,6 +40,10 @@ IGNORE_INDEX = -100
 #: GGN needs ``vocab - 1`` pull-backs per supervised token (use ``fisher="mc"`` above it).
 MAX_EXACT_VOCABULARY = 256
 
+#: Rows of ``(rows, vocab)`` tensors handled at once by the row-wise helpers (softmax, sampling,
+#: log-likelihood): their temporaries stay ``CHUNK_ROWS x vocab`` whatever the number of tokens.
+CHUNK_ROWS = 64
+
 
 def token_labels(batch: Batch) -> Int[Tensor, "batch tokens"] | None:
     """The batch's causal-LM token labels, or ``None`` when it has none.
@@ -262,10 +266,42 @@ def _sample_tokens(
     One uniform number per draw: over a vocabulary of tens of thousands ``torch.multinomial``
     draws one exponential number per entry, which costs as much as a few layers of the model.
     """
-    cdf = probs.cumsum(-1)
-    u = torch.rand((probs.shape[0], n_samples), generator=generator, dtype=cdf.dtype, device=cdf.device)
-    draws = torch.searchsorted(cdf, u * cdf[:, -1:])
-    return draws.clamp_(max=probs.shape[-1] - 1)
+    u = torch.rand((probs.shape[0], n_samples), generator=generator, dtype=probs.dtype, device=probs.device)
+    draws = []
+    for chunk, uniform in zip(probs.split(CHUNK_ROWS), u.split(CHUNK_ROWS), strict=True):
+        cdf = chunk.cumsum(-1)  # a few rows at a time: no second (rows, vocab) buffer
+        draws.append(torch.searchsorted(cdf, uniform * cdf[:, -1:]))
+    return torch.cat(draws).clamp_(max=probs.shape[-1] - 1)
+
+
+def softmax_in_place(logits: Float[Tensor, "rows vocab"]) -> Float[Tensor, "rows vocab"]:
+    """``softmax(logits, -1)`` written over ``logits`` (a few rows at a time), and returned.
+
+    Examples:
+        >>> import torch
+        >>> softmax_in_place(torch.zeros(1, 4))
+        tensor([[0.2500, 0.2500, 0.2500, 0.2500]])
+    """
+    for chunk in logits.split(CHUNK_ROWS):
+        chunk.sub_(torch.logsumexp(chunk, -1, keepdim=True)).exp_()
+    return logits
+
+
+def supervised_log_likelihood(
+    rows: Float[Tensor, "supervised vocab"], targets: Int[Tensor, " supervised"], dtype: torch.dtype
+) -> Float[Tensor, ""]:
+    """``sum_r log softmax(rows[r])[targets[r]]`` in ``dtype``, a few rows at a time (no ``(rows, vocab)`` temporary).
+
+    Examples:
+        >>> import torch
+        >>> supervised_log_likelihood(torch.zeros(2, 4), torch.tensor([0, 3]), torch.float64)  # 2 log(1/4)
+        tensor(-2.7726, dtype=torch.float64)
+    """
+    total = torch.zeros((), dtype=dtype, device=rows.device)
+    for chunk, labels in zip(rows.split(CHUNK_ROWS), targets.split(CHUNK_ROWS), strict=True):
+        chunk = chunk.detach().to(dtype)
+        total = total + (chunk.gather(1, labels[:, None])[:, 0] - torch.logsumexp(chunk, -1)).sum()
+    return total
 
 
 def token_cotangents(
@@ -276,6 +312,7 @@ def token_cotangents(
     ranks: Int[Tensor, " supervised"] | None = None,
     n_samples: int = 1,
     generator: torch.Generator | None = None,
+    overwrite: bool = False,
 ) -> tuple[int, Iterator[Tensor]]:
     """Cotangents of the supervised rows whose pull-backs give each example's Fisher of its summed token loss.
 
@@ -290,6 +327,10 @@ def token_cotangents(
       of each example at a time (``ranks`` says which), since deterministic columns of two rows of
       one example would add cross terms: ``max_rank * (vocab - 1)`` cotangents, refused above
       `MAX_EXACT_VOCABULARY`.
+
+    ``overwrite=True`` lets the probabilities (and the last cotangent) take the memory of ``rows``
+    when they are float32 or float64: one ``(n_supervised, vocab)`` buffer in all, instead of three.
+    ``rows`` is then no longer the logits.
 
     Returns:
         ``(count, iterator)``: how many cotangents, and the cotangents themselves, made one at a
@@ -315,7 +356,11 @@ def token_cotangents(
         )
     if rows.shape[0] == 0 and not torch.compiler.is_compiling():  # no supervised token in the batch
         return 0, iter(())
-    probs = rows.to(torch.promote_types(rows.dtype, torch.float32)).softmax(-1)
+    dtype = rows.dtype
+    if overwrite and dtype in (torch.float32, torch.float64):
+        probs = softmax_in_place(rows)
+    else:
+        probs = rows.to(torch.promote_types(dtype, torch.float32)).softmax(-1)
     if fisher == "mc":
         if n_samples < 1:
             raise ValueError(f"n_samples must be at least 1, got {n_samples}")
@@ -328,19 +373,19 @@ def token_cotangents(
                 # the last sample reuses the probabilities' memory: one (rows, vocab) buffer in all
                 cotangent = probs.mul_(-scale) if k == n_samples - 1 else probs * -scale
                 cotangent.index_put_((index, draws[:, k]), cotangent.new_full((), scale), accumulate=True)
-                yield cotangent.to(rows.dtype)
+                yield cotangent.to(dtype)
 
         return n_samples, sampled()
     if fisher == "empirical":
         if targets is None:
             raise ValueError("the empirical Fisher needs the supervised token labels")
-        residual = -probs
+        residual = probs.neg_()
         residual.index_put_(
             (torch.arange(rows.shape[0], device=rows.device), targets.to(rows.device)),
             residual.new_ones(()),
             accumulate=True,
         )
-        return 1, iter([residual.to(rows.dtype)])
+        return 1, iter([residual.to(dtype)])
     else:  # exact
         from flaplace.fisher import _categorical_root
 
@@ -352,6 +397,6 @@ def token_cotangents(
             for slot in range(slots):
                 keep = (slot_of == slot).to(roots.dtype)[:, None]
                 for column in roots:
-                    yield (column * keep).to(rows.dtype)
+                    yield (column * keep).to(dtype)
 
         return slots * (vocab - 1), columns()
