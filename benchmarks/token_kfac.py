@@ -17,6 +17,10 @@ count). Times come from one worker process (interleaved rounds, medians); peak m
 the resident set during one call) from a second worker started with glibc's mmap threshold
 lowered (see ``_common.py``). Results: ``benchmarks/results/token_kfac.json``.
 
+One thread by default (``--threads``): on a CPU shared with other jobs, two OpenMP threads made
+the small QR and eigen decompositions of the low-rank factors hundreds of times slower (a 576 x 40
+QR took 110 ms with two threads and 0.1 ms with one), which measures the contention, not the update.
+
 Run ``python benchmarks/token_kfac.py`` (``--repeats 3`` by default; ``--compile`` adds the
 compiled cases).
 """
@@ -106,7 +110,7 @@ def main() -> None:
     parser.add_argument("--worker", choices=["timing", "memory"])
     parser.add_argument("--worker-output")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args()

@@ -36,21 +36,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flaplace.capture import capture, output_dim
-from flaplace.fisher import FISHER_TYPES, fisher_cotangents, log_likelihood
+from flaplace.fisher import FISHER_TYPES, example_cotangents
 from flaplace.kfac_state import GROUP_SEPARATOR, KFACState, kfac_factors, reduce_across_ranks
 from flaplace.kfac_state import dense_block as dense_block  # re-exported for existing callers
 from flaplace.kfac_state import input_factor_keys as input_factor_keys
 from flaplace.lowrank import empty_sketch, merge_rows
 from flaplace.params import batch_targets, check_rows, token_mask
-from flaplace.tokens import (
-    check_targets,
-    predicting_mask,
-    rank_in_example,
-    supervised_rows,
-    supervised_targets,
-    token_cotangents,
-    token_labels,
-)
+from flaplace.token_fisher import token_kfac_cotangents, token_kfac_mask
+from flaplace.tokens import token_labels
 from flaplace.typing import (
     Batch,
     Eigen,
@@ -95,8 +88,7 @@ def build(
 
     Args:
         model_fn: ``f(params, batch) -> logits (batch, C)``, e.g. a
-            [`ModelFunction`][flaplace.params.ModelFunction]; token logits for batches with
-            token labels (see below).
+            [`ModelFunction`][flaplace.params.ModelFunction]; causal-LM token labels: `flaplace.tokens`.
         likelihood: ``categorical``, ``bernoulli`` (one logit) or ``gaussian``.
         fisher: ``mc`` (``n_samples`` draws), ``exact`` (GGN) or ``empirical``.
         sharing: ``expand``, ``reduce`` or ``last`` (how positions are combined).
@@ -121,22 +113,6 @@ def build(
         share one input factor (one product and one decomposition per group); without it every
         layer has its own. The state's structure never changes in ``update``, so a compiled
         ``update`` compiles once.
-
-    **Token labels (generative fine-tuning).** When a batch's ``labels`` are integers of the shape
-    of its ``input_ids`` (Hugging Face causal-LM labels: unshifted, ``-100`` where no loss is
-    taken) and the likelihood is categorical, every supervised token is a categorical observation
-    over the vocabulary. ``model_fn`` then returns the logits of every position
-    ``(batch, tokens, vocab)`` or one row per supervised token
-    ([`SupervisedTokenLogits`][flaplace.tokens.SupervisedTokenLogits], which projects only those
-    positions). The positions of an example are its *predicting* positions (those whose next label
-    is supervised, within ``token_mask_fn``'s real positions): ``expand`` sums ``g g^T`` and averages
-    ``a a^T`` over them, ``reduce`` sums ``g`` and averages ``a`` over them per example, ``last``
-    keeps each example's last one; every other position adds nothing to ``S``, ``A`` or the
-    log-likelihood, which is the summed log-probability of the supervised tokens. ``mc`` samples
-    one token per supervised position (one pull-back per sample), ``empirical`` pulls back the
-    gradient of each example's summed loss, and ``exact`` (``vocab - 1`` pull-backs per supervised
-    position) is refused above a vocabulary of
-    [`MAX_EXACT_VOCABULARY`][flaplace.tokens.MAX_EXACT_VOCABULARY].
 
     The compiled ``update`` is traced without graph breaks when called without a
     ``generator`` and without token labels (for ``fisher="mc"`` seed the global RNG with ``torch.manual_seed``
@@ -230,23 +206,9 @@ def build(
     ) -> KFACState:
         names = list(state.S)
         mask = token_mask_fn(batch)
-        # Causal-LM token labels (batch, tokens): every predicting position is one of its example's
-        # positions, all others (prompt, padding, trailing tokens) count nowhere.
         by_token_labels = token_labels(batch) if likelihood == "categorical" else None
-        if by_token_labels is not None:
-            if mask.ndim != 2:
-                raise ValueError(
-                    f"token mask must be (batch, tokens) with token labels, got {tuple(mask.shape)}"
-                )
-            check_rows(mask)
-            mask = predicting_mask(by_token_labels, mask)
-            if sharing != "expand" and not torch.compiler.is_compiling():
-                empty = (~mask.any(1)).nonzero().flatten().tolist()
-                if empty:
-                    raise ValueError(
-                        f"example(s) {empty[:5]} have no supervised token (every label -100), which "
-                        f"sharing={sharing!r} cannot average over: drop them, or use sharing='expand'"
-                    )
+        if by_token_labels is not None:  # only the positions that predict a supervised token count
+            mask = token_kfac_mask(by_token_labels, mask, sharing)
         # A 3-D mask (batch, rows, tokens): each example is `rows` sequences (e.g. one per answer
         # choice), all of whose positions are that example's positions.
         n_batch, per_example = mask.shape[0], (mask.shape[1] if mask.ndim == 3 else 1)
@@ -264,52 +226,20 @@ def build(
         logits, output_grads, inputs = capture(
             model_fn, params, batch, shape, targets=names, transposed=layout, positions=token_last
         )
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits).all()):
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits.sum(dtype=torch.float32))):
             raise FloatingPointError(
                 "non-finite (NaN/inf) logits in this batch: check the model's weights and inputs "
                 "(e.g. a diverged fine-tune, or half precision overflowing)"
             )
         acc = state.n_examples.dtype
         if by_token_labels is not None:
-            rows = supervised_rows(logits, mask)
-            labels = supervised_targets(by_token_labels.to(mask.device), mask).to(rows.device)
-            check_targets(labels, rows.shape[-1])
-            count_of, row_cotangents = token_cotangents(
-                rows,
-                fisher,
-                targets=labels,
-                ranks=rank_in_example(mask) if fisher == "exact" else None,
-                n_samples=n_samples,
-                generator=generator,
+            count_of, cotangents, ll_term = token_kfac_cotangents(
+                logits, mask, by_token_labels, fisher, n_samples, generator, acc
             )
-            # every position's logits (e.g. all_logits): place the rows' cotangent at their positions
-            cotangents: Iterable[Tensor] = (
-                row_cotangents if rows is logits else (_scatter_rows(logits, mask, c) for c in row_cotangents)
-            )
-            ll_term = log_likelihood(rows.detach().to(acc), labels, "categorical")
         else:
-            if logits.ndim == 3:
-                raise ValueError(
-                    f"the model function returned token logits {tuple(logits.shape)}, but the batch has no "
-                    "causal-LM token labels ('labels' of the shape of 'input_ids', -100 = no loss): add them "
-                    "(SupervisedTokenLogits), or use an output function with one row of logits per example"
-                )
             targets = targets_fn(batch) if _has_targets(batch, targets_fn) else None
-            stacked = fisher_cotangents(
-                logits,
-                likelihood,
-                fisher,
-                targets=targets,
-                n_samples=n_samples,
-                sigma=sigma,
-                generator=generator,
-            )
-            count_of, cotangents = len(stacked), iter(stacked)
-            # without targets the log-likelihood is unknown from now on (NaN): the evidence needs every example's
-            ll_term = (
-                log_likelihood(logits.detach().to(acc), targets, likelihood, sigma)
-                if targets is not None
-                else logits.new_tensor(float("nan"), dtype=acc)
+            count_of, cotangents, ll_term = example_cotangents(
+                logits, likelihood, fisher, targets, n_samples, sigma, generator, acc
             )
         token_weights = mask.to(acc)
         example_weights = token_weights.new_ones(mask.shape[0], 1)
@@ -324,10 +254,8 @@ def build(
         ) -> tuple[Tensor, Tensor | None]:  # a pooled classifier head: one row per example
             return by_example if inputs[name].shape[1] == 1 < mask.shape[1] else by_token
 
-        # One pull-back per cotangent, in a loop: unlike vmap, it keeps one backward's
-        # intermediates alive at a time and needs no batching rule for every op on the path.
-        # Dense S factors take each cotangent's rows at once; a low-rank sketch merges them all
-        # in one step (one range finder and one small eigendecomposition per batch).
+        # One pull-back per cotangent in a loop (unlike vmap: one backward's intermediates at a time, no
+        # batching rules). Dense S takes each cotangent's rows; a low-rank sketch merges all at once.
         S, A, count = dict(state.S), dict(state.A), dict(state.a_count)
         sketch_rows: dict[str, list[Tensor]] = {n: [] for n in names if isinstance(S[n], Eigen)}
         for k, cotangent in enumerate(cotangents):
@@ -363,25 +291,15 @@ def build(
             A[key] = _accumulate(state.A[key], _input_rows(x.to(acc), weights, last, sharing, per_example))
             for name in group:
                 count[name] = count[name] + (weights.sum() if sharing == "expand" else n_batch)
-        ll = state.log_likelihood + ll_term
         return state._replace(
             S=S,
             A=A,
             n_examples=state.n_examples + n_batch,
             a_count=count,
-            log_likelihood=ll,
+            log_likelihood=state.log_likelihood + ll_term,
         )
 
     return KFAC(init, update)
-
-
-def _scatter_rows(
-    logits: Float[Tensor, "batch tokens vocab"], mask: Tensor, rows: Float[Tensor, "supervised vocab"]
-) -> Float[Tensor, "batch tokens vocab"]:
-    """A cotangent of every position's logits: ``rows`` at the predicting positions, zero elsewhere."""
-    full = logits.new_zeros(logits.shape)
-    full[mask.to(logits.device)] = rows.to(logits.dtype)
-    return full
 
 
 def _has_targets(batch: Batch, targets_fn: Callable[[Batch], Tensor]) -> bool:

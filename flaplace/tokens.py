@@ -8,7 +8,7 @@ token, and the training log-likelihood is the summed log-probability of the supe
 
 For K-FAC, each *predicting* position (a position whose next label is supervised) is one of its
 example's positions; every other position (prompt, padding, trailing tokens) adds nothing.
-[`SupervisedTokenLogits`][flaplace.tokens.SupervisedTokenLogits] is the output function that returns
+`SupervisedTokenLogits` is the output function that returns
 the logits of the predicting positions only, one row per supervised token, and asks a Hugging Face
 model (``logits_to_keep``) to project only those positions onto the vocabulary.
 
@@ -24,7 +24,7 @@ Examples:
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -39,6 +39,10 @@ IGNORE_INDEX = -100
 #: The largest vocabulary for which ``fisher="exact"`` is accepted on token labels: the exact
 #: GGN needs ``vocab - 1`` pull-backs per supervised token (use ``fisher="mc"`` above it).
 MAX_EXACT_VOCABULARY = 256
+
+#: Rows of ``(rows, vocab)`` tensors handled at once by the row-wise helpers (softmax, sampling,
+#: log-likelihood): their temporaries stay ``CHUNK_ROWS x vocab`` whatever the number of tokens.
+CHUNK_ROWS = 64
 
 
 def token_labels(batch: Batch) -> Int[Tensor, "batch tokens"] | None:
@@ -231,112 +235,3 @@ def _positions(mask: Bool[Tensor, "batch tokens"]) -> tuple[Int[Tensor, "batch k
     kept = torch.arange(k, device=mask.device)[None, :] < counts[:, None]
     last = positions.gather(1, (counts - 1).clamp_min(0)[:, None])
     return torch.where(kept, positions, last), kept
-
-
-def check_targets(targets: Int[Tensor, " supervised"], vocab: int) -> None:
-    """Refuse a supervised label outside the vocabulary ``0..vocab-1`` (checked outside ``torch.compile`` only).
-
-    Raises:
-        ValueError: naming the label and the vocabulary size.
-
-    Examples:
-        >>> import torch
-        >>> check_targets(torch.tensor([0, 3]), 4)  # fine
-    """
-    if torch.compiler.is_compiling() or targets.numel() == 0:
-        return
-    low, high = int(targets.min()), int(targets.max())
-    if low < 0 or high >= vocab:
-        bad = low if low < 0 else high
-        raise ValueError(
-            f"supervised label {bad} is outside the model's vocabulary 0..{vocab - 1}; "
-            "mark tokens without a loss with -100"
-        )
-
-
-def token_cotangents(
-    rows: Float[Tensor, "supervised vocab"],
-    fisher: str,
-    *,
-    targets: Int[Tensor, " supervised"] | None = None,
-    ranks: Int[Tensor, " supervised"] | None = None,
-    n_samples: int = 1,
-    generator: torch.Generator | None = None,
-) -> tuple[int, Iterator[Tensor]]:
-    """Cotangents of the supervised rows whose pull-backs give each example's Fisher of its summed token loss.
-
-    One cotangent covers all rows at once: the rows of one example are independent tokens of the
-    same example, so
-
-    * ``mc``: one token sampled per row from ``softmax`` (``n_samples`` cotangents, each scaled by
-      ``1/sqrt(n_samples)``); the cross terms between an example's rows vanish in expectation;
-    * ``empirical``: the residual ``onehot(target) - softmax`` of every row (one cotangent: the
-      per-example gradient of the summed loss);
-    * ``exact``: a square root of each row's ``diag(p) - p p^T`` (``vocab - 1`` columns), one row
-      of each example at a time (``ranks`` says which), since deterministic columns of two rows of
-      one example would add cross terms: ``max_rank * (vocab - 1)`` cotangents, refused above
-      `MAX_EXACT_VOCABULARY`.
-
-    Returns:
-        ``(count, iterator)``: how many cotangents, and the cotangents themselves, made one at a
-        time (``(n_supervised, vocab)`` each, in the dtype of ``rows``).
-
-    Raises:
-        ValueError: ``exact`` above `MAX_EXACT_VOCABULARY`, or an unknown Fisher type.
-
-    Examples:
-        >>> import torch
-        >>> count, cotangents = token_cotangents(torch.zeros(3, 4), "mc", n_samples=2)
-        >>> count, next(cotangents).shape
-        (2, torch.Size([3, 4]))
-    """
-    rows = rows.detach()
-    vocab = rows.shape[-1]
-    if fisher not in ("mc", "exact", "empirical"):
-        raise ValueError(f"unknown Fisher type {fisher!r}; choose one of ('mc', 'exact', 'empirical')")
-    if fisher == "exact" and vocab > MAX_EXACT_VOCABULARY:
-        raise ValueError(
-            f"fisher='exact' on token labels needs vocab - 1 = {vocab - 1} pull-backs per supervised "
-            f"token (vocabulary {vocab} > {MAX_EXACT_VOCABULARY}): use fisher='mc', which samples one token"
-        )
-    if rows.shape[0] == 0 and not torch.compiler.is_compiling():  # no supervised token in the batch
-        return 0, iter(())
-    probs = rows.to(torch.promote_types(rows.dtype, torch.float32)).softmax(-1)
-    if fisher == "mc":
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be at least 1, got {n_samples}")
-        scale = n_samples**-0.5
-
-        def sampled() -> Iterator[Tensor]:
-            draws = torch.multinomial(probs, n_samples, replacement=True, generator=generator)
-            index = torch.arange(rows.shape[0], device=rows.device)
-            for k in range(n_samples):
-                cotangent = probs * -scale
-                cotangent.index_put_((index, draws[:, k]), cotangent.new_full((), scale), accumulate=True)
-                yield cotangent.to(rows.dtype)
-
-        return n_samples, sampled()
-    if fisher == "empirical":
-        if targets is None:
-            raise ValueError("the empirical Fisher needs the supervised token labels")
-        residual = -probs
-        residual.index_put_(
-            (torch.arange(rows.shape[0], device=rows.device), targets.to(rows.device)),
-            residual.new_ones(()),
-            accumulate=True,
-        )
-        return 1, iter([residual.to(rows.dtype)])
-    else:  # exact
-        from flaplace.fisher import _categorical_root
-
-        slot_of = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device) if ranks is None else ranks
-        slots = int(slot_of.max()) + 1 if rows.shape[0] else 0
-
-        def columns() -> Iterator[Tensor]:
-            roots = _categorical_root(probs.double()).to(probs.dtype)  # (vocab - 1, rows, vocab)
-            for slot in range(slots):
-                keep = (slot_of == slot).to(roots.dtype)[:, None]
-                for column in roots:
-                    yield (column * keep).to(rows.dtype)
-
-        return slots * (vocab - 1), columns()
