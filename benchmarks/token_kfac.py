@@ -13,7 +13,8 @@ the rest supervised, as an SFT collator makes them. Cases, on the same batch:
 
 Each case eager and, with ``--compile``, ``torch.compile``-d (the SFT step's forward and loss;
 the K-FAC ``update`` without ``fullgraph``, since the supervised rows have a data-dependent
-count). Times come from one worker process (interleaved rounds, medians); peak memory (the rise of
+count; its vocabulary-sized steps, the softmax, the sampling and the log-likelihood in place over
+one ``(n_supervised, vocab)`` buffer, run eagerly inside it). Times come from one worker process (interleaved rounds, medians); peak memory (the rise of
 the resident set during one call) from a second worker started with glibc's mmap threshold
 lowered (see ``_common.py``). Results: ``benchmarks/results/token_kfac.json``.
 

@@ -114,9 +114,9 @@ def build(
         layer has its own. The state's structure never changes in ``update``, so a compiled
         ``update`` compiles once.
 
-    The compiled ``update`` is traced without graph breaks when called without a
-    ``generator`` and without token labels (for ``fisher="mc"`` seed the global RNG with ``torch.manual_seed``
-    instead: dynamo cannot trace ``torch.Generator`` objects).
+    The compiled ``update`` is traced without graph breaks when called without a ``generator`` (for
+    ``fisher="mc"`` seed the global RNG with ``torch.manual_seed``: dynamo cannot trace ``torch.Generator``
+    objects) and without token labels (these need ``compile_update(update, fullgraph=False)``).
 
     Examples:
         >>> init, update = build(model_fn, fisher="exact", sharing="last", lr_threshold=None)

@@ -45,20 +45,41 @@ def check_targets(targets: Int[Tensor, " supervised"], vocab: int) -> None:
         )
 
 
+#: Vocabulary entries per block of the two-level sampler (`_sample_tokens`).
+SAMPLING_BLOCK = 256
+
+
 def _sample_tokens(
     probs: Float[Tensor, "rows vocab"], n_samples: int, generator: torch.Generator | None
 ) -> Int[Tensor, "rows n_samples"]:
-    """``n_samples`` draws per row from ``probs`` by inverting each row's cumulative sum.
+    """``n_samples`` draws per row from ``probs`` by inverting each row's cumulative sum, in two levels.
 
     One uniform number per draw: over a vocabulary of tens of thousands ``torch.multinomial``
     draws one exponential number per entry, which costs as much as a few layers of the model.
+    The inversion first finds the draw's block of `SAMPLING_BLOCK` entries from the blocks'
+    cumulative sums, then the entry within that block: a sum over the vocabulary instead of a
+    (sequential, several times slower) cumulative sum over it, with the same draws up to rounding.
     """
-    u = torch.rand((probs.shape[0], n_samples), generator=generator, dtype=probs.dtype, device=probs.device)
+    rows, vocab = probs.shape
+    block = min(SAMPLING_BLOCK, vocab)
+    full = vocab // block
+    u = torch.rand((rows, n_samples), generator=generator, dtype=probs.dtype, device=probs.device)
+    offsets = torch.arange(block, device=probs.device)
     draws = []
     for chunk, uniform in zip(probs.split(CHUNK_ROWS), u.split(CHUNK_ROWS), strict=True):
-        cdf = chunk.cumsum(-1)  # a few rows at a time: no second (rows, vocab) buffer
-        draws.append(torch.searchsorted(cdf, uniform * cdf[:, -1:]))
-    return torch.cat(draws).clamp_(max=probs.shape[-1] - 1)
+        sums = chunk.unfold(-1, block, block).sum(-1)  # (rows, full): a view of the chunk, no copy
+        if full * block < vocab:  # the shorter last block
+            sums = torch.cat([sums, chunk[:, full * block :].sum(-1, keepdim=True)], -1)
+        block_cdf = sums.cumsum(-1)
+        target = uniform * block_cdf[:, -1:]
+        which = torch.searchsorted(block_cdf, target).clamp_(max=block_cdf.shape[-1] - 1)
+        before = torch.where(which > 0, block_cdf.gather(1, (which - 1).clamp_(min=0)), 0.0)
+        entries = which[..., None] * block + offsets  # (rows, n_samples, block)
+        inside = entries < vocab
+        values = chunk.gather(1, entries.clamp(max=vocab - 1).flatten(1)).view(entries.shape) * inside
+        within = torch.searchsorted(values.cumsum(-1), (target - before)[..., None])[..., 0]
+        draws.append(which * block + within.clamp_(max=block - 1))
+    return torch.cat(draws).clamp_(max=vocab - 1)
 
 
 def softmax_in_place(logits: Float[Tensor, "rows vocab"]) -> Float[Tensor, "rows vocab"]:
@@ -91,6 +112,36 @@ def supervised_log_likelihood(
     return total
 
 
+def log_likelihood_and_softmax_in_place(
+    rows: Float[Tensor, "supervised vocab"], targets: Int[Tensor, " supervised"], dtype: torch.dtype
+) -> Float[Tensor, ""]:
+    """`supervised_log_likelihood` of ``rows``, which are then overwritten by their ``softmax``: one pass over them.
+
+    Each row's maximum, exponentials and sum serve both the log-likelihood and the probabilities,
+    a few rows at a time (no ``(rows, vocab)`` temporary).
+
+    Returns:
+        ``sum_r log softmax(rows[r])[targets[r]]`` in ``dtype``; ``rows`` holds the probabilities.
+
+    Examples:
+        >>> import torch
+        >>> rows = torch.zeros(2, 4)
+        >>> log_likelihood_and_softmax_in_place(rows, torch.tensor([0, 3]), torch.float64)  # 2 log(1/4)
+        tensor(-2.7726, dtype=torch.float64)
+        >>> rows
+        tensor([[0.2500, 0.2500, 0.2500, 0.2500],
+                [0.2500, 0.2500, 0.2500, 0.2500]])
+    """
+    total = torch.zeros((), dtype=dtype, device=rows.device)
+    for chunk, labels in zip(rows.split(CHUNK_ROWS), targets.split(CHUNK_ROWS), strict=True):
+        top = chunk.amax(-1, keepdim=True)
+        picked = chunk.gather(1, labels[:, None]) - top
+        normaliser = chunk.sub_(top).exp_().sum(-1, keepdim=True)
+        chunk.div_(normaliser)
+        total = total + (picked.to(dtype) - normaliser.to(dtype).log()).sum()
+    return total
+
+
 def token_cotangents(
     rows: Float[Tensor, "supervised vocab"],
     fisher: str,
@@ -100,6 +151,7 @@ def token_cotangents(
     n_samples: int = 1,
     generator: torch.Generator | None = None,
     overwrite: bool = False,
+    probabilities: bool = False,
 ) -> tuple[int, Iterator[Tensor]]:
     """Cotangents of the supervised rows whose pull-backs give each example's Fisher of its summed token loss.
 
@@ -117,7 +169,9 @@ def token_cotangents(
 
     ``overwrite=True`` lets the probabilities (and the last cotangent) take the memory of ``rows``
     when they are float32 or float64: one ``(n_supervised, vocab)`` buffer in all, instead of three.
-    ``rows`` is then no longer the logits.
+    ``rows`` is then no longer the logits. ``probabilities=True`` says that ``rows`` hold the
+    ``softmax`` already (e.g. from `log_likelihood_and_softmax_in_place`); they are then
+    overwritten whatever ``overwrite`` says.
 
     Returns:
         ``(count, iterator)``: how many cotangents, and the cotangents themselves, made one at a
@@ -144,7 +198,9 @@ def token_cotangents(
     if rows.shape[0] == 0 and not torch.compiler.is_compiling():  # no supervised token in the batch
         return 0, iter(())
     dtype = rows.dtype
-    if overwrite and dtype in (torch.float32, torch.float64):
+    if probabilities:
+        probs = rows
+    elif overwrite and dtype in (torch.float32, torch.float64):
         probs = softmax_in_place(rows)
     else:
         probs = rows.to(torch.promote_types(dtype, torch.float32)).softmax(-1)
@@ -219,6 +275,7 @@ def token_kfac_mask(
     return mask
 
 
+@torch.compiler.disable  # eager inside a compiled update: see the docstring
 def token_kfac_cotangents(
     logits: Tensor,
     mask: Bool[Tensor, "batch tokens"],
@@ -232,6 +289,9 @@ def token_kfac_cotangents(
 
     The logits (every position's, or one row per supervised token) are overwritten: the
     probabilities and the cotangent reuse their memory when they are the supervised rows.
+    Inside a ``torch.compile``-d update this function runs eagerly (``torch.compiler.disable``):
+    compiled, the in-place steps became copies, three ``(n_supervised, vocab)`` buffers instead
+    of one, and the vocabulary-sized work gained no speed.
 
     Returns:
         ``(count, cotangents, log_likelihood)``; the cotangents have the logits' shape.
@@ -246,10 +306,16 @@ def token_kfac_cotangents(
         >>> count, round(float(ll), 4)  # 2 log(1/3)
         (1, -2.1972)
     """
-    rows = supervised_rows(logits, mask)
+    selected = supervised_rows(logits, mask)
+    kept_as_is = selected is logits
+    rows = selected.detach()
     targets = supervised_targets(labels.to(mask.device), mask).to(rows.device)
     check_targets(targets, rows.shape[-1])
-    log_likelihood = supervised_log_likelihood(rows, targets, dtype)
+    in_place = rows.dtype in (torch.float32, torch.float64)  # the probabilities take the rows' memory
+    if in_place:
+        log_likelihood = log_likelihood_and_softmax_in_place(rows, targets, dtype)
+    else:
+        log_likelihood = supervised_log_likelihood(rows, targets, dtype)
     count, row_cotangents = token_cotangents(
         rows,
         fisher,
@@ -258,8 +324,9 @@ def token_kfac_cotangents(
         n_samples=n_samples,
         generator=generator,
         overwrite=True,
+        probabilities=in_place,
     )
-    if rows is logits:
+    if kept_as_is:
         return count, row_cotangents, log_likelihood
 
     def placed() -> Iterator[Tensor]:  # every position's logits: the rows' cotangent at their positions

@@ -124,6 +124,7 @@ def rank_in_example(mask: Bool[Tensor, "batch tokens"]) -> Int[Tensor, " supervi
     return (mask.long().cumsum(1) - 1)[mask]
 
 
+@torch.compiler.disable  # dynamo would trace the probe again, ignoring the cache
 @functools.cache
 def _slices_by_mask() -> bool:
     """Whether Hugging Face's ``logits_to_keep`` takes a boolean ``(batch, tokens)`` mask."""

@@ -12,12 +12,14 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
+from flaplace.compiling import compile_update
 from flaplace.evidence import tune_prior_evidence
 from flaplace.kfac import build, fit
 from flaplace.laplace import LaplaceLoRA
 from flaplace.params import LastTokenLogits, ModelFunction, logits_of, select_params
 from flaplace.posterior import make_posterior
 from flaplace.sequences import sequence_scores
+from flaplace.token_fisher import token_cotangents
 from flaplace.tokens import (
     MAX_EXACT_VOCABULARY,
     SupervisedTokenLogits,
@@ -445,6 +447,77 @@ def test_exact_is_refused_above_the_vocabulary_threshold():
     )
     assert "256" in message
     fit(f, params, [batch], fisher="mc", progress=False)  # mc is fine
+
+
+def test_mc_token_draws_follow_the_softmax():
+    """The sampled token of each mc cotangent (``onehot(token) - p``, over ``sqrt(k)``) against ``p = softmax(rows)``.
+
+    A vocabulary of 300 spans one full block of the two-level sampler and a shorter one; rows with
+    all their mass on the first or the last token must always draw it.
+    """
+    g = torch.Generator().manual_seed(0)
+    vocab, k = 300, 20000
+    rows = torch.randn(3, vocab, generator=g, dtype=torch.float64) * 0.5
+    rows[1], rows[2] = -1e4, -1e4
+    rows[1, -1], rows[2, 0] = 0.0, 0.0
+    probs = rows.softmax(-1)
+    count, cotangents = token_cotangents(rows.clone(), "mc", n_samples=k, generator=g)
+    draws = torch.stack([(cotangent * k**0.5 + probs).argmax(-1) for cotangent in cotangents])  # (k, 3)
+    assert count == k and draws.shape == (k, 3)
+    assert (draws[:, 1] == vocab - 1).all() and (draws[:, 2] == 0).all()
+    observed = torch.bincount(draws[:, 0], minlength=vocab).double()
+    chi2 = float(
+        ((observed - k * probs[0]) ** 2 / (k * probs[0])).sum()
+    )  # 299 degrees of freedom: mean 299, sd 24.5
+    assert chi2 < 299 + 5 * 24.5, chi2
+
+
+COMPILED_TOKEN_UPDATE = """
+import json, torch
+from test_kfac_tokens import sft_batch, tiny_llm
+from flaplace.compiling import compile_update
+from flaplace.kfac import build
+from flaplace.params import ModelFunction, select_params
+from flaplace.tokens import SupervisedTokenLogits
+model = tiny_llm()
+params = select_params(model, "lora")
+batch = sft_batch()
+out = {}
+for fisher in ("exact", "mc"):
+    init, update = build(ModelFunction(model, params, SupervisedTokenLogits()), fisher=fisher,
+                         lr_threshold=None)
+    state = init(params, batch)
+    fast = compile_update(update, backend="aot_eager", fullgraph=False)
+    torch.manual_seed(0)
+    got = fast(fast(state, params, batch), params, batch)
+    torch.manual_seed(0)
+    want = update(update(state, params, batch), params, batch)
+    out[fisher] = max(float((getattr(got, s)[n] - getattr(want, s)[n]).norm() / getattr(want, s)[n].norm())
+                      for s in ("S", "A") for n in getattr(want, s))
+    out[fisher + "_ll"] = abs(float(got.log_likelihood - want.log_likelihood))
+print(json.dumps(out))
+"""
+
+
+def test_compiled_update_on_token_labels_equals_the_eager_update():
+    """``compile_update(..., fullgraph=False)`` on token labels: the same factors and log-likelihood
+    as the eager update (``mc``: the same draws of the global RNG); ``fullgraph=True`` is refused
+    in one line before anything is compiled."""
+    import json
+
+    from conftest import run_without_typechecks  # here: the script imports this module, without the hook
+
+    result = json.loads(run_without_typechecks(COMPILED_TOKEN_UPDATE, timeout=1200).strip().splitlines()[-1])
+    assert result["exact"] < 1e-10 and result["exact_ll"] < 1e-9, result
+    assert result["mc"] < 1e-10 and result["mc_ll"] < 1e-9, result
+    model = tiny_llm()
+    params = select_params(model, "lora")
+    init, update = build(ModelFunction(model, params, SupervisedTokenLogits()), fisher="mc")
+    one_line_error(
+        ValueError,
+        lambda: compile_update(update)(init(params), params, sft_batch()),
+        "fullgraph=True cannot trace an update on causal-LM token labels.*fullgraph=False",
+    )
 
 
 def test_posterior_evidence_and_predictive_accept_token_factors():
