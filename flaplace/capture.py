@@ -286,7 +286,7 @@ def capture(
     transposed: Collection[str] = frozenset(),
     positions: Tensor | None = None,
 ) -> tuple[
-    Float[Tensor, "batch classes"],
+    Float[Tensor, "..."],  # (batch, classes); token logits keep more axes
     Callable[..., dict[str, Tensor]],
     dict[str, Float[Tensor, "rows _ _"]],  # rows: batch x sequences per example
 ]:

@@ -20,12 +20,13 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from flaplace.kfac_state import KFACState
+from flaplace.tokens import token_labels
 
 
 def compile_update(
@@ -65,9 +66,18 @@ def compile_update(
         tensors to every call: the capture recognises the selected weights by identity,
         so new tensors compile again.
 
+    Causal-LM token labels (see [`flaplace.tokens`][flaplace.tokens]) need
+    ``fullgraph=False``: the number of supervised tokens depends on the labels, so the graph
+    breaks where they are selected, and the vocabulary-sized steps (softmax, sampling,
+    log-likelihood, in place over one ``(n_supervised, vocab)`` buffer) run eagerly between the
+    compiled pieces. Use the ``"inductor"`` or ``"aot_eager"`` backend there: with
+    ``"eager"``, dynamo fails inside the model's ``vjp`` on the selection of the supervised
+    positions (an ``AssertionError`` raised by torch).
+
     Raises:
         ValueError: ``update`` was built with ``fisher="mc"`` and a ``generator``, which
-            dynamo cannot trace.
+            dynamo cannot trace; or (at the call) a batch with causal-LM token labels under
+            ``fullgraph=True``.
 
     Examples:
         >>> init, update = flaplace.build(model_fn, fisher="mc", lr_threshold=None)
@@ -84,11 +94,29 @@ def compile_update(
             "cannot trace; build it without generator= and seed with torch.manual_seed instead"
         )
     options = {"dynamic": False, "fullgraph": True, **options}
+    by_tokens = _closure_value(update, "likelihood") in ("categorical", None)
+
+    def refuse_token_labels(args: tuple, kwargs: dict[str, Any]) -> None:
+        batch = args[0] if args else kwargs.get("batch")
+        tokens = isinstance(batch, Mapping) and token_labels(batch) is not None
+        if options["fullgraph"] and by_tokens and tokens:
+            raise ValueError(
+                "compile_update: fullgraph=True cannot trace an update on causal-LM token labels (the "
+                "number of supervised tokens depends on the labels); pass fullgraph=False"
+            )
+
     if backend != "inductor" or "options" in options or "mode" in options:
-        return torch.compile(update, backend=backend, **options)
+        whole = torch.compile(update, backend=backend, **options)
+
+        def checked(state: KFACState, params: Any, *args: Any, **kwargs: Any) -> KFACState:
+            refuse_token_labels(args, kwargs)
+            return whole(state, params, *args, **kwargs)
+
+        return checked
     compiled: list[Callable[..., KFACState]] = []
 
     def first_call_chooses(state: KFACState, params: Any, *args: Any, **kwargs: Any) -> KFACState:
+        refuse_token_labels(args, kwargs)
         if compiled:
             return compiled[0](state, params, *args, **kwargs)
         from torch._dynamo.exc import BackendCompilerFailed  # not at import: dynamo loads slowly

@@ -14,6 +14,7 @@ unbiased estimate of) the matrix the Fisher type asks for:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import get_args
 
 import torch
@@ -160,3 +161,43 @@ def log_likelihood(
     residual = targets.to(logits.dtype) - logits
     n = residual.numel()
     return -0.5 * (residual**2).sum() / sigma**2 - n * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
+
+
+def example_cotangents(
+    logits: Tensor,
+    likelihood: Likelihood,
+    fisher: FisherType,
+    targets: Tensor | None,
+    n_samples: int,
+    sigma: float,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+) -> tuple[int, Iterator[Tensor], Float[Tensor, ""]]:
+    """K-FAC's cotangents of one-row-per-example logits and the batch's log-likelihood (NaN without targets).
+
+    Raises:
+        ValueError: token logits ``(batch, tokens, vocab)`` with a categorical likelihood (they
+            need causal-LM token labels in the batch).
+
+    Examples:
+        >>> count, cotangents, ll = example_cotangents(
+        ...     torch.zeros(2, 2), "categorical", "exact", torch.tensor([0, 1]),
+        ...     n_samples=1, sigma=1.0, generator=None, dtype=torch.float64)
+        >>> count, round(float(ll), 4)
+        (1, -1.3863)
+    """
+    if logits.ndim == 3 and likelihood == "categorical":
+        raise ValueError(
+            f"the model function returned token logits {tuple(logits.shape)}, but the batch has no "
+            "causal-LM token labels ('labels' of the shape of 'input_ids', -100 = no loss): pass "
+            "them, or use an output function with one row of logits per example"
+        )
+    stacked = fisher_cotangents(
+        logits, likelihood, fisher, targets=targets, n_samples=n_samples, sigma=sigma, generator=generator
+    )
+    # without targets the log-likelihood is unknown from now on (NaN): the evidence needs every example's
+    if targets is None:
+        ll = logits.new_tensor(float("nan"), dtype=dtype)
+    else:
+        ll = log_likelihood(logits.detach().to(dtype), targets, likelihood, sigma)
+    return len(stacked), iter(stacked), ll

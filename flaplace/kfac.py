@@ -36,12 +36,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flaplace.capture import capture, output_dim
-from flaplace.fisher import FISHER_TYPES, fisher_cotangents, log_likelihood
+from flaplace.fisher import FISHER_TYPES, example_cotangents
 from flaplace.kfac_state import GROUP_SEPARATOR, KFACState, kfac_factors, reduce_across_ranks
 from flaplace.kfac_state import dense_block as dense_block  # re-exported for existing callers
 from flaplace.kfac_state import input_factor_keys as input_factor_keys
 from flaplace.lowrank import empty_sketch, merge_rows
 from flaplace.params import batch_targets, check_rows, token_mask
+from flaplace.token_fisher import token_kfac_cotangents, token_kfac_mask
+from flaplace.tokens import token_labels
 from flaplace.typing import (
     Batch,
     Eigen,
@@ -86,7 +88,7 @@ def build(
 
     Args:
         model_fn: ``f(params, batch) -> logits (batch, C)``, e.g. a
-            [`ModelFunction`][flaplace.params.ModelFunction].
+            [`ModelFunction`][flaplace.params.ModelFunction]; causal-LM token labels: `flaplace.tokens`.
         likelihood: ``categorical``, ``bernoulli`` (one logit) or ``gaussian``.
         fisher: ``mc`` (``n_samples`` draws), ``exact`` (GGN) or ``empirical``.
         sharing: ``expand``, ``reduce`` or ``last`` (how positions are combined).
@@ -112,9 +114,9 @@ def build(
         layer has its own. The state's structure never changes in ``update``, so a compiled
         ``update`` compiles once.
 
-    The compiled ``update`` is traced without graph breaks when called without a
-    ``generator`` (for ``fisher="mc"`` seed the global RNG with ``torch.manual_seed``
-    instead: dynamo cannot trace ``torch.Generator`` objects).
+    The compiled ``update`` is traced without graph breaks when called without a ``generator`` (for
+    ``fisher="mc"`` seed the global RNG with ``torch.manual_seed``: dynamo cannot trace ``torch.Generator``
+    objects) and without token labels (these need ``compile_update(update, fullgraph=False)``).
 
     Examples:
         >>> init, update = build(model_fn, fisher="exact", sharing="last", lr_threshold=None)
@@ -204,6 +206,9 @@ def build(
     ) -> KFACState:
         names = list(state.S)
         mask = token_mask_fn(batch)
+        by_token_labels = token_labels(batch) if likelihood == "categorical" else None
+        if by_token_labels is not None:  # only the positions that predict a supervised token count
+            mask = token_kfac_mask(by_token_labels, mask, sharing)
         # A 3-D mask (batch, rows, tokens): each example is `rows` sequences (e.g. one per answer
         # choice), all of whose positions are that example's positions.
         n_batch, per_example = mask.shape[0], (mask.shape[1] if mask.ndim == 3 else 1)
@@ -213,24 +218,29 @@ def build(
             raise ValueError(
                 f"token mask must be (batch, tokens) or (batch, rows, tokens), got {tuple(mask.shape)}"
             )
-        check_rows(mask)
+        if by_token_labels is None:
+            check_rows(mask)
         # sharing "last" reads one position per row: the capture pulls back to those positions only
         token_last = _last_index(mask.to(state.n_examples.dtype)) if sharing == "last" else None
         shape = (mask.shape[0], mask.shape[1])
         logits, output_grads, inputs = capture(
             model_fn, params, batch, shape, targets=names, transposed=layout, positions=token_last
         )
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits).all()):
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits.sum(dtype=torch.float32))):
             raise FloatingPointError(
                 "non-finite (NaN/inf) logits in this batch: check the model's weights and inputs "
                 "(e.g. a diverged fine-tune, or half precision overflowing)"
             )
-        has_targets = _has_targets(batch, targets_fn)
-        labels = targets_fn(batch) if has_targets else None
-        cotangents = fisher_cotangents(
-            logits, likelihood, fisher, targets=labels, n_samples=n_samples, sigma=sigma, generator=generator
-        )
         acc = state.n_examples.dtype
+        if by_token_labels is not None:
+            count_of, cotangents, ll_term = token_kfac_cotangents(
+                logits, mask, by_token_labels, fisher, n_samples, generator, acc
+            )
+        else:
+            targets = targets_fn(batch) if _has_targets(batch, targets_fn) else None
+            count_of, cotangents, ll_term = example_cotangents(
+                logits, likelihood, fisher, targets, n_samples, sigma, generator, acc
+            )
         token_weights = mask.to(acc)
         example_weights = token_weights.new_ones(mask.shape[0], 1)
 
@@ -244,14 +254,12 @@ def build(
         ) -> tuple[Tensor, Tensor | None]:  # a pooled classifier head: one row per example
             return by_example if inputs[name].shape[1] == 1 < mask.shape[1] else by_token
 
-        # One pull-back per cotangent, in a loop: unlike vmap, it keeps one backward's
-        # intermediates alive at a time and needs no batching rule for every op on the path.
-        # Dense S factors take each cotangent's rows at once; a low-rank sketch merges them all
-        # in one step (one range finder and one small eigendecomposition per batch).
+        # One pull-back per cotangent in a loop (unlike vmap: one backward's intermediates at a time, no
+        # batching rules). Dense S takes each cotangent's rows; a low-rank sketch merges all at once.
         S, A, count = dict(state.S), dict(state.A), dict(state.a_count)
         sketch_rows: dict[str, list[Tensor]] = {n: [] for n in names if isinstance(S[n], Eigen)}
         for k, cotangent in enumerate(cotangents):
-            final = k == len(cotangents) - 1
+            final = k == count_of - 1
             # The last pull-back frees the forward's saved activations as its backward goes.
             grads = output_grads(cotangent, last=final)
             if final:
@@ -283,17 +291,12 @@ def build(
             A[key] = _accumulate(state.A[key], _input_rows(x.to(acc), weights, last, sharing, per_example))
             for name in group:
                 count[name] = count[name] + (weights.sum() if sharing == "expand" else n_batch)
-        ll = state.log_likelihood
-        if labels is not None:
-            ll = ll + log_likelihood(logits.detach().to(acc), labels, likelihood, sigma)
-        else:  # unknown from now on: the evidence needs the log-likelihood of every example
-            ll = ll + float("nan")
         return state._replace(
             S=S,
             A=A,
             n_examples=state.n_examples + n_batch,
             a_count=count,
-            log_likelihood=ll,
+            log_likelihood=state.log_likelihood + ll_term,
         )
 
     return KFAC(init, update)

@@ -380,7 +380,7 @@ class ModelFunction:
         clone.eval_mode = False
         return clone
 
-    def __call__(self, params: Params, batch: Batch) -> Float[Tensor, "batch classes"]:
+    def __call__(self, params: Params, batch: Batch) -> Float[Tensor, "batch ..."]:
         return self.evaluate(params, batch)
 
     def evaluate(self, params: Params, batch: Batch) -> Tensor:

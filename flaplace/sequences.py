@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from flaplace.predictive import Directions
 from flaplace.typing import ModelFn, Posterior
 from flaplace.vocabulary import IGNORE_INDEX, sample_perturbations, vocabulary_predictive
 
@@ -83,6 +84,7 @@ def sequence_scores(
     generator: torch.Generator | None = None,
     chunk_size: int | None = 8,
     normalise: bool = False,
+    directions: Directions = "all",
 ) -> SequenceScores:
     """The predictive log-likelihood of answer sequences after prompts, with its uncertainty.
 
@@ -102,6 +104,8 @@ def sequence_scores(
         generator: a ``torch.Generator``, for reproducibility.
         chunk_size: samples per vectorised ``jvp`` (see `vocabulary_predictive`).
         normalise: divide each sequence's log-likelihood by its number of answer tokens.
+        directions: the posterior the samples are drawn from, ``"all"`` or ``"informed"`` (see
+            [`sample_perturbations`][flaplace.vocabulary.sample_perturbations]).
 
     Returns:
         A `SequenceScores`.
@@ -114,7 +118,14 @@ def sequence_scores(
         raise ValueError("batch needs 'input_ids' (prompt followed by answer tokens)")
     targets = continuation_targets(batch["input_ids"], answer_mask)
     pred = vocabulary_predictive(
-        model_fn, posterior, batch, n_samples, targets=targets, generator=generator, chunk_size=chunk_size
+        model_fn,
+        posterior,
+        batch,
+        n_samples,
+        targets=targets,
+        generator=generator,
+        chunk_size=chunk_size,
+        directions=directions,
     )
     assert pred.target_log_probs is not None and pred.log_predictive is not None
     assert pred.map_log_probs is not None
@@ -169,6 +180,7 @@ def linearised_decode(
     do_sample: bool = False,
     eos_token_id: int | None = None,
     chunk_size: int | None = None,
+    directions: Directions = "all",
 ) -> Decoded:
     """Decode one prompt with the linearised predictive: at each step average ``S`` jvp samples' probabilities.
 
@@ -188,6 +200,8 @@ def linearised_decode(
         do_sample: draw each token from the predictive instead of taking the most probable.
         eos_token_id: stop after this token.
         chunk_size: samples per vectorised jvp (``None``: all at once).
+        directions: the posterior the perturbations are drawn from, ``"all"`` or ``"informed"``
+            (see [`sample_perturbations`][flaplace.vocabulary.sample_perturbations]).
 
     Examples:
         >>> f = ModelFunction(peft_model, params, NextTokenLogits())
@@ -198,7 +212,7 @@ def linearised_decode(
         raise ValueError(f"input_ids must be one prompt of shape (1, tokens), got {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    deltas = sample_perturbations(posterior, n_samples, generator)
+    deltas = sample_perturbations(posterior, n_samples, generator, directions=directions)
     ids = input_ids
     rows: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = []
     for _ in range(max_new_tokens):

@@ -32,7 +32,8 @@ from torch.func import jvp, vmap
 
 from flaplace.params import ModelFunction, OutputFn, logits_of
 from flaplace.posterior import sqrt_covariance_times
-from flaplace.typing import Batch, Params, Posterior
+from flaplace.predictive import Directions, check_directions
+from flaplace.typing import Batch, KronFactor, Params, Posterior
 
 #: Target value that marks a position without a target (Hugging Face's convention).
 IGNORE_INDEX = -100
@@ -106,7 +107,18 @@ class TokenLogitsFunction(ModelFunction):
 # --------------------------------------------------------------------------- sampling
 
 
-def _draws(posterior: Posterior, count: int, generator: torch.Generator | None) -> Params:
+def _informed_sqrt_covariance_times(factor: KronFactor, prior_precision: Tensor, z: Tensor) -> Tensor:
+    """``Sigma_informed^{1/2} Z``: only the eigen-directions with ``s_i a_j > lambda``, each scaled by ``(s_i a_j + lambda)^{-1/2}``."""
+    q_s, s = factor.S
+    q_a, a = factor.A
+    eig = s.clamp(min=0)[:, None] * a.clamp(min=0)[None, :]
+    scale = torch.where(eig > prior_precision, (eig + prior_precision).rsqrt(), torch.zeros_like(eig))
+    return q_s @ (scale * (q_s.mT @ z @ q_a)) @ q_a.mT
+
+
+def _draws(
+    posterior: Posterior, count: int, generator: torch.Generator | None, directions: Directions = "all"
+) -> Params:
     """``count`` perturbations; sample ``k`` depends only on the generator's state before it."""
     zs: dict[str, list[Tensor]] = {name: [] for name in posterior.mean}
     for _ in range(count):
@@ -117,10 +129,11 @@ def _draws(posterior: Posterior, count: int, generator: torch.Generator | None) 
             zs[name].append(
                 torch.randn((o, i), generator=generator, dtype=values.dtype, device=values.device)
             )
+    times = _informed_sqrt_covariance_times if directions == "informed" else sqrt_covariance_times
     out: Params = {}
     for name, mean in posterior.mean.items():
         factor = posterior.factors[name]
-        delta = sqrt_covariance_times(factor, posterior.prior_precision[name], torch.stack(zs[name]))
+        delta = times(factor, posterior.prior_precision[name].reshape(()), torch.stack(zs[name]))
         if bool(factor.transposed):
             delta = delta.mT
         out[name] = delta.to(mean.dtype)
@@ -128,15 +141,30 @@ def _draws(posterior: Posterior, count: int, generator: torch.Generator | None) 
 
 
 def sample_perturbations(
-    posterior: Posterior, n_samples: int, generator: torch.Generator | None = None
+    posterior: Posterior,
+    n_samples: int,
+    generator: torch.Generator | None = None,
+    *,
+    directions: Directions = "all",
 ) -> Params:
     """Draw ``delta_s ~ N(0, Sigma)``, the weight perturbations of the posterior (not ``theta* + delta``).
 
     Per block (a weight of shape ``(o, i)``) with ``Z`` standard normal of that shape and
     precision eigenvalues ``s_i a_j + lambda`` on the span of the eigenbases ``Q_S, Q_A``
-    and ``lambda`` outside it::
+    and ``lambda`` outside it, ``directions="all"`` (default) draws from the whole Laplace
+    posterior::
 
         delta = Q_S [(Q_S^T Z Q_A) / sqrt(s a^T + lambda)] Q_A^T + (Z - Q_S Q_S^T Z Q_A Q_A^T) / sqrt(lambda)
+
+    ``directions="informed"`` draws only along the eigen-directions where the data outweigh the
+    prior (``s_i a_j > lambda``), from ``N(0, sum_{k: e_k > lambda} v_k v_k^T / (e_k + lambda))``,
+    the covariance that ``predictive_precompute(posterior, directions="informed")`` gives the
+    linearised predictive::
+
+        delta = Q_S [(Q_S^T Z Q_A) * 1{s a^T > lambda} / sqrt(s a^T + lambda)] Q_A^T
+
+    so the sampled and the closed-form predictive keep the same directions. Both use the same
+    ``Z``: the same generator state gives draws of the two kinds built from the same noise.
 
     Sample ``k`` is drawn from the generator after samples ``0..k-1`` (block by block in the
     posterior's order), so the first ``m`` of ``n`` samples equal ``m`` samples drawn from a
@@ -146,18 +174,25 @@ def sample_perturbations(
         posterior: from [`make_posterior`][flaplace.make_posterior].
         n_samples: number of samples (positive).
         generator: a ``torch.Generator`` on the factors' device, for reproducibility.
+        directions: ``"all"`` (the Laplace posterior) or ``"informed"`` (only the directions
+            the data inform; see `predictive_precompute`).
 
     Returns:
         A dict with the posterior's names; each leaf has shape ``(n_samples, *param.shape)``
         and the dtype of the MAP parameter.
 
+    Raises:
+        ValueError: ``n_samples`` not a positive integer, or unknown ``directions``.
+
     Examples:
         >>> deltas = sample_perturbations(posterior, 4, torch.Generator().manual_seed(0))
         >>> deltas["model.layers.0.self_attn.q_proj.lora_A.default.weight"].shape  # (4, r, hidden)
+        >>> informed = sample_perturbations(posterior, 4, directions="informed")
     """
     if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-    return _draws(posterior, n_samples, generator)
+    check_directions(directions)
+    return _draws(posterior, n_samples, generator, directions)
 
 
 # --------------------------------------------------------------------------- forward-mode samples
@@ -251,6 +286,7 @@ def vocabulary_predictive(
     generator: torch.Generator | None = None,
     chunk_size: int | None = 8,
     perturbations: Params | None = None,
+    directions: Directions = "all",
 ) -> VocabularyPredictive:
     """The full-vocabulary linearised predictive by forward-mode sampling.
 
@@ -274,6 +310,9 @@ def vocabulary_predictive(
             with ``S``).
         perturbations: pre-drawn perturbations (leaves ``(S, *param.shape)``), e.g. to reuse the
             same linearised models at every step of decoding.
+        directions: which posterior the perturbations are drawn from: ``"all"`` (the Laplace
+            posterior) or ``"informed"`` (only the directions the data inform), as in
+            `sample_perturbations`; ignored with ``perturbations``.
 
     Returns:
         A `VocabularyPredictive`.
@@ -289,6 +328,7 @@ def vocabulary_predictive(
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    check_directions(directions)
     size = n_samples if chunk_size is None else chunk_size
     mean = posterior.mean
     prob_sum: Tensor | None = None
@@ -300,7 +340,7 @@ def vocabulary_predictive(
         if perturbations is not None:
             deltas = {k: v[start:stop] for k, v in perturbations.items()}
         else:
-            deltas = _draws(posterior, stop - start, generator)
+            deltas = _draws(posterior, stop - start, generator, directions)
         primal, tangents = linearised_logits(model_fn, mean, batch, deltas)
         if primal.ndim != 3:
             raise ValueError(

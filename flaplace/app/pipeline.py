@@ -300,10 +300,10 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
                 scored["labels"] = validation_labels(data)
             return scored["moments"], scored["labels"]
 
-        def temperature_scaling() -> float | None:
-            """Temperature scaling of the MAP on the validation split (None without one)."""
+        def temperature_scaling() -> tuple[float | None, dict[str, float] | None]:
+            """Temperature scaling of the MAP and the MAP's metrics on the validation split (None without one)."""
             if not task.split("validation"):
-                return None
+                return None, None
             if scored:
                 val_mu, val_labels = scored["moments"].logits, scored["labels"]
             else:
@@ -312,15 +312,21 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
             if many:  # every rank's share
                 parts = gather((val_mu, val_labels), config.device)
                 val_mu, val_labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            return fit_temperature(val_mu, val_labels)
+            val_metrics = classification_metrics(torch.softmax(val_mu.double(), -1), val_labels)
+            return fit_temperature(val_mu, val_labels), val_metrics
 
         def compute_prior() -> tuple[None, dict[str, Any]]:
             precision, record = tune_prior(
                 posterior, log_likelihood, method=config.prior_tuning, validation=validation, probs=probs,
                 progress=progress, distributed=many, directions=directions,
             )  # fmt: skip
-            scaling = temperature_scaling()
-            return None, {"prior_precision": precision, "tuning": record, "temperature_scaling": scaling}
+            scaling, val_metrics = temperature_scaling()
+            return None, {
+                "prior_precision": precision,
+                "tuning": record,
+                "temperature_scaling": scaling,
+                "validation_map": val_metrics,
+            }
 
         _, prior_record = cache.get("prior", stage_key(config, "prior"), compute_prior)
         tuned_precision, tuning_record = float(prior_record["prior_precision"]), prior_record["tuning"]
@@ -394,6 +400,7 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         "prior_tuning": tuning_record,
         "temperature": temperature,
         "temperature_scaling": scaling_temperature,
+        "validation_map_metrics": prior_record.get("validation_map"),
         "predictive_directions": directions,
         "informed_directions": n_informed,
         "log_evidence": log_evidence,

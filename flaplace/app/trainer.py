@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from flaplace.app.hfdatasets import DatasetLike, dataset_loaders
 from flaplace.laplace import LaplaceLoRA, batch_to, fit_laplace_lora
-from flaplace.params import LastTokenLogits, classifier_logits, select_params
+from flaplace.params import LastTokenLogits, OutputFn, classifier_logits, select_params
+from flaplace.tokens import SupervisedTokenLogits
 from flaplace.typing import Batch, Params
 
 #: The label value Hugging Face losses ignore.
@@ -163,11 +164,16 @@ def fit_laplace(
             ``datasets.Dataset`` is batched here (8 rows a batch, right-padded); a
             ``DatasetDict`` gives its training split (and its validation split as ``val_loader``).
         answer_ids: for a causal LM scored on answer tokens: the token id of each class (e.g.
-            from [`flaplace.app.hf.answer_token_ids`][flaplace.app.hf.answer_token_ids]); ``None`` for a classification head.
+            from [`flaplace.app.hf.answer_token_ids`][flaplace.app.hf.answer_token_ids]); ``None`` for a classification head,
+            or for a causal LM fine-tuned generatively (SFT): its posterior is then fitted on the
+            batches' token labels (``-100`` = no loss) with
+            [`SupervisedTokenLogits`][flaplace.tokens.SupervisedTokenLogits], and its prior tuned by
+            the evidence.
         val_loader: validation batches (for the validation-NLL priors).
         prior: as in ``flaplace run``: ``"default-val"`` (prior precision and likelihood
             temperature on validation NLL; the default when ``val_loader`` is given) or
-            ``"default"`` (the evidence; the default without one); or a method of
+            ``"default"`` (the evidence; the default without one, and the only choice for a
+            generatively fine-tuned causal LM); or a method of
             [`LaplaceLoRA.optimize_prior_precision`][flaplace.laplace.LaplaceLoRA.optimize_prior_precision].
         **options: passed to [`fit_laplace_lora`][flaplace.laplace.fit_laplace_lora] (``include``, ``fisher``,
             ``prior_options``, ``jacobian_method``, ``directions``, ...), whose defaults are
@@ -178,7 +184,14 @@ def fit_laplace(
         >>> probs = la(next(iter(test_loader)))
     """
     train_loader, val_loader = dataset_loaders(train_loader, val_loader, model)  # datasets -> batches
-    output_fn = classifier_logits if answer_ids is None else LastTokenLogits(answer_ids)
+    output_fn: OutputFn = classifier_logits if answer_ids is None else LastTokenLogits(answer_ids)
+    if answer_ids is None and _is_causal_lm(model):  # generative fine-tuning: its own token labels
+        if prior not in (None, "default", "evidence", "marglik", "none"):
+            raise ValueError(
+                f"prior={prior!r} tunes on a classification predictive, but a causal LM without answer_ids "
+                "is fitted on its token labels: use prior='default' (the evidence), or pass answer_ids to score answers"
+            )
+        output_fn, val_loader, prior = SupervisedTokenLogits(), None, prior or "default"
     batch_fn = _BatchFn(_device_of(model), answer_ids)
     return fit_laplace_lora(
         model,
@@ -189,6 +202,13 @@ def fit_laplace(
         batch_fn=batch_fn,
         **options,
     )
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` (or the base of a PEFT model) is a Hugging Face causal language model."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    return type(base).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 def laplace_from_trainer(
