@@ -54,10 +54,11 @@ from flaplace.sharding import unwrap_model
 from flaplace.temperature import (
     TemperedModelFunction,
     evidence_at_temperature,
+    fit_temperature,
     tempered_moments,
     tune_evidence_temperature,
 )
-from flaplace.tempered_validation import tune_prior_temperature_nll
+from flaplace.tempered_validation import tune_prior_temperature_grid, tune_prior_temperature_nll
 from flaplace.typing import Eigen, Factors, KronFactor, Params, Posterior
 from flaplace.validation import tune_prior_nll
 from flaplace.vocabulary import (
@@ -144,7 +145,9 @@ __all__ = [
     "prior_penalty",
     "TemperedModelFunction",
     "evidence_at_temperature",
+    "fit_temperature",
     "tempered_moments",
     "tune_evidence_temperature",
+    "tune_prior_temperature_grid",
     "tune_prior_temperature_nll",
 ]

@@ -37,16 +37,17 @@ from flaplace.predictive import (
     Directions,
     PredictiveCache,
     check_directions,
+    covariance_from_features,
     linearised_predictive,
     predictive_precompute,
 )
 from flaplace.sampling import batch_to as batch_to  # re-exported for existing callers
 from flaplace.sampling import logits_at as logits_at
 from flaplace.sampling import sampling_probs
-from flaplace.temperature import TemperedModelFunction, fit_temperature, tempered_moments
-from flaplace.tempered_validation import tune_prior_temperature_nll
+from flaplace.temperature import TemperedModelFunction, tempered_moments
+from flaplace.tempered_validation import tune_prior_temperature_grid
 from flaplace.typing import Batch, Likelihood, Params, Posterior
-from flaplace.validation import tune_prior_nll
+from flaplace.validation import labels_nll, tune_prior_nll, validation_features
 
 PredType: TypeAlias = Literal["glm", "nn"]
 PriorMethod: TypeAlias = Literal[
@@ -55,8 +56,6 @@ PriorMethod: TypeAlias = Literal[
 PRIOR_METHODS: tuple[str, ...] = get_args(PriorMethod)
 #: laplace-torch's names for the same methods.
 ALIASES = {"marglik": "evidence", "gridsearch": "grid"}
-#: The prior precision that stands for ``lambda -> infinity``: no posterior variance, the MAP.
-MAP_LIMIT = 1e12
 
 __all__ = ["LaplaceLoRA", "fit_laplace_lora"]
 
@@ -186,11 +185,9 @@ class LaplaceLoRA:
                 validation NLL of the linearised predictive by Adam on ``log lambda``
                 ([`tune_prior_nll`][flaplace.validation.tune_prior_nll]); ``"grid"`` picks the lowest
                 validation NLL on a grid ([`tune_prior_grid`][flaplace.evidence.tune_prior_grid]);
-                ``"val_nll_temperature"`` fits ``lambda`` and the likelihood temperature ``T``
-                (`temperature`) jointly on validation NLL, starting from the current ``lambda``
-                and the temperature scaling of the MAP, and keeps temperature scaling alone
-                (``lambda`` = `MAP_LIMIT`) when that scores lower
-                ([`tune_prior_temperature_nll`][flaplace.tempered_validation.tune_prior_temperature_nll]);
+                ``"val_nll_temperature"`` picks ``lambda`` and the likelihood temperature ``T``
+                (`temperature`) with the lowest validation NLL, temperature scaling of the MAP
+                included ([`tune_prior_temperature_grid`][flaplace.tempered_validation.tune_prior_temperature_grid]);
                 ``"none"`` keeps the current value. laplace-torch's names ``"marglik"`` and
                 ``"gridsearch"`` are accepted for ``"evidence"`` and ``"grid"``.
             val_batches: validation batches with labels (``"val_nll"`` and ``"grid"``).
@@ -254,24 +251,29 @@ class LaplaceLoRA:
     def _tune_prior_and_temperature(
         self, val: list[Batch], link: Link, per_block: bool | Sequence[str], progress: bool, **options: Any
     ) -> LaplaceLoRA:
-        """``(lambda, T)`` on validation NLL, never worse there than temperature scaling (see above)."""
+        """``(lambda, T)`` by `tune_prior_temperature_grid` on the validation features."""
+        if per_block is not False:
+            raise ValueError("method 'val_nll_temperature' tunes one prior precision for all blocks")
+        features = validation_features(self._posterior(), self.model_fn, val, method=self.jacobian_method)
+
+        latest: dict[int, Tensor] = {}  # the covariance of the candidate being searched over T
+
+        def nll_fn(candidate: Posterior, temperature: float) -> Tensor:
+            if id(candidate) not in latest:
+                latest.clear()
+                latest[id(candidate)] = covariance_from_features(
+                    candidate, features.covariance, self.directions
+                )
+            f_mu, f_var = tempered_moments(
+                features.f_mu.to(latest[id(candidate)].dtype), latest[id(candidate)], temperature
+            )
+            return labels_nll(f_mu, f_var, features.labels, link, self.likelihood)
+
         with torch.no_grad():
-            logits = [self.model_fn(self.params, b).detach() for b in val]
-        labels = [batch_targets(b) for b in val]
-        scaling = fit_temperature(logits, labels) if self.likelihood == "categorical" else 1.0
-        tuned, temperature, history = tune_prior_temperature_nll(
-            self._posterior(), self.model_fn, val, link=link, likelihood=self.likelihood,
-            temperature=scaling, per_block=per_block, method=self.jacobian_method,
-            directions=self.directions, progress=progress, **options,
-        )  # fmt: skip
-        scaled = [
-            predictive_probs(f / scaling, torch.zeros(*f.shape, f.shape[-1]), link, self.likelihood)
-            for f in logits
-        ]
-        scaling_nll = nll_metric(torch.cat(scaled), torch.cat(labels))
-        if scaling_nll < min(r["nll"] for r in history):
-            tuned, temperature = with_prior_precision(tuned, MAP_LIMIT), scaling
-        self.posterior, self.temperature, self.history = tuned, temperature, history
+            tuned, temperature, table = tune_prior_temperature_grid(
+                self._posterior(), nll_fn, progress=progress, **options
+            )
+        self.posterior, self.temperature, self.history = tuned, temperature, [dict(row) for row in table]
         self._cache = None
         return self
 

@@ -12,18 +12,19 @@ scaling of the MAP; at ``T = 1`` it is the validation NLL of
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from flaplace.evidence import free_parameter_groups
+from flaplace.evidence import DEFAULT_GRID, free_parameter_groups
 from flaplace.jacobians import JacobianMethod
 from flaplace.posterior import PriorPrecision, with_prior_precision
 from flaplace.predictive import Directions, check_directions, covariance_from_features
-from flaplace.temperature import check_temperature, tempered_moments
+from flaplace.temperature import check_temperature, maximise_on_log_grid, tempered_moments
 from flaplace.typing import Batch, Likelihood, ModelFn, Posterior
 from flaplace.validation import (
     ValidationFeatures,
@@ -33,7 +34,13 @@ from flaplace.validation import (
     validation_features,
 )
 
-__all__ = ["tune_prior_temperature_nll", "validation_nll_tempered"]
+__all__ = [
+    "GRID_TEMPERATURES",
+    "MAP_LIMIT",
+    "tune_prior_temperature_grid",
+    "tune_prior_temperature_nll",
+    "validation_nll_tempered",
+]
 
 
 def validation_nll_tempered(
@@ -197,3 +204,72 @@ def tune_prior_temperature_nll(
     best_by_tensor = iter(best)
     best_log_lam, best_log_t = (next(best_by_tensor) if on else t.detach() for t, on in tunable)
     return with_prior_precision(start, per_name(best_log_lam.exp())), float(best_log_t.exp()), history
+
+
+#: The temperatures `tune_prior_temperature_grid` starts from (``2^-2 ... 2^4``), refined in ``log T``.
+GRID_TEMPERATURES: tuple[float, ...] = tuple(2.0 ** (k / 2) for k in range(-4, 9))
+#: The prior precision that stands for ``lambda -> infinity``: no posterior variance, the MAP.
+MAP_LIMIT = 1e12
+
+
+def tune_prior_temperature_grid(
+    posterior: Posterior,
+    nll_fn: Callable[[Posterior, float], float | Tensor],
+    grid: Sequence[float] | None = None,
+    *,
+    temperatures: Sequence[float] = GRID_TEMPERATURES,
+    refine_steps: int = 16,
+    progress: bool = True,
+) -> tuple[Posterior, float, list[dict[str, float]]]:
+    """Prior precision and temperature jointly by the lowest validation NLL, temperature scaling included.
+
+    For every prior precision of ``grid`` and for ``lambda -> infinity`` (`MAP_LIMIT`: no
+    posterior variance, i.e. temperature scaling of the MAP), the best temperature is found by
+    a grid over ``temperatures`` refined by ``refine_steps`` golden-section steps in ``log T``
+    ([`maximise_on_log_grid`][flaplace.temperature.maximise_on_log_grid]); the pair with the
+    lowest NLL wins. Because temperature scaling is one of the candidates, the result is never
+    worse on the validation data than temperature scaling (up to the temperature search's
+    resolution). Unlike the gradient-based
+    [`tune_prior_temperature_nll`][flaplace.tempered_validation.tune_prior_temperature_nll], it
+    cannot stall where the NLL is flat in ``lambda``.
+
+    Args:
+        posterior: from [`make_posterior`][flaplace.posterior.make_posterior].
+        nll_fn: ``nll_fn(candidate, T)``, the validation NLL of the predictive
+            ``N(f_mu / T, f_var / T^2)`` of a candidate posterior (e.g. `validation_nll_tempered`
+            on precomputed features).
+        grid: candidate prior precisions; default [`DEFAULT_GRID`][flaplace.evidence.DEFAULT_GRID].
+        temperatures: the temperature grid each search starts from.
+        refine_steps: golden-section steps after the temperature grid.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``(posterior, temperature, table)``: the posterior at the best prior precision, the best
+        temperature, and one ``{"prior_precision", "temperature", "nll"}`` record per prior
+        precision.
+
+    Raises:
+        ValueError: an empty or non-positive grid, or no candidate with a finite NLL.
+
+    Examples:
+        >>> features = validation_features(posterior, model_fn, val_batches)
+        >>> tuned, T, table = tune_prior_temperature_grid(
+        ...     posterior, lambda p, t: validation_nll_tempered(p, features, t))
+    """
+    candidates = [*(DEFAULT_GRID if grid is None else [float(g) for g in grid]), MAP_LIMIT]
+    if not all(math.isfinite(g) and g > 0 for g in candidates) or not temperatures:
+        raise ValueError(f"need positive, finite prior precisions and temperatures, got {candidates[:-1]}")
+    table: list[dict[str, float]] = []
+    for value in tqdm(candidates, disable=not progress, desc="prior precision and temperature (grid)"):
+        candidate = with_prior_precision(posterior, value)
+
+        def score(temperature: float, candidate: Posterior = candidate) -> float:
+            nll = float(nll_fn(candidate, temperature))
+            return -nll if math.isfinite(nll) else -math.inf
+
+        temperature = maximise_on_log_grid(score, temperatures, refine_steps)
+        table.append({"prior_precision": value, "temperature": temperature, "nll": -score(temperature)})
+    best = min((row for row in table if math.isfinite(row["nll"])), key=lambda row: row["nll"], default=None)
+    if best is None:
+        raise ValueError("no prior precision and temperature on the grid gave a finite NLL")
+    return with_prior_precision(posterior, best["prior_precision"]), best["temperature"], table

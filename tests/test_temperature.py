@@ -23,7 +23,12 @@ from flaplace.temperature import (
     tempered_moments,
     tune_evidence_temperature,
 )
-from flaplace.tempered_validation import tune_prior_temperature_nll, validation_nll_tempered
+from flaplace.tempered_validation import (
+    MAP_LIMIT,
+    tune_prior_temperature_grid,
+    tune_prior_temperature_nll,
+    validation_nll_tempered,
+)
 from flaplace.validation import validation_features, validation_nll
 
 F64 = torch.float64
@@ -204,6 +209,38 @@ def test_joint_validation_optimum_matches_a_dense_grid():
     assert next(iter(got.values())) <= best_nll + 1e-9  # at least as good as the grid's best
     assert abs(math.log(lam) - best_a) < 2 * (log_lams[1] - log_lams[0])
     assert abs(math.log(temperature) - best_b) < 2 * (log_ts[1] - log_ts[0])
+
+
+def test_grid_search_of_prior_and_temperature_matches_a_dense_grid_and_includes_temperature_scaling():
+    _, params, f, batches = mlp_problem()
+    train, val = batches[:2], batches[2:]
+    factors, _ = fit_kfac(f, params, train, fisher="exact", progress=False)
+    posterior = make_posterior(factors, params, 1.0)
+    features = validation_features(posterior, f, val)
+    log_lams = torch.linspace(-2, 6, 17, dtype=F64).tolist()
+    tuned, temperature, table = tune_prior_temperature_grid(
+        posterior,
+        lambda p, t: validation_nll_tempered(p, features, t),
+        [math.exp(a) for a in log_lams],
+        progress=False,
+    )
+    lam = float(tuned.prior_precision["0.weight"])
+    assert len(table) == len(log_lams) + 1 and table[-1]["prior_precision"] == MAP_LIMIT
+    # per lambda, the temperature found is the minimum of a dense temperature grid
+    log_ts = torch.linspace(-1.5, 1.5, 301, dtype=F64).tolist()
+    dense = dense_validation_grid(f, posterior, val, [math.log(lam)], log_ts)
+    (_, best_b), best_nll = min(dense.items(), key=lambda kv: kv[1])
+    assert abs(math.log(temperature) - best_b) < 2 * (log_ts[1] - log_ts[0])
+    chosen = dense_validation_grid(f, posterior, val, [math.log(lam)], [math.log(temperature)])
+    assert next(iter(chosen.values())) <= best_nll + 1e-9
+    # never worse than temperature scaling of the MAP (the lambda -> infinity candidate)
+    logits = torch.cat([f(params, b).detach() for b in val])
+    labels = torch.cat([b[1] for b in val])
+    scaled = float(F.cross_entropy(logits / fit_temperature(logits, labels), labels))
+    assert min(row["nll"] for row in table) <= scaled + 1e-6
+    assert table[-1]["nll"] == pytest.approx(scaled, abs=1e-6)
+    with pytest.raises(ValueError, match="positive, finite"):
+        tune_prior_temperature_grid(posterior, lambda p, t: 0.0, [-1.0], progress=False)
 
 
 def test_huge_prior_precision_recovers_temperature_scaling():

@@ -40,15 +40,13 @@ from tqdm.auto import tqdm
 from flaplace.app.distributed import SINGLE, all_sum, broadcast_, current_ranks, rank_seed, rows
 from flaplace.app.hf import LoadedModel, encode
 from flaplace.app.tasks import Example, Task, batches
-from flaplace.evidence import DEFAULT_GRID, tune_prior_evidence, tune_prior_grid
+from flaplace.evidence import tune_prior_evidence, tune_prior_grid
 from flaplace.jacobian_cache import JacobianCache, cache_jacobians, cached_covariance
 from flaplace.kfac import fit as fit_kfac
-from flaplace.laplace import MAP_LIMIT
 from flaplace.links import predictive_probs
 from flaplace.metrics import classification_metrics
-from flaplace.posterior import with_prior_precision
 from flaplace.predictive import Directions, JacobianMethod
-from flaplace.temperature import maximise_on_log_grid
+from flaplace.tempered_validation import tune_prior_temperature_grid
 from flaplace.typing import Factors, ModelFn, Params, Posterior
 
 #: How per-example Jacobians of token-level weights are computed (see flaplace.predictive).
@@ -296,9 +294,8 @@ def tune_prior(
     ``"grid"`` scores the validation NLL of the predictive (``validation()`` gives its moments
     and labels, ``probs(f_mu, f_var)`` the link) on a grid of prior precisions, reusing the
     Jacobians for every prior; ``"default-val"`` scores ``(lambda, T)`` jointly, the predictive
-    ``N(f_mu / T, f_var / T^2)``: for every prior precision of the grid, and for ``lambda ->
-    infinity`` (temperature scaling of the MAP), the best temperature by a golden-section search
-    in ``log T``; the pair with the lowest validation NLL wins.
+    ``N(f_mu / T, f_var / T^2)``, temperature scaling of the MAP included
+    ([`tune_prior_temperature_grid`][flaplace.tempered_validation.tune_prior_temperature_grid]).
     ``distributed=True``: ``validation()`` gives this rank's share of the validation set, and
     each candidate's NLL is averaged over all ranks' examples (the evidence needs nothing:
     every rank holds the summed factors).
@@ -333,28 +330,17 @@ def tune_prior(
             "temperature": 1.0,
         }
 
-    def negative_nll(f_var: Tensor, temperature: float) -> float:
-        return -nll_of(f_var, temperature)
+    latest: dict[int, Tensor] = {}  # the covariance of the candidate being searched over T
 
-    candidates: list[dict[str, Any]] = []
-    for precision in tqdm([*DEFAULT_GRID, MAP_LIMIT], disable=not progress, desc="prior and temperature"):
-        f_var = covariances(with_prior_precision(posterior, precision), jacobians, directions)
-        temperature = maximise_on_log_grid(
-            functools.partial(negative_nll, f_var), TEMPERATURES, refine_steps=16
-        )
-        candidates.append(
-            {"prior_precision": precision, "temperature": temperature, "nll": nll_of(f_var, temperature)}
-        )
-    best = min(candidates, key=lambda r: r["nll"])
-    return best["prior_precision"], {
-        "method": method,
-        "table": candidates,
-        "temperature": best["temperature"],
-    }
+    def tempered_nll(candidate: Posterior, temperature: float) -> float:
+        if id(candidate) not in latest:
+            latest.clear()
+            latest[id(candidate)] = covariances(candidate, jacobians, directions)
+        return nll_of(latest[id(candidate)], temperature)
 
-
-#: The temperatures ``default-val`` starts its search from (``2^-2 ... 2^4``), refined in ``log T``.
-TEMPERATURES: tuple[float, ...] = tuple(2.0 ** (k / 2) for k in range(-4, 9))
+    tuned, temperature, table = tune_prior_temperature_grid(posterior, tempered_nll, progress=progress)
+    precision = float(next(iter(tuned.prior_precision.values())))
+    return precision, {"method": method, "table": table, "temperature": temperature}
 
 
 def map_logits(model_fn: ModelFn, params: Params, encoded: Sequence[dict[str, Tensor]]) -> Tensor:
