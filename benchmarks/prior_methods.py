@@ -48,12 +48,13 @@ def cached(path: Path | None, compute: Callable[..., Any], *args: Any, **kwargs:
 
 def evidence_over_temperature(
     model_fn, params, batches, *, kfac_file: Callable[[float], Path | None], seed: int, refine_steps: int = 2
-) -> tuple[Any, float, list[dict[str, Any]]]:
-    """``(posterior, T, table)`` maximising ``log Z(lambda, T)`` (zero-mean prior).
+) -> tuple[Any, float, list[dict[str, Any]], dict[float, Any]]:
+    """``(posterior, T, table, by_temperature)`` maximising ``log Z(lambda, T)`` (zero-mean prior).
 
     ``kfac_file(T)`` names the cache of the factors of ``f / T``. The bracket starts at ``T = 1``,
     ``2`` and ``1/2`` and moves by factors of 2 towards the higher evidence until it falls
     (at most ``2^-4 ... 2^4``); then ``refine_steps`` golden-section evaluations in ``log T``.
+    ``by_temperature`` holds the evidence-tuned posterior of every evaluated temperature.
     """
     results: dict[float, tuple[Any, float]] = {}
     table: list[dict[str, Any]] = []
@@ -97,7 +98,8 @@ def evidence_over_temperature(
         else:
             low, high = (low, probe) if right else (probe, high)
     best_t = max(results, key=lambda t: results[t][1])
-    return results[best_t][0], best_t, sorted(table, key=lambda r: r["temperature"])
+    by_temperature = {t: posterior for t, (posterior, _) in results.items()}
+    return results[best_t][0], best_t, sorted(table, key=lambda r: r["temperature"]), by_temperature
 
 
 def online_map(

@@ -33,11 +33,14 @@ Jacobians with the moments ``(f_mu / T, f_var / T^2)`` (`tempered_moments`):
   Fisher K-FAC of ``f / T`` per temperature; ``T = 1, 2, 1/2``, doubling or halving until the
   evidence falls, then ``--refine-steps`` golden-section steps in ``log T``), whole predictive;
   ``evidence-temp-informed``: the same posterior with the informed directions only;
-* ``default`` (no validation data): a copy of ``evidence-temp`` (``--default-directions all``) or
-  of ``evidence-temp-informed`` (``informed``);
-* ``default-val`` (validation data): ``tune_prior_temperature_nll`` started at the evidence's
-  ``(lambda, T)``: lambda and ``T`` jointly on the validation NLL of the whole predictive (its
-  family holds temperature scaling, lambda -> infinity);
+  ``evidence-temp-soft`` / ``-soft-informed``: the best evaluated temperature with ``T >= 1`` (the
+  likelihood may only be softened: an interpolating MAP's evidence keeps rising as ``T -> 0``);
+* ``validation-temp``: ``tune_prior_temperature_nll`` started at the evidence's ``(lambda, T)``:
+  lambda and ``T`` jointly on the validation NLL of the whole predictive (its family holds
+  temperature scaling, lambda -> infinity); ``validation-temp-t1``: the same on the ``T = 1``
+  factors, started at the ``T = 1`` evidence's lambda;
+* ``default`` (no validation data) and ``default-val`` (validation data): copies of the rows named
+  by ``--default`` (``evidence-temp``) and ``--default-val`` (``validation-temp``);
 * ``online-map``: a second MAP trained with the prior tuned online (`build_online_evidence`,
   refreshed every epoch on that epoch's batches, the loss ``mean NLL + prior_penalty``; same
   steps, learning rate and keeping rule as the MAP); ``online``: its ``online_posterior`` after a
@@ -232,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--refine-steps", type=int, default=2, help="golden-section steps of the evidence's T"
     )
-    parser.add_argument("--default-directions", default="all", choices=["all", "informed"])
+    parser.add_argument("--default", default="evidence-temp", help="the row copied as `default`")
+    parser.add_argument("--default-val", default="validation-temp", help="the row copied as `default-val`")
     parser.add_argument("--no-online", action="store_true", help="skip the online-tuned MAP")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -473,26 +477,35 @@ def main(argv: list[str] | None = None) -> None:
 
             if prior == "zero":  # issue 25: the evidence over (lambda, T), its validation refinement, online
                 clock = time.perf_counter()
-                hot, t_evidence, t_table = evidence_over_temperature(
+                hot, t_evidence, t_table, by_temperature = evidence_over_temperature(
                     model_fn, params, kfac_batches, seed=args.seed, refine_steps=args.refine_steps,
                     kfac_file=lambda t, tag=tag: None if cache_dir is None
                     else cache_dir / (f"{tag}_kfac.pt" if t == 1.0 else f"{tag}_kfac_T{t:.6g}.pt"),
                 )  # fmt: skip
                 extra = {"evidence_table": t_table, "search_s": time.perf_counter() - clock}
-                for method, directions in (("evidence-temp", "all"), ("evidence-temp-informed", "informed")):
-                    f_var, val_var = (cached_covariance(hot, c, directions) for c in (test_cache, val_cache))
-                    add(method, f_mu, f_var, t_evidence, hot, val_cache.logits, val_var, extra)
-                chosen = "evidence-temp" if args.default_directions == "all" else "evidence-temp-informed"
-                for store in (probs_by, lam_by, base_of, temperature_of, info_by):
-                    store["default"] = store[chosen]
-                clock = time.perf_counter()
-                fitted, t_val, val_history = tune_prior_temperature_nll(
-                    hot, model_fn, val_batches, temperature=t_evidence, progress=False
-                )
-                val_extra = {"start": {"lambda": lam_of(hot), "temperature": t_evidence}, "fit_s": time.perf_counter() - clock,
-                             "fit_steps": len(val_history), "fit_validation_nll": min(h["nll"] for h in val_history)}  # fmt: skip
-                f_var, val_var = (cached_covariance(fitted, c) for c in (test_cache, val_cache))
-                add("default-val", f_mu, f_var, t_val, fitted, val_cache.logits, val_var, val_extra)
+                # "soft": the best evaluated temperature with T >= 1 (the likelihood may only soften)
+                t_soft = max((t for t in by_temperature if t >= 1.0), key=lambda t: next(
+                    r["log_evidence"] for r in t_table if r["temperature"] == t))  # fmt: skip
+                for method, directions, t, post in (
+                    ("evidence-temp", "all", t_evidence, hot),
+                    ("evidence-temp-informed", "informed", t_evidence, hot),
+                    ("evidence-temp-soft", "all", t_soft, by_temperature[t_soft]),
+                    ("evidence-temp-soft-informed", "informed", t_soft, by_temperature[t_soft]),
+                ):
+                    f_var, val_var = (cached_covariance(post, c, directions) for c in (test_cache, val_cache))
+                    add(method, f_mu, f_var, t, post, val_cache.logits, val_var, extra)
+                for method, t, post in (
+                    ("validation-temp", t_evidence, hot),
+                    ("validation-temp-t1", 1.0, by_temperature[1.0]),
+                ):
+                    clock = time.perf_counter()
+                    fitted, t_val, val_history = tune_prior_temperature_nll(
+                        post, model_fn, val_batches, temperature=t, progress=False
+                    )
+                    val_extra = {"start": {"lambda": lam_of(post), "temperature": t}, "fit_s": time.perf_counter() - clock,
+                                 "fit_steps": len(val_history), "fit_validation_nll": min(h["nll"] for h in val_history)}  # fmt: skip
+                    f_var, val_var = (cached_covariance(fitted, c) for c in (test_cache, val_cache))
+                    add(method, f_mu, f_var, t_val, fitted, val_cache.logits, val_var, val_extra)
             del val_cache, test_cache
             if prior == "zero" and not args.no_online and set(trainable) == set(names):
                 clock = time.perf_counter()
@@ -528,6 +541,12 @@ def main(argv: list[str] | None = None) -> None:
                     ],
                     eval_file,
                 )
+        # the two defaults are copies of the rows chosen by --default and --default-val
+        for alias, chosen in (("default", args.default), ("default-val", args.default_val)):
+            if chosen in probs_by:
+                for store in (probs_by, lam_by, base_of, temperature_of, info_by):
+                    if chosen in store:
+                        store[alias] = store[chosen]
         for method, p in probs_by.items():
             metrics = flaplace.classification_metrics(p, test_labels)
             record: dict[str, Any] = {

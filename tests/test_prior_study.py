@@ -39,7 +39,7 @@ def test_bracketed_search_finds_the_dense_profile_maximum(tmp_path: Path) -> Non
         return files[-1]
 
     model_fn, encoded = dict_model(f), dict_batches(batches)
-    posterior, best_t, table = evidence_over_temperature(
+    posterior, best_t, table, by_temperature = evidence_over_temperature(
         model_fn, params, encoded, kfac_file=kfac_file, seed=0, refine_steps=12
     )
     temperatures = torch.linspace(0.0, math.log(32.0), 161, dtype=torch.float64).exp().tolist()
@@ -49,7 +49,8 @@ def test_bracketed_search_finds_the_dense_profile_maximum(tmp_path: Path) -> Non
     spacing = math.log(temperatures[1]) - math.log(temperatures[0])
     assert abs(math.log(best_t) - math.log(temperatures[k])) < 2 * spacing
     best = max(table, key=lambda r: r["log_evidence"])
-    assert best["temperature"] == best_t
+    assert best["temperature"] == best_t and by_temperature[best_t] is posterior
+    assert set(by_temperature) == {r["temperature"] for r in table}
     assert best["log_evidence"] == pytest.approx(profile[k], abs=1e-3)
     # each point is the library's evidence at that temperature, and a second search reads the cache
     at_two = next(r for r in table if r["temperature"] == 2.0)
