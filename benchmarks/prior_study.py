@@ -1,4 +1,4 @@
-"""Issue 16: which prior makes the evidence-tuned Laplace-LoRA posterior help a real LLM.
+"""Issues 16 and 25: which prior (and likelihood temperature) makes Laplace-LoRA help a real LLM.
 
 SmolLM2-135M-Instruct through the same app-wing path as ``flaplace run`` (task reader, prompt
 ``<text> Answer:`` scored by the next-token logits of the answers, LoRA r=8 / alpha 16 on
@@ -22,10 +22,30 @@ once per MAP. Methods, all with the linearised predictive and the probit link:
 * ``evidence-init-groups``: the same with one lambda for ``lora_A`` and one for ``lora_B``;
 * ``evidence-init-lora_B``: a posterior over ``lora_B`` only (``lora_A`` fixed), centred prior;
 * ``grid-val`` / ``grid-val-init``: lambda by the lowest validation NLL on a grid (uses validation);
-* ``default`` (what ``flaplace run`` and the Trainer integration ship): the ``evidence-zero``
-  posterior with the predictive restricted to the directions the data inform
-  (``predictive_precompute(..., directions="informed")``: eigenvalue ``s_i a_j > lambda``);
-  ``informed-init``: the same on the ``evidence-init`` posterior.
+* ``informed-zero`` (the default of issue 16): the ``evidence-zero`` posterior with the predictive
+  restricted to the directions the data inform (``predictive_precompute(..., directions="informed")``:
+  eigenvalue ``s_i a_j > lambda``); ``informed-init``: the same on the ``evidence-init`` posterior.
+
+Issue 25 (zero prior only; benchmarks/prior_methods.py), every predictive on the MAP's cached
+Jacobians with the moments ``(f_mu / T, f_var / T^2)`` (`tempered_moments`):
+
+* ``evidence-temp``: the evidence maximised over lambda and a likelihood temperature ``T`` (exact-
+  Fisher K-FAC of ``f / T`` per temperature; ``T = 1, 2, 1/2``, doubling or halving until the
+  evidence falls, then ``--refine-steps`` golden-section steps in ``log T``), whole predictive;
+  ``evidence-temp-informed``: the same posterior with the informed directions only;
+  ``evidence-temp-soft`` / ``-soft-informed``: the best evaluated temperature with ``T >= 1`` (the
+  likelihood may only be softened: an interpolating MAP's evidence keeps rising as ``T -> 0``);
+* ``validation-temp``: ``tune_prior_temperature_nll`` started at the evidence's ``(lambda, T)``:
+  lambda and ``T`` jointly on the validation NLL of the whole predictive (its family holds
+  temperature scaling, lambda -> infinity); ``validation-temp-t1``: the same on the ``T = 1``
+  factors, started at the ``T = 1`` evidence's lambda;
+* ``default`` (no validation data) and ``default-val`` (validation data): copies of the rows named
+  by ``--default`` (``evidence-temp``) and ``--default-val`` (``validation-temp``);
+* ``online-map``: a second MAP trained with the prior tuned online (`build_online_evidence`,
+  refreshed every epoch on that epoch's batches, the loss ``mean NLL + prior_penalty``; same
+  steps, learning rate and keeping rule as the MAP); ``online``: its ``online_posterior`` after a
+  last refresh at the kept weights, whole predictive; ``online-informed``: informed directions.
+  Their ``*_vs_map`` fields compare with the plain MAP.
 
 SST-2 goes through ``flaplace run``'s task reader and prompt; ARC-Easy and OpenBookQA
 (``--normalize``) are scored by cloze and BoolQ by `` yes``/`` no`` through llm_quality.py's
@@ -36,7 +56,8 @@ the NLL of the MAP it was built on, and ``*_vs_map0`` against the zero-prior MAP
 user of the original defaults gets) and ``*_vs_temperature`` against that MAP's temperature
 scaling. Recipes are chosen on validation only; the test split is read once per MAP.
 
-Usage (from the repository root; MAPs, factors and Jacobian-free results are cached)::
+Usage (from the repository root; MAPs, factors per temperature, Jacobians and each MAP's
+evaluation are cached in ``--cache-dir``, so an interrupted run resumes)::
 
     PYTHONPATH=$PWD python benchmarks/prior_study.py --task sst2 --cache-dir /tmp/prior/cache
 
@@ -71,6 +92,11 @@ from flaplace.jacobian_cache import JacobianCache, cache_jacobians, cached_covar
 sys.path.append(str(Path(__file__).resolve().parent))
 from llm_tasks import DATA, Scorer  # noqa: E402  (../shared/data or $FLAPLACE_DATA_DIR; the scoring)
 from llm_tasks import TASKS as LLM_TASKS  # noqa: E402
+from prior_methods import cached, evidence_over_temperature, online_map  # noqa: E402
+
+from flaplace.online import online_posterior  # noqa: E402
+from flaplace.temperature import tempered_moments  # noqa: E402
+from flaplace.tempered_validation import tune_prior_temperature_nll  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "prior_study.json"
 GRID = [10.0 ** (k / 2) for k in range(-4, 11)]  # 1e-2 ... 1e5, two per decade
@@ -206,6 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--normalize", action="store_true", help="length-normalised cloze scores")
+    parser.add_argument(
+        "--refine-steps", type=int, default=2, help="golden-section steps of the evidence's T"
+    )
+    parser.add_argument("--default", default="evidence-temp", help="the row copied as `default`")
+    parser.add_argument("--default-val", default="validation-temp", help="the row copied as `default-val`")
+    parser.add_argument("--no-online", action="store_true", help="skip the online-tuned MAP")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -269,6 +301,11 @@ def main(argv: list[str] | None = None) -> None:
     def probs(f_mu, f_var):
         return link_probs(f_mu, f_var, link="probit", n_samples=1, seed=args.seed)
 
+    def jacobians_of(params):  # (validation, test) logits and Jacobians at params
+        return tuple(
+            cache_jacobians(model_fn, params, b, method="capture") for b in (val_batches, test_batches)
+        )
+
     records: list[dict[str, Any]] = []
     for regime in args.regimes.split(","):
         n_train = args.n_train if regime == "early" else args.n_train_converged
@@ -287,18 +324,21 @@ def main(argv: list[str] | None = None) -> None:
         lam_by: dict[str, Any] = {}
         info_by: dict[str, dict[str, Any]] = {}
         base_of: dict[str, str] = {}
+        temperature_of: dict[str, float] = {}
         for prior in args.priors.split(","):
             centre = theta0 if prior == "init" else None
             tag = f"{args.model}_{args.task}_{regime}_{prior}_n{n_train}_s{steps}_lr{args.lr}_p{args.map_prior_precision}"
             map_file = None if cache_dir is None else cache_dir / f"{tag}_map.pt"
-            eval_file = None if cache_dir is None else cache_dir / f"{tag}_n{len(test_labels)}_eval.pt"
+            eval_file = None if cache_dir is None else cache_dir / f"{tag}_n{len(test_labels)}_eval25.pt"
             if eval_file is not None and eval_file.exists():  # this MAP's rows were computed already
                 saved = torch.load(eval_file, weights_only=False)
-                for store, part in zip((probs_by, lam_by, info_by, base_of), saved, strict=True):
+                for store, part in zip(
+                    (probs_by, lam_by, info_by, base_of, temperature_of), saved, strict=True
+                ):
                     store.update(part)
                 log(f"{regime}/{prior}: evaluation from {eval_file}")
                 continue
-            before = {id(store): set(store) for store in (probs_by, lam_by, info_by, base_of)}
+            before = {id(store): set(store) for store in (probs_by, lam_by, info_by, base_of, temperature_of)}
             clock = time.perf_counter()
             if map_file is not None and map_file.exists():
                 params, history, best_step = torch.load(map_file)
@@ -330,8 +370,8 @@ def main(argv: list[str] | None = None) -> None:
                     torch.save((factors, log_likelihood), kfac_file)
             t_kfac = time.perf_counter() - clock
             clock = time.perf_counter()
-            val_cache = cache_jacobians(model_fn, params, val_batches, method="capture")
-            test_cache = cache_jacobians(model_fn, params, test_batches, method="capture")
+            jac_file = None if cache_dir is None else cache_dir / f"{tag}_n{len(test_labels)}_jac.pt"
+            val_cache, test_cache = cached(jac_file, jacobians_of, params)
             t_jac = time.perf_counter() - clock
             distance = {
                 part: math.sqrt(
@@ -362,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
             probs_by[f"temperature{suffix}"] = torch.softmax(f_mu.double() / temperature, -1)
             lam_by[f"temperature{suffix}"] = None
             info_by[f"temperature{suffix}"] = {**info, "temperature": temperature}
+            temperature_of[f"temperature{suffix}"] = temperature
             info_by[f"map{suffix}"] = info
             base_of[f"map{suffix}"] = base_of[f"temperature{suffix}"] = f"map{suffix}"
             posterior = flaplace.make_posterior(factors, params, 1.0, prior_mean=centre)
@@ -399,9 +440,9 @@ def main(argv: list[str] | None = None) -> None:
 
             grid_post, table = flaplace.tune_prior_grid(posterior, val_nll, grid=GRID, progress=False)
             variants[f"grid-val{suffix}"] = (grid_post, names)
-            # the shipped default: zero-centred prior, lambda by the evidence, and the predictive
+            # the issue-16 default: zero-centred prior, lambda by the evidence, and the predictive
             # restricted to the directions the data inform (predictive_precompute's "informed")
-            informed = "default" if prior == "zero" else f"informed-{prior}"
+            informed = f"informed-{prior}"
             variants[informed] = (tuned, names)
             for method, (post, subset) in variants.items():
                 cache = test_cache if subset is names else restrict(test_cache, subset)
@@ -419,20 +460,98 @@ def main(argv: list[str] | None = None) -> None:
                     f"{regime}/{method}: lambda {lam_by[method]}, variance {info_by[method]['mean_logit_variance']:.3g}"
                 )
             info_by[f"grid-val{suffix}"]["grid"] = table
+
+            def add(
+                method, f_mu, f_var, temperature, post, val_f_mu, val_f_var, extra, info=info, regime=regime,
+                stores=(probs_by, lam_by, base_of, temperature_of, info_by),
+            ):  # fmt: skip
+                probs_by, lam_by, base_of, temperature_of, info_by = stores
+                probs_by[method] = probs(*tempered_moments(f_mu, f_var, temperature)).double()
+                lam_by[method], base_of[method], temperature_of[method] = lam_of(post), "map", temperature
+                val_p = probs(*tempered_moments(val_f_mu, val_f_var, temperature))
+                info_by[method] = {
+                    **info, **extra, "temperature": temperature, "validation_nll": flaplace.nll(val_p, val_labels),
+                    "mean_logit_variance": float(f_var.diagonal(dim1=1, dim2=2).mean()) / temperature**2,
+                }  # fmt: skip
+                log(f"{regime}/{method}: lambda {lam_by[method]}, T {temperature:.4g}")
+
+            if prior == "zero":  # issue 25: the evidence over (lambda, T), its validation refinement, online
+                clock = time.perf_counter()
+                hot, t_evidence, t_table, by_temperature = evidence_over_temperature(
+                    model_fn, params, kfac_batches, seed=args.seed, refine_steps=args.refine_steps,
+                    kfac_file=lambda t, tag=tag: None if cache_dir is None
+                    else cache_dir / (f"{tag}_kfac.pt" if t == 1.0 else f"{tag}_kfac_T{t:.6g}.pt"),
+                )  # fmt: skip
+                extra = {"evidence_table": t_table, "search_s": time.perf_counter() - clock}
+                # "soft": the best evaluated temperature with T >= 1 (the likelihood may only soften)
+                t_soft = max((t for t in by_temperature if t >= 1.0), key=lambda t: next(
+                    r["log_evidence"] for r in t_table if r["temperature"] == t))  # fmt: skip
+                for method, directions, t, post in (
+                    ("evidence-temp", "all", t_evidence, hot),
+                    ("evidence-temp-informed", "informed", t_evidence, hot),
+                    ("evidence-temp-soft", "all", t_soft, by_temperature[t_soft]),
+                    ("evidence-temp-soft-informed", "informed", t_soft, by_temperature[t_soft]),
+                ):
+                    f_var, val_var = (cached_covariance(post, c, directions) for c in (test_cache, val_cache))
+                    add(method, f_mu, f_var, t, post, val_cache.logits, val_var, extra)
+                for method, t, post in (
+                    ("validation-temp", t_evidence, hot),
+                    ("validation-temp-t1", 1.0, by_temperature[1.0]),
+                ):
+                    clock = time.perf_counter()
+                    fitted, t_val, val_history = tune_prior_temperature_nll(
+                        post, model_fn, val_batches, temperature=t, progress=False
+                    )
+                    val_extra = {"start": {"lambda": lam_of(post), "temperature": t}, "fit_s": time.perf_counter() - clock,
+                                 "fit_steps": len(val_history), "fit_validation_nll": min(h["nll"] for h in val_history)}  # fmt: skip
+                    f_var, val_var = (cached_covariance(fitted, c) for c in (test_cache, val_cache))
+                    add(method, f_mu, f_var, t_val, fitted, val_cache.logits, val_var, val_extra)
             del val_cache, test_cache
+            if prior == "zero" and not args.no_online and set(trainable) == set(names):
+                clock = time.perf_counter()
+                online_file = None if cache_dir is None else cache_dir / f"{tag}_online_e{steps_per_epoch}.pt"
+                o_params, o_history, o_best, o_state, lambdas = cached(
+                    online_file, online_map, train_fn, model_fn, start, names, train_batches, val_batches,
+                    validation_nll, steps=steps, lr=args.lr, precision=args.map_prior_precision, n_train=n_train,
+                    every=steps_per_epoch, eval_every=args.eval_every if regime == "early" else steps_per_epoch,
+                    keep=keep,
+                )  # fmt: skip
+                t_online = time.perf_counter() - clock
+                o_params = {n: o_params[n] for n in names}
+                o_post = online_posterior(o_state, o_params)
+                jac_file = (
+                    None if cache_dir is None else cache_dir / f"{tag}_n{len(test_labels)}_online_jac.pt"
+                )
+                o_val, o_test = cached(jac_file, jacobians_of, o_params)
+                probs_by["online-map"], lam_by["online-map"], base_of["online-map"] = (
+                    torch.softmax(o_test.logits.double(), -1), None, "map",
+                )  # fmt: skip
+                o_info = {**info, "map_steps": steps, "best_step": o_best, "history": o_history,
+                          "online_lambdas": lambdas, "online_s": t_online}  # fmt: skip
+                info_by["online-map"] = o_info
+                for method, directions in (("online", "all"), ("online-informed", "informed")):
+                    f_var, val_var = (cached_covariance(o_post, c, directions) for c in (o_test, o_val))
+                    add(method, o_test.logits, f_var, 1.0, o_post, o_val.logits, val_var, o_info)
+                del o_val, o_test
             if eval_file is not None:
                 torch.save(
                     [
                         {k: v for k, v in store.items() if k not in before[id(store)]}
-                        for store in (probs_by, lam_by, info_by, base_of)
+                        for store in (probs_by, lam_by, info_by, base_of, temperature_of)
                     ],
                     eval_file,
                 )
+        # the two defaults are copies of the rows chosen by --default and --default-val
+        for alias, chosen in (("default", args.default), ("default-val", args.default_val)):
+            if chosen in probs_by:
+                for store in (probs_by, lam_by, base_of, temperature_of, info_by):
+                    if chosen in store:
+                        store[alias] = store[chosen]
         for method, p in probs_by.items():
             metrics = flaplace.classification_metrics(p, test_labels)
             record: dict[str, Any] = {
                 "task": args.task if args.model == "smollm2" else f"{args.task} ({args.model})", "regime": regime, "method": method,
-                "lambda": lam_by.get(method), "nll": metrics["nll"], "ece": metrics["ece"],
+                "lambda": lam_by.get(method), "temperature": temperature_of.get(method), "nll": metrics["nll"], "ece": metrics["ece"],
                 "accuracy": metrics["accuracy"], "brier": metrics["brier"],
             }  # fmt: skip
             base = base_of[method]
@@ -476,11 +595,11 @@ def write_records(out: Path, records: list[dict[str, Any]]) -> None:
 def table(records: list[dict[str, Any]]) -> str:
     """The markdown table of the records (docs/priors.md)."""
     lines = [
-        "| task | regime | method | λ | NLL | ECE | accuracy | NLL − its MAP [95%] | NLL − MAP₀ [95%] |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | regime | method | λ | T | NLL | ECE | accuracy | NLL − its MAP [95%] | NLL − temperature [95%] |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        lam = r["lambda"]
+        lam, temperature = r["lambda"], r.get("temperature")
         lam_text = (
             ""
             if lam is None
@@ -495,8 +614,9 @@ def table(records: list[dict[str, Any]]) -> str:
             return f"{r[f'nll_diff_vs_{key}']:+.3f} [{r[f'nll_diff_vs_{key}_lo']:+.3f}, {r[f'nll_diff_vs_{key}_hi']:+.3f}]"
 
         lines.append(
-            f"| {r['task']} | {r['regime']} | {r['method']} | {lam_text} | {r['nll']:.3f} | {r['ece']:.3f} "
-            f"| {r['accuracy']:.3f} | {interval('map')} | {interval('map0')} |"
+            f"| {r['task']} | {r['regime']} | {r['method']} | {lam_text} | "
+            f"{'' if temperature is None else f'{temperature:.3g}'} | {r['nll']:.3f} | {r['ece']:.3f} "
+            f"| {r['accuracy']:.3f} | {interval('map')} | {interval('temperature')} |"
         )
     return "\n".join(lines)
 

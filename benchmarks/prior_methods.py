@@ -1,0 +1,164 @@
+"""The issue-25 methods of benchmarks/prior_study.py: the evidence over (lambda, T), its validation
+refinement, online tuning, and the disk caches that make them affordable on a CPU.
+
+* `evidence_over_temperature`: the evidence maximised over the prior precision and a likelihood
+  temperature, as `flaplace.temperature.tune_evidence_temperature` does (one K-FAC pass of
+  ``f / T`` per temperature, ``lambda`` tuned at each), with a bracket that starts at ``T = 1``
+  and doubles or halves ``T`` until the evidence falls, then golden-section steps in ``log T``.
+  Each temperature's factors are cached on disk, so an interrupted search resumes.
+* `cached`: ``torch.save``/``torch.load`` around a computation (MAPs, factors, Jacobians).
+* `online_map`: the MAP trained under the prior that `flaplace.online.build_online_evidence`
+  tunes every epoch (`prior_penalty`), refreshed at the kept weights at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import flaplace
+from flaplace.app.stages import fit_factors
+from flaplace.online import build_online_evidence, prior_penalty
+from flaplace.temperature import TemperedModelFunction
+
+#: The golden ratio's conjugate: each golden-section step narrows the bracket by this factor.
+GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+KFAC_OPTIONS = {"fisher": "exact", "sharing": "expand", "n_kfac": 10, "lr_threshold": None}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def cached(path: Path | None, compute: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``compute(*args, **kwargs)``, saved to ``path`` (``None``: no cache) and loaded from there if it exists."""
+    if path is not None and path.exists():
+        return torch.load(path, weights_only=False)
+    value = compute(*args, **kwargs)
+    if path is not None:
+        torch.save(value, path)
+    return value
+
+
+def evidence_over_temperature(
+    model_fn, params, batches, *, kfac_file: Callable[[float], Path | None], seed: int, refine_steps: int = 2
+) -> tuple[Any, float, list[dict[str, Any]], dict[float, Any]]:
+    """``(posterior, T, table, by_temperature)`` maximising ``log Z(lambda, T)`` (zero-mean prior).
+
+    ``kfac_file(T)`` names the cache of the factors of ``f / T``. The bracket starts at ``T = 1``,
+    ``2`` and ``1/2`` and moves by factors of 2 towards the higher evidence until it falls
+    (at most ``2^-4 ... 2^4``); then ``refine_steps`` golden-section evaluations in ``log T``.
+    ``by_temperature`` holds the evidence-tuned posterior of every evaluated temperature.
+    """
+    results: dict[float, tuple[Any, float]] = {}
+    table: list[dict[str, Any]] = []
+
+    def evidence(temperature: float) -> float:
+        key = round(temperature, 6)
+        if key not in results:
+            clock = time.perf_counter()
+            factors, log_likelihood = cached(
+                kfac_file(key), fit_factors, TemperedModelFunction(model_fn, key), params, batches, seed=seed,
+                progress=False, **KFAC_OPTIONS,
+            )  # fmt: skip
+            posterior = flaplace.make_posterior(factors, params, 1.0)
+            tuned, history = flaplace.tune_prior_evidence(posterior, log_likelihood, progress=False)
+            value = float(history[-1]["log_evidence"])
+            results[key] = (tuned, value)
+            lam = float(next(iter(tuned.prior_precision.values())))
+            table.append(
+                {"temperature": key, "log_evidence": value, "lambda": lam, "log_likelihood": log_likelihood}
+            )
+            log(
+                f"  evidence at T {key:.4g}: {value:.2f} (lambda {lam:.3g}; {time.perf_counter() - clock:.0f} s)"
+            )
+        return results[key][1]
+
+    logs = [-1.0, 0.0, 1.0]  # log2 T
+    values = [evidence(2.0**x) for x in logs]
+    while True:  # extend the bracket until its middle point is the best
+        best = max(range(3), key=values.__getitem__)
+        if best == 1 or abs(logs[best]) >= 4:
+            break
+        step = 1.0 if best == 2 else -1.0
+        logs = [logs[1], logs[2], logs[2] + 1] if step > 0 else [logs[0] - 1, logs[0], logs[1]]
+        values = [evidence(2.0**x) for x in logs]
+    low, centre, high = (x * math.log(2) for x in logs)
+    for _ in range(refine_steps):  # golden section in log T: probe the larger side of the best point
+        right = high - centre > centre - low
+        probe = centre + (1 - GOLDEN) * ((high - centre) if right else (low - centre))
+        if evidence(math.exp(probe)) > evidence(math.exp(centre)):
+            low, centre, high = (centre, probe, high) if right else (low, probe, centre)
+        else:
+            low, high = (low, probe) if right else (probe, high)
+    best_t = max(results, key=lambda t: results[t][1])
+    by_temperature = {t: posterior for t, (posterior, _) in results.items()}
+    return results[best_t][0], best_t, sorted(table, key=lambda r: r["temperature"]), by_temperature
+
+
+def online_map(
+    train_fn, model_fn, start, names, train_batches, val_batches, validation_nll, *, steps, lr, precision,
+    n_train, every, eval_every, keep,
+):  # fmt: skip
+    """AdamW on ``mean NLL + prior_penalty(lambda_t)`` with lambda tuned online every ``every`` steps.
+
+    As prior_study.train (linear decay, best or last weights), the prior precision starting at
+    ``precision`` and refreshed by `build_online_evidence` (exact-Fisher K-FAC on the last
+    ``every`` batches, rescaled to ``n_train``). Returns ``(params, history, best_step, state,
+    lambdas)`` with ``state`` refreshed at the kept weights (its window dropped).
+    """
+    init, update = build_online_evidence(
+        model_fn, n_train=n_train, every=every, prior_precision=precision, **KFAC_OPTIONS
+    )
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in start.items()}
+    state = init({n: leaves[n].detach() for n in names})
+    optimizer = torch.optim.AdamW(leaves.values(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
+    history: list[dict[str, float]] = []
+    lambdas: list[float] = []
+    best = (math.inf, {n: p.detach().clone() for n, p in leaves.items()}, 0)
+    losses: list[float] = []
+    for step in range(1, steps + 1):
+        batch = train_batches[(step - 1) % len(train_batches)]
+        nll = F.cross_entropy(train_fn(leaves, batch).float(), batch["labels"])
+        penalty = prior_penalty({n: leaves[n].float() for n in names}, state.prior_precision, n_train)
+        optimizer.zero_grad(set_to_none=True)
+        (nll + penalty).backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(nll.detach()))
+        refreshes = int(state.refreshes)
+        state = update(state, {n: leaves[n].detach() for n in names}, batch)
+        if int(state.refreshes) > refreshes:
+            lambdas.append(float(next(iter(state.prior_precision.values()))))
+            log(
+                f"  online refresh at step {step}: lambda {lambdas[-1]:.4g}, log Z {float(state.log_evidence):.2f}"
+            )
+        if step % eval_every == 0 or step == steps:
+            current = {n: p.detach() for n, p in leaves.items()}
+            val = (
+                validation_nll(model_fn, current, val_batches)[0]
+                if keep == "best" or step == steps
+                else math.nan
+            )
+            history.append(
+                {
+                    "step": step,
+                    "train_nll": sum(losses[-eval_every:]) / len(losses[-eval_every:]),
+                    "val_nll": val,
+                }
+            )
+            if keep == "best" and val < best[0]:
+                best = (val, {n: p.detach().clone() for n, p in current.items()}, step)
+    params, best_step = (
+        (best[1], best[2]) if keep == "best" else ({n: p.detach().clone() for n, p in leaves.items()}, steps)
+    )
+    state = update(state, {n: params[n] for n in names}, refresh=True)
+    lambdas.append(float(next(iter(state.prior_precision.values()))))
+    return params, history, best_step, state._replace(window=()), lambdas

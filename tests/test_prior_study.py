@@ -1,0 +1,82 @@
+"""benchmarks/prior_methods.py: the bracketed evidence search over T, its cache, and the online MAP."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_temperature import linear_problem, profile_evidence_dense
+
+from flaplace.temperature import evidence_at_temperature
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from prior_methods import evidence_over_temperature, online_map  # noqa: E402
+
+
+def dict_batches(batches):
+    return [
+        {"x": x, "labels": y, "attention_mask": torch.ones(len(y), 1, dtype=torch.long)} for x, y in batches
+    ]
+
+
+def dict_model(f):
+    def model_fn(params, batch):
+        return f(params, (batch["x"],))
+
+    return model_fn
+
+
+def test_bracketed_search_finds_the_dense_profile_maximum(tmp_path: Path) -> None:
+    net, params, f, batches = linear_problem()
+    files: list[Path] = []
+
+    def kfac_file(t: float) -> Path:
+        files.append(tmp_path / f"kfac_{t:.6g}.pt")
+        return files[-1]
+
+    model_fn, encoded = dict_model(f), dict_batches(batches)
+    posterior, best_t, table, by_temperature = evidence_over_temperature(
+        model_fn, params, encoded, kfac_file=kfac_file, seed=0, refine_steps=12
+    )
+    temperatures = torch.linspace(0.0, math.log(32.0), 161, dtype=torch.float64).exp().tolist()
+    profile = [profile_evidence_dense(net, batches, params, t) for t in temperatures]
+    k = max(range(len(profile)), key=profile.__getitem__)
+    assert 0 < k < len(profile) - 1 and best_t > 1.05
+    spacing = math.log(temperatures[1]) - math.log(temperatures[0])
+    assert abs(math.log(best_t) - math.log(temperatures[k])) < 2 * spacing
+    best = max(table, key=lambda r: r["log_evidence"])
+    assert best["temperature"] == best_t and by_temperature[best_t] is posterior
+    assert set(by_temperature) == {r["temperature"] for r in table}
+    assert best["log_evidence"] == pytest.approx(profile[k], abs=1e-3)
+    # each point is the library's evidence at that temperature, and a second search reads the cache
+    at_two = next(r for r in table if r["temperature"] == 2.0)
+    reference = evidence_at_temperature(f, params, batches, 2.0, fisher="exact", sharing="expand", n_kfac=10)
+    assert at_two["log_evidence"] == pytest.approx(reference.log_evidence, rel=1e-6)
+    assert all(p.exists() for p in files)
+    again = evidence_over_temperature(model_fn, params, encoded, kfac_file=kfac_file, seed=0, refine_steps=12)
+    assert again[1] == best_t and float(again[0].prior_precision["weight"]) == pytest.approx(
+        float(posterior.prior_precision["weight"])
+    )
+
+
+def test_online_map_trains_under_the_tuned_prior_and_refreshes_at_the_end() -> None:
+    net, params, f, batches = linear_problem(n_batches=4)
+    batches, model_fn = dict_batches(batches), dict_model(f)
+
+    def validation_nll(fn, p, val):
+        logits = torch.cat([fn(p, b) for b in val])
+        return float(F.cross_entropy(logits, torch.cat([b["labels"] for b in val]))), logits
+
+    start = {"weight": torch.zeros_like(params["weight"])}
+    out, history, best_step, state, lambdas = online_map(
+        model_fn, model_fn, start, ["weight"], batches, batches[:1], validation_nll, steps=8, lr=0.05,
+        precision=1.0, n_train=24, every=4, eval_every=4, keep="last",
+    )  # fmt: skip
+    assert best_step == 8 and len(history) == 2
+    assert int(state.refreshes) == 3 and len(lambdas) == 3 and state.window == ()
+    assert lambdas[0] != 1.0  # the first refresh moved the prior away from its start
+    assert not torch.equal(out["weight"], start["weight"])
