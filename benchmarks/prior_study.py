@@ -40,7 +40,7 @@ Jacobians with the moments ``(f_mu / T, f_var / T^2)`` (`tempered_moments`):
   temperature scaling, lambda -> infinity); ``validation-temp-t1``: the same on the ``T = 1``
   factors, started at the ``T = 1`` evidence's lambda;
 * ``default`` (no validation data) and ``default-val`` (validation data): copies of the rows named
-  by ``--default`` (``evidence-temp``) and ``--default-val`` (``validation-temp``);
+  by ``--default`` (``informed-zero``) and ``--default-val`` (``validation-temp-t1``);
 * ``online-map``: a second MAP trained with the prior tuned online (`build_online_evidence`,
   refreshed every epoch on that epoch's batches, the loss ``mean NLL + prior_penalty``; same
   steps, learning rate and keeping rule as the MAP); ``online``: its ``online_posterior`` after a
@@ -235,8 +235,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--refine-steps", type=int, default=2, help="golden-section steps of the evidence's T"
     )
-    parser.add_argument("--default", default="evidence-temp", help="the row copied as `default`")
-    parser.add_argument("--default-val", default="validation-temp", help="the row copied as `default-val`")
+    # the shipped choices: the evidence at T = 1 with the informed predictive (evidence-temp runs
+    # to an edge of the temperature range on SST-2), and (lambda, T) on validation from T = 1
+    parser.add_argument("--default", default="informed-zero", help="the row copied as `default`")
+    parser.add_argument("--default-val", default="validation-temp-t1", help="the row copied as `default-val`")
     parser.add_argument("--no-online", action="store_true", help="skip the online-tuned MAP")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")

@@ -238,7 +238,7 @@ def tune_prior_temperature_grid(
         nll_fn: ``nll_fn(candidate, T)``, the validation NLL of the predictive
             ``N(f_mu / T, f_var / T^2)`` of a candidate posterior (e.g. `validation_nll_tempered`
             on precomputed features).
-        grid: candidate prior precisions; default [`DEFAULT_GRID`][flaplace.evidence.DEFAULT_GRID].
+        grid: candidate prior precisions; default `flaplace.evidence.DEFAULT_GRID` (10^-4 ... 10^4).
         temperatures: the temperature grid each search starts from.
         refine_steps: golden-section steps after the temperature grid.
         progress: show a tqdm progress bar.
