@@ -43,10 +43,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from flaplace.params import logits_of
-from flaplace.predictive import Directions, check_directions
+from flaplace.predictive import Directions
 from flaplace.tokens import predicting_mask, supervised_rows, supervised_targets, token_labels
 from flaplace.typing import Batch, ModelFn, Params, Posterior
-from flaplace.vocabulary import linearised_logits, sample_perturbations
+from flaplace.vocabulary import check_sampling_options, linearised_logits, sample_perturbations
 
 __all__ = [
     "SupervisedTokens",
@@ -229,13 +229,7 @@ def token_predictive(
         >>> token_nll = -pred.log_predictive.mean()
         >>> sequence_mi = sequence_sum(pred.mutual_information, pred.example, batch["input_ids"].shape[0])
     """
-    if perturbations is not None:
-        n_samples = next(iter(perturbations.values())).shape[0]
-    elif not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    check_directions(directions)
+    n_samples = check_sampling_options(n_samples, chunk_size, perturbations, directions)
     tokens = supervised_tokens(batch)
     targets = tokens.targets
     size = n_samples if chunk_size is None else chunk_size

@@ -322,13 +322,7 @@ def vocabulary_predictive(
         >>> pred = vocabulary_predictive(f, posterior, batch, 16, generator=torch.Generator().manual_seed(0))
         >>> pred.mutual_information.shape  # (batch, tokens): the epistemic part per token
     """
-    if perturbations is not None:
-        n_samples = next(iter(perturbations.values())).shape[0]
-    elif not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    check_directions(directions)
+    n_samples = check_sampling_options(n_samples, chunk_size, perturbations, directions)
     size = n_samples if chunk_size is None else chunk_size
     mean = posterior.mean
     prob_sum: Tensor | None = None
@@ -390,3 +384,22 @@ def vocabulary_predictive(
         log_predictive=log_predictive,
         map_log_probs=map_picked,
     )
+
+
+def check_sampling_options(
+    n_samples: int, chunk_size: int | None, perturbations: Params | None, directions: Directions
+) -> int:
+    """The number of weight samples (that of ``perturbations`` when given); one-line errors for bad options.
+
+    Examples:
+        >>> check_sampling_options(16, None, None, "all")
+        16
+    """
+    if perturbations is not None:
+        return int(next(iter(perturbations.values())).shape[0])
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    check_directions(directions)
+    return n_samples
