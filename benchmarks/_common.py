@@ -249,6 +249,25 @@ def run_worker(
         return json.loads(output.read_text()), None
 
 
+def memory_and_timing_workers(
+    script: Path, args: Sequence[str], repeats: int
+) -> tuple[dict[tuple, float], dict[tuple, dict]]:
+    """Peak memory (``--worker memory``, one case per fresh process) and times (``--worker timing``).
+
+    Returns ``({key: peak_mb}, {key: timing record})`` keyed by each record's ``key``; exits with
+    the workers' errors when either fails.
+    """
+    log("memory worker")
+    memory, error_m = run_worker(script, ["--worker", "memory", *args], timeout=3600, env=MEMORY_ENV)
+    log("timing worker")
+    timing, error_t = run_worker(
+        script, ["--worker", "timing", "--repeats", str(repeats), *args], timeout=7200
+    )
+    if error_m or error_t:
+        sys.exit(f"worker failed: memory {error_m}, timing {error_t}")
+    return {tuple(r["key"]): r["peak_mb"] for r in memory}, {tuple(r["key"]): r for r in timing}
+
+
 def write_worker_output(path: str, records: list[dict]) -> None:
     Path(path).write_text(json.dumps(records))
 

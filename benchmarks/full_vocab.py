@@ -23,7 +23,6 @@ Run ``python benchmarks/full_vocab.py`` (or ``--quick``: S = 4 and 16, one round
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,18 +100,7 @@ def main() -> None:
         args.samples, args.repeats = [4, 16], 1
     common_args = ["--samples", *map(str, args.samples), "--threads", str(args.threads)]
     common_args += ["--chunk1-max", str(args.chunk1_max)]
-    common.log("memory worker")
-    memory, error_m = common.run_worker(
-        SCRIPT, ["--worker", "memory", *common_args], timeout=3600, env=common.MEMORY_ENV
-    )
-    common.log("timing worker")
-    timing, error_t = common.run_worker(
-        SCRIPT, ["--worker", "timing", "--repeats", str(args.repeats), *common_args], timeout=7200
-    )
-    if error_m or error_t:
-        sys.exit(f"worker failed: memory {error_m}, timing {error_t}")
-    peaks = {tuple(r["key"]): r["peak_mb"] for r in memory}
-    times = {tuple(r["key"]): r for r in timing}
+    peaks, times = common.memory_and_timing_workers(SCRIPT, common_args, args.repeats)
     fwd_s = times[("forward", 0)]["median_s"]
     fwd_mb = peaks[("forward", 0)]
     logits_mb = BATCH * SEQ * VOCAB * 4 / 2**20

@@ -29,7 +29,6 @@ compiled cases).
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -119,18 +118,7 @@ def main() -> None:
         common.write_worker_output(args.worker_output, worker(args))
         return
     shared = ["--threads", str(args.threads), *(["--compile"] if args.compile else [])]
-    common.log("memory worker")
-    memory, error_m = common.run_worker(
-        SCRIPT, ["--worker", "memory", *shared], timeout=3600, env=common.MEMORY_ENV
-    )
-    common.log("timing worker")
-    timing, error_t = common.run_worker(
-        SCRIPT, ["--worker", "timing", "--repeats", str(args.repeats), *shared], timeout=7200
-    )
-    if error_m or error_t:
-        sys.exit(f"worker failed: memory {error_m}, timing {error_t}")
-    peaks = {tuple(r["key"]): r["peak_mb"] for r in memory}
-    times = {tuple(r["key"]): r for r in timing}
+    peaks, times = common.memory_and_timing_workers(SCRIPT, shared, args.repeats)
     env = common.environment()
     records = []
     for key, t in sorted(times.items(), key=lambda item: (item[0][1], item[0][0])):

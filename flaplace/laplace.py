@@ -256,22 +256,16 @@ class LaplaceLoRA:
             raise ValueError("method 'val_nll_temperature' tunes one prior precision for all blocks")
         features = validation_features(self._posterior(), self.model_fn, val, method=self.jacobian_method)
 
-        latest: dict[int, Tensor] = {}  # the covariance of the candidate being searched over T
-
-        def nll_fn(candidate: Posterior, temperature: float) -> Tensor:
-            if id(candidate) not in latest:
-                latest.clear()
-                latest[id(candidate)] = covariance_from_features(
-                    candidate, features.covariance, self.directions
-                )
-            f_mu, f_var = tempered_moments(
-                features.f_mu.to(latest[id(candidate)].dtype), latest[id(candidate)], temperature
+        def nll_at(candidate: Posterior) -> Callable[[float], Tensor]:
+            f_var = covariance_from_features(candidate, features.covariance, self.directions)
+            f_mu = features.f_mu.to(f_var.dtype)
+            return lambda t: labels_nll(
+                *tempered_moments(f_mu, f_var, t), features.labels, link, self.likelihood
             )
-            return labels_nll(f_mu, f_var, features.labels, link, self.likelihood)
 
         with torch.no_grad():
             tuned, temperature, table = tune_prior_temperature_grid(
-                self._posterior(), nll_fn, progress=progress, **options
+                self._posterior(), nll_at, progress=progress, **options
             )
         self.posterior, self.temperature, self.history = tuned, temperature, [dict(row) for row in table]
         self._cache = None
@@ -426,7 +420,7 @@ def fit_laplace_lora(
         train_batches: the training data (any iterable of batches with labels, e.g. a DataLoader).
         output_fn: see `LaplaceLoRA`.
         prior: ``None`` (default): ``"val_nll_temperature"`` (prior precision and temperature on
-            validation NLL, from the evidence's prior precision) when ``val_batches`` are given,
+            validation NLL, temperature scaling included) when ``val_batches`` are given,
             else ``"evidence"``; or any method of `LaplaceLoRA.optimize_prior_precision`.
         val_batches: validation batches for the validation-NLL methods.
         link: the validation predictive's link for ``"val_nll"``/``"grid"``.
@@ -441,8 +435,6 @@ def fit_laplace_lora(
     """
     la = LaplaceLoRA(model, output_fn, **options).fit(train_batches, progress=progress)
     prior = prior or ("evidence" if val_batches is None else "val_nll_temperature")
-    if prior == "val_nll_temperature":  # start from the evidence's prior precision
-        la.optimize_prior_precision("evidence")
     return la.optimize_prior_precision(
         prior, val_batches=val_batches, link=link, progress=progress, **dict(prior_options or {})
     )

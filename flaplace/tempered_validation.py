@@ -214,7 +214,7 @@ MAP_LIMIT = 1e12
 
 def tune_prior_temperature_grid(
     posterior: Posterior,
-    nll_fn: Callable[[Posterior, float], float | Tensor],
+    nll_at: Callable[[Posterior], Callable[[float], float | Tensor]],
     grid: Sequence[float] | None = None,
     *,
     temperatures: Sequence[float] = GRID_TEMPERATURES,
@@ -235,9 +235,10 @@ def tune_prior_temperature_grid(
 
     Args:
         posterior: from [`make_posterior`][flaplace.posterior.make_posterior].
-        nll_fn: ``nll_fn(candidate, T)``, the validation NLL of the predictive
-            ``N(f_mu / T, f_var / T^2)`` of a candidate posterior (e.g. `validation_nll_tempered`
-            on precomputed features).
+        nll_at: ``nll_at(candidate)`` returns ``T -> `` the validation NLL of the predictive
+            ``N(f_mu / T, f_var / T^2)`` of a candidate posterior; it is called once per
+            candidate, so what does not depend on ``T`` (the covariance ``f_var``) is computed
+            there once (e.g. `covariance_from_features` on precomputed validation features).
         grid: candidate prior precisions; default `flaplace.evidence.DEFAULT_GRID` (10^-4 ... 10^4).
         temperatures: the temperature grid each search starts from.
         refine_steps: golden-section steps after the temperature grid.
@@ -254,17 +255,17 @@ def tune_prior_temperature_grid(
     Examples:
         >>> features = validation_features(posterior, model_fn, val_batches)
         >>> tuned, T, table = tune_prior_temperature_grid(
-        ...     posterior, lambda p, t: validation_nll_tempered(p, features, t))
+        ...     posterior, lambda p: lambda t: validation_nll_tempered(p, features, t))
     """
     candidates = [*(DEFAULT_GRID if grid is None else [float(g) for g in grid]), MAP_LIMIT]
     if not all(math.isfinite(g) and g > 0 for g in candidates) or not temperatures:
         raise ValueError(f"need positive, finite prior precisions and temperatures, got {candidates[:-1]}")
     table: list[dict[str, float]] = []
     for value in tqdm(candidates, disable=not progress, desc="prior precision and temperature (grid)"):
-        candidate = with_prior_precision(posterior, value)
+        nll_of_temperature = nll_at(with_prior_precision(posterior, value))
 
-        def score(temperature: float, candidate: Posterior = candidate) -> float:
-            nll = float(nll_fn(candidate, temperature))
+        def score(temperature: float, nll_of_temperature: Callable = nll_of_temperature) -> float:
+            nll = float(nll_of_temperature(temperature))
             return -nll if math.isfinite(nll) else -math.inf
 
         temperature = maximise_on_log_grid(score, temperatures, refine_steps)

@@ -46,7 +46,12 @@ from flaplace.params import logits_of
 from flaplace.predictive import Directions
 from flaplace.tokens import predicting_mask, supervised_rows, supervised_targets, token_labels
 from flaplace.typing import Batch, ModelFn, Params, Posterior
-from flaplace.vocabulary import check_sampling_options, linearised_logits, sample_perturbations
+from flaplace.vocabulary import (
+    accumulate_samples,
+    check_sampling_options,
+    linearised_logits,
+    sample_perturbations,
+)
 
 __all__ = [
     "SupervisedTokens",
@@ -253,11 +258,7 @@ def token_predictive(
             targets = targets.to(primal.device)
         log_p = torch.log_softmax((tangents.to(wide) + primal.to(wide)) / temperature, -1)
         del tangents
-        p = log_p.exp()
-        entropies = -(p * log_p).sum(-1)
-        entropy_sum = entropies.sum(0) if entropy_sum is None else entropy_sum + entropies.sum(0)
-        prob_sum = p.sum(0) if prob_sum is None else prob_sum.add_(p.sum(0))
-        del p
+        entropy_sum, prob_sum = accumulate_samples(log_p, entropy_sum, prob_sum)
         sample_rows.append(log_p.gather(-1, targets.expand(log_p.shape[0], -1)[..., None])[..., 0])
         del log_p
     assert prob_sum is not None and entropy_sum is not None and map_log_p is not None

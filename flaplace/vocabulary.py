@@ -356,11 +356,7 @@ def vocabulary_predictive(
             del map_log_p
         log_p = torch.log_softmax(tangents.add_(primal), dim=-1)
         del tangents
-        p = log_p.exp()
-        entropies = -(p * log_p).sum(-1)
-        entropy_sum = entropies.sum(0) if entropy_sum is None else entropy_sum + entropies.sum(0)
-        prob_sum = p.sum(0) if prob_sum is None else prob_sum.add_(p.sum(0))
-        del p
+        entropy_sum, prob_sum = accumulate_samples(log_p, entropy_sum, prob_sum)
         if safe_targets is not None and keep is not None:
             picked = log_p.gather(-1, safe_targets.expand(log_p.shape[0], -1, -1)[..., None])[..., 0]
             target_rows.append(picked * keep)
@@ -403,3 +399,23 @@ def check_sampling_options(
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     check_directions(directions)
     return n_samples
+
+
+def accumulate_samples(
+    log_p: Float[Tensor, "samples *rows vocab"], entropy_sum: Tensor | None, prob_sum: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Add a chunk of sampled log-probabilities to the running sums of entropies and probabilities.
+
+    The sums run over the leading (sample) dimension; ``None`` starts them. The predictive is
+    ``prob_sum / n_samples``, the expected entropy ``entropy_sum / n_samples``.
+
+    Examples:
+        >>> entropy_sum, prob_sum = accumulate_samples(torch.log(torch.full((2, 1, 4), 0.25)), None, None)
+        >>> prob_sum, round(float(entropy_sum), 4)
+        (tensor([[0.5000, 0.5000, 0.5000, 0.5000]]), 2.7726)
+    """
+    p = log_p.exp()
+    entropies = -(p * log_p).sum(-1).sum(0)
+    entropy_sum = entropies if entropy_sum is None else entropy_sum + entropies
+    prob_sum = p.sum(0) if prob_sum is None else prob_sum.add_(p.sum(0))
+    return entropy_sum, prob_sum

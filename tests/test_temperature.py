@@ -220,7 +220,7 @@ def test_grid_search_of_prior_and_temperature_matches_a_dense_grid_and_includes_
     log_lams = torch.linspace(-2, 6, 17, dtype=F64).tolist()
     tuned, temperature, table = tune_prior_temperature_grid(
         posterior,
-        lambda p, t: validation_nll_tempered(p, features, t),
+        lambda p: lambda t: validation_nll_tempered(p, features, t),
         [math.exp(a) for a in log_lams],
         progress=False,
     )
@@ -240,7 +240,7 @@ def test_grid_search_of_prior_and_temperature_matches_a_dense_grid_and_includes_
     assert min(row["nll"] for row in table) <= scaled + 1e-6
     assert table[-1]["nll"] == pytest.approx(scaled, abs=1e-6)
     with pytest.raises(ValueError, match="positive, finite"):
-        tune_prior_temperature_grid(posterior, lambda p, t: 0.0, [-1.0], progress=False)
+        tune_prior_temperature_grid(posterior, lambda p: lambda t: 0.0, [-1.0], progress=False)
 
 
 def test_huge_prior_precision_recovers_temperature_scaling():

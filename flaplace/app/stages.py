@@ -330,15 +330,11 @@ def tune_prior(
             "temperature": 1.0,
         }
 
-    latest: dict[int, Tensor] = {}  # the covariance of the candidate being searched over T
+    def nll_at(candidate: Posterior) -> Callable[[float], float]:
+        f_var = covariances(candidate, jacobians, directions)  # once per prior precision
+        return lambda temperature: nll_of(f_var, temperature)
 
-    def tempered_nll(candidate: Posterior, temperature: float) -> float:
-        if id(candidate) not in latest:
-            latest.clear()
-            latest[id(candidate)] = covariances(candidate, jacobians, directions)
-        return nll_of(latest[id(candidate)], temperature)
-
-    tuned, temperature, table = tune_prior_temperature_grid(posterior, tempered_nll, progress=progress)
+    tuned, temperature, table = tune_prior_temperature_grid(posterior, nll_at, progress=progress)
     precision = float(next(iter(tuned.prior_precision.values())))
     return precision, {"method": method, "table": table, "temperature": temperature}
 
