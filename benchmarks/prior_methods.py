@@ -162,3 +162,51 @@ def online_map(
     state = update(state, {n: params[n] for n in names}, refresh=True)
     lambdas.append(float(next(iter(state.prior_precision.values()))))
     return params, history, best_step, state._replace(window=()), lambdas
+
+
+def bars(records: list[dict[str, Any]], default: str = "default", default_val: str = "default-val") -> str:
+    """Issue 25's acceptance check, cell by cell, for the rows named ``default`` and ``default_val``.
+
+    ``default``: the upper end of its NLL minus MAP at most +0.005, and where the whole posterior
+    (``evidence-zero``) or temperature scaling beats MAP significantly (upper end below 0), a gain
+    of at least half the larger of theirs. ``default_val``: the upper end of its NLL minus
+    temperature scaling at most +0.005 everywhere, and below 0 on at least three cells.
+    """
+    cells: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for r in records:
+        cells.setdefault((r["task"], r["regime"]), {})[r["method"]] = r
+    lines = [
+        f"| task | regime | `{default}` − MAP [95%] | needed gain | `{default}` | "
+        f"`{default_val}` − temperature [95%] | `{default_val}` |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    below_zero = 0
+    for (task, regime), rows in cells.items():
+        d, v = rows.get(default), rows.get(default_val)
+        gains = [
+            -rows[m]["nll_diff_vs_map"]
+            for m in ("evidence-zero", "temperature")
+            if m in rows and rows[m]["nll_diff_vs_map_hi"] < 0
+        ]
+        needed = 0.5 * max(gains) if gains else 0.0
+        if d is None:
+            d_text, d_ok = "missing", "—"
+        else:
+            d_text = f"{d['nll_diff_vs_map']:+.3f} [{d['nll_diff_vs_map_lo']:+.3f}, {d['nll_diff_vs_map_hi']:+.3f}]"
+            d_ok = "pass" if d["nll_diff_vs_map_hi"] <= 0.005 and -d["nll_diff_vs_map"] >= needed else "FAIL"
+        if v is None or "nll_diff_vs_temperature" not in v:
+            v_text, v_ok = "missing", "—"
+        else:
+            hi = v["nll_diff_vs_temperature_hi"]
+            v_text = (
+                f"{v['nll_diff_vs_temperature']:+.3f} [{v['nll_diff_vs_temperature_lo']:+.3f}, {hi:+.3f}]"
+            )
+            v_ok = "pass" if hi <= 0.005 else "FAIL"
+            if hi < 0:
+                below_zero += 1
+                v_ok += " (< 0)"
+        lines.append(f"| {task} | {regime} | {d_text} | {needed:.3f} | {d_ok} | {v_text} | {v_ok} |")
+    lines.append(
+        f"\n`{default_val}` significantly below temperature scaling on {below_zero} cells (3 needed)."
+    )
+    return "\n".join(lines)

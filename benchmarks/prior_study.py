@@ -92,7 +92,7 @@ from flaplace.jacobian_cache import JacobianCache, cache_jacobians, cached_covar
 sys.path.append(str(Path(__file__).resolve().parent))
 from llm_tasks import DATA, Scorer  # noqa: E402  (../shared/data or $FLAPLACE_DATA_DIR; the scoring)
 from llm_tasks import TASKS as LLM_TASKS  # noqa: E402
-from prior_methods import cached, evidence_over_temperature, online_map  # noqa: E402
+from prior_methods import bars, cached, evidence_over_temperature, online_map  # noqa: E402
 
 from flaplace.online import online_posterior  # noqa: E402
 from flaplace.temperature import tempered_moments  # noqa: E402
@@ -626,5 +626,7 @@ def table(records: list[dict[str, Any]]) -> str:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--table"]:
         print(table(json.loads(RESULTS.read_text())))
+    elif sys.argv[1:2] == ["--bars"]:  # issue 25's check: --bars [default row] [default-val row]
+        print(bars(json.loads(RESULTS.read_text()), *sys.argv[2:4]))
     else:
         main()
