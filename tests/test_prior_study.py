@@ -14,7 +14,7 @@ from test_temperature import linear_problem, profile_evidence_dense
 from flaplace.temperature import evidence_at_temperature
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from prior_methods import evidence_over_temperature, online_map  # noqa: E402
+from prior_methods import bars, evidence_over_temperature, online_map  # noqa: E402
 
 
 def dict_batches(batches):
@@ -80,3 +80,35 @@ def test_online_map_trains_under_the_tuned_prior_and_refreshes_at_the_end() -> N
     assert int(state.refreshes) == 3 and len(lambdas) == 3 and state.window == ()
     assert lambdas[0] != 1.0  # the first refresh moved the prior away from its start
     assert not torch.equal(out["weight"], start["weight"])
+
+
+def test_bars_apply_the_acceptance_rules_cell_by_cell() -> None:
+    def row(task, method, vs_map, hi, vs_t=None, t_hi=None):
+        record = {"task": task, "regime": "early", "method": method, "nll_diff_vs_map": vs_map}
+        record["nll_diff_vs_map_lo"], record["nll_diff_vs_map_hi"] = vs_map - 0.01, hi
+        if vs_t is not None:
+            record["nll_diff_vs_temperature"] = vs_t
+            record["nll_diff_vs_temperature_lo"], record["nll_diff_vs_temperature_hi"] = vs_t - 0.01, t_hi
+        return record
+
+    records = [
+        # temperature beats MAP significantly by 0.4: the default needs a gain of 0.2
+        row("a", "temperature", -0.4, -0.3),
+        row("a", "evidence-zero", -0.1, 0.02),
+        row("a", "default", -0.25, -0.2),
+        row("a", "default-val", -0.4, -0.3, -0.02, -0.001),
+        # nothing significant: only the upper ends count; the default's +0.006 fails
+        row("b", "temperature", -0.01, 0.01),
+        row("b", "default", 0.0, 0.006),
+        row("b", "default-val", 0.0, 0.004, 0.0, 0.005),
+        # a gain of 0.1 is below half of the whole posterior's 0.3
+        row("c", "evidence-zero", -0.3, -0.1),
+        row("c", "default", -0.1, -0.05),
+        row("c", "default-val", -0.1, -0.05, 0.001, 0.0051),
+    ]
+    lines = bars(records).splitlines()
+    a, b, c = (next(line for line in lines if line.startswith(f"| {t} |")) for t in "abc")
+    assert "| 0.200 | pass |" in a and a.endswith("| pass (< 0) |")
+    assert "| 0.000 | FAIL |" in b and b.endswith("| pass |")
+    assert "| 0.150 | FAIL |" in c and c.endswith("| FAIL |")
+    assert lines[-1].endswith("on 1 cells (3 needed).")
