@@ -33,8 +33,9 @@ Jacobians with the moments ``(f_mu / T, f_var / T^2)`` (`tempered_moments`):
   Fisher K-FAC of ``f / T`` per temperature; ``T = 1, 2, 1/2``, doubling or halving until the
   evidence falls, then ``--refine-steps`` golden-section steps in ``log T``), whole predictive;
   ``evidence-temp-informed``: the same posterior with the informed directions only;
-  ``evidence-temp-soft`` / ``-soft-informed``: the best evaluated temperature with ``T >= 1`` (the
+  ``evidence-temp-soft`` / ``-soft-informed``: the best of the evaluated ``T = 1, 2, 4, ...`` (the
   likelihood may only be softened: an interpolating MAP's evidence keeps rising as ``T -> 0``);
+  what the library's ``prior="evidence_temperature"`` computes (its climb from ``T = 1``);
 * ``validation-temp``: ``tune_prior_temperature_nll`` started at the evidence's ``(lambda, T)``:
   lambda and ``T`` jointly on the validation NLL of the whole predictive (its family holds
   temperature scaling, lambda -> infinity); ``validation-temp-t1``: the same on the ``T = 1``
@@ -42,7 +43,7 @@ Jacobians with the moments ``(f_mu / T, f_var / T^2)`` (`tempered_moments`):
   ships for validation data (`tune_prior_temperature_grid` on the ``T = 1`` factors: lambda on a
   grid plus the MAP limit, the best ``T`` for each, informed directions);
 * ``default`` (no validation data) and ``default-val`` (validation data): copies of the rows named
-  by ``--default`` (``informed-zero``) and ``--default-val`` (``validation-temp-grid``);
+  by ``--default`` (``evidence-temp-soft-informed``) and ``--default-val`` (``validation-temp-grid``);
 * ``online-map``: a second MAP trained with the prior tuned online (`build_online_evidence`,
   refreshed every epoch on that epoch's batches, the loss ``mean NLL + prior_penalty``; same
   steps, learning rate and keeping rule as the MAP); ``online``: its ``online_posterior`` after a
@@ -237,9 +238,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--refine-steps", type=int, default=2, help="golden-section steps of the evidence's T"
     )
-    # the shipped choices: the evidence at T = 1 with the informed predictive (evidence-temp runs
-    # to an edge of the temperature range on SST-2), and (lambda, T) on validation from T = 1
-    parser.add_argument("--default", default="informed-zero", help="the row copied as `default`")
+    # the shipped choices: the evidence over lambda and T >= 1 with the informed predictive, and
+    # (lambda, T) on validation by the grid (temperature scaling included), informed predictive
+    parser.add_argument(
+        "--default", default="evidence-temp-soft-informed", help="the row copied as `default`"
+    )
     parser.add_argument(
         "--default-val", default="validation-temp-grid", help="the row copied as `default-val`"
     )
@@ -489,8 +492,9 @@ def main(argv: list[str] | None = None) -> None:
                     else cache_dir / (f"{tag}_kfac.pt" if t == 1.0 else f"{tag}_kfac_T{t:.6g}.pt"),
                 )  # fmt: skip
                 extra = {"evidence_table": t_table, "search_s": time.perf_counter() - clock}
-                # "soft": the best evaluated temperature with T >= 1 (the likelihood may only soften)
-                t_soft = max((t for t in by_temperature if t >= 1.0), key=lambda t: next(
+                # "soft": the best of T = 1, 2, 4, ... (the doubling steps the bracket takes upwards,
+                # what the library's climb from T = 1 evaluates): the likelihood may only soften
+                t_soft = max((t for t in by_temperature if t >= 1.0 and math.log2(t).is_integer()), key=lambda t: next(
                     r["log_evidence"] for r in t_table if r["temperature"] == t))  # fmt: skip
                 for method, directions, t, post in (
                     ("evidence-temp", "all", t_evidence, hot),
