@@ -102,6 +102,25 @@ def evidence_over_temperature(
     return results[best_t][0], best_t, sorted(table, key=lambda r: r["temperature"]), by_temperature
 
 
+def fit_guarded_climb(table: list[dict[str, Any]], price: float = 0.0) -> float:
+    """The ``T`` the climb ``1, 2, 4, ...`` of ``table`` reaches while the evidence rises and ``LL_T`` gains ``> price``.
+
+    A flatter likelihood that lowers the fit to the training data is not taken on the evidence
+    alone: the evidence then rises only through its Occam factor, which on 10^5 adapter weights
+    outweighs a good fit (SST-2 early: the evidence climbs to ``T = 16``, +0.21 test NLL over MAP).
+    ``price = log(N) / 2`` makes each step pay for ``T`` as one more fitted parameter (BIC).
+    """
+    at = {r["temperature"]: r for r in table}
+    t = 1.0
+    while (
+        2 * t in at
+        and at[2 * t]["log_evidence"] > at[t]["log_evidence"]
+        and at[2 * t]["log_likelihood"] - at[t]["log_likelihood"] > price
+    ):
+        t *= 2
+    return t
+
+
 def online_map(
     train_fn, model_fn, start, names, train_batches, val_batches, validation_nll, *, steps, lr, precision,
     n_train, every, eval_every, keep,

@@ -35,7 +35,11 @@ Jacobians with the moments ``(f_mu / T, f_var / T^2)`` (`tempered_moments`):
   ``evidence-temp-informed``: the same posterior with the informed directions only;
   ``evidence-temp-soft`` / ``-soft-informed``: the best of the evaluated ``T = 1, 2, 4, ...`` (the
   likelihood may only be softened: an interpolating MAP's evidence keeps rising as ``T -> 0``);
-  what the library's ``prior="evidence_temperature"`` computes (its climb from ``T = 1``);
+  ``evidence-temp-fit`` / ``-fit-informed``: the climb ``T = 1, 2, 4, ...`` that goes on while both
+  the evidence and the training log-likelihood ``LL_T`` rise (`fit_guarded_climb`);
+  ``evidence-temp-bic`` / ``-bic-informed``: the same with each step's ``LL_T`` gain above
+  ``log(N) / 2``, the BIC price of ``T``: what the library's ``prior="evidence_temperature"``
+  computes (`soften_by_evidence`);
 * ``validation-temp``: ``tune_prior_temperature_nll`` started at the evidence's ``(lambda, T)``:
   lambda and ``T`` jointly on the validation NLL of the whole predictive (its family holds
   temperature scaling, lambda -> infinity); ``validation-temp-t1``: the same on the ``T = 1``
@@ -43,7 +47,7 @@ Jacobians with the moments ``(f_mu / T, f_var / T^2)`` (`tempered_moments`):
   ships for validation data (`tune_prior_temperature_grid` on the ``T = 1`` factors: lambda on a
   grid plus the MAP limit, the best ``T`` for each, informed directions);
 * ``default`` (no validation data) and ``default-val`` (validation data): copies of the rows named
-  by ``--default`` (``evidence-temp-soft-informed``) and ``--default-val`` (``validation-temp-grid``);
+  by ``--default`` (``evidence-temp-bic-informed``) and ``--default-val`` (``validation-temp-grid``);
 * ``online-map``: a second MAP trained with the prior tuned online (`build_online_evidence`,
   refreshed every epoch on that epoch's batches, the loss ``mean NLL + prior_penalty``; same
   steps, learning rate and keeping rule as the MAP); ``online``: its ``online_posterior`` after a
@@ -95,7 +99,7 @@ from flaplace.jacobian_cache import JacobianCache, cache_jacobians, cached_covar
 sys.path.append(str(Path(__file__).resolve().parent))
 from llm_tasks import DATA, Scorer  # noqa: E402  (../shared/data or $FLAPLACE_DATA_DIR; the scoring)
 from llm_tasks import TASKS as LLM_TASKS  # noqa: E402
-from prior_methods import bars, cached, evidence_over_temperature, online_map  # noqa: E402
+from prior_methods import bars, cached, evidence_over_temperature, fit_guarded_climb, online_map  # noqa: E402
 
 from flaplace.online import online_posterior  # noqa: E402
 from flaplace.temperature import tempered_moments  # noqa: E402
@@ -240,9 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     # the shipped choices: the evidence over lambda and T >= 1 with the informed predictive, and
     # (lambda, T) on validation by the grid (temperature scaling included), informed predictive
-    parser.add_argument(
-        "--default", default="evidence-temp-soft-informed", help="the row copied as `default`"
-    )
+    parser.add_argument("--default", default="evidence-temp-bic-informed", help="the row copied as `default`")
     parser.add_argument(
         "--default-val", default="validation-temp-grid", help="the row copied as `default-val`"
     )
@@ -339,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
             tag = f"{args.model}_{args.task}_{regime}_{prior}_n{n_train}_s{steps}_lr{args.lr}_p{args.map_prior_precision}"
             map_file = None if cache_dir is None else cache_dir / f"{tag}_map.pt"
             eval_file = None if cache_dir is None else cache_dir / f"{tag}_n{len(test_labels)}_eval25.pt"
+            before = {id(store): set(store) for store in (probs_by, lam_by, info_by, base_of, temperature_of)}
             if eval_file is not None and eval_file.exists():  # this MAP's rows were computed already
                 saved = torch.load(eval_file, weights_only=False)
                 for store, part in zip(
@@ -346,8 +349,8 @@ def main(argv: list[str] | None = None) -> None:
                 ):
                     store.update(part)
                 log(f"{regime}/{prior}: evaluation from {eval_file}")
-                continue
-            before = {id(store): set(store) for store in (probs_by, lam_by, info_by, base_of, temperature_of)}
+                if prior != "zero" or "evidence-temp-bic" in probs_by:
+                    continue  # else: top up the rows added since (cheap from the caches)
             clock = time.perf_counter()
             if map_file is not None and map_file.exists():
                 params, history, best_step = torch.load(map_file)
@@ -496,11 +499,17 @@ def main(argv: list[str] | None = None) -> None:
                 # what the library's climb from T = 1 evaluates): the likelihood may only soften
                 t_soft = max((t for t in by_temperature if t >= 1.0 and math.log2(t).is_integer()), key=lambda t: next(
                     r["log_evidence"] for r in t_table if r["temperature"] == t))  # fmt: skip
+                t_fit = fit_guarded_climb(t_table)
+                t_bic = fit_guarded_climb(t_table, price=math.log(n_train) / 2)
                 for method, directions, t, post in (
                     ("evidence-temp", "all", t_evidence, hot),
                     ("evidence-temp-informed", "informed", t_evidence, hot),
                     ("evidence-temp-soft", "all", t_soft, by_temperature[t_soft]),
                     ("evidence-temp-soft-informed", "informed", t_soft, by_temperature[t_soft]),
+                    ("evidence-temp-fit", "all", t_fit, by_temperature[t_fit]),
+                    ("evidence-temp-fit-informed", "informed", t_fit, by_temperature[t_fit]),
+                    ("evidence-temp-bic", "all", t_bic, by_temperature[t_bic]),
+                    ("evidence-temp-bic-informed", "informed", t_bic, by_temperature[t_bic]),
                 ):
                     f_var, val_var = (cached_covariance(post, c, directions) for c in (test_cache, val_cache))
                     add(method, f_mu, f_var, t, post, val_cache.logits, val_var, extra)
@@ -508,6 +517,8 @@ def main(argv: list[str] | None = None) -> None:
                     ("validation-temp", t_evidence, hot),
                     ("validation-temp-t1", 1.0, by_temperature[1.0]),
                 ):
+                    if method in probs_by:  # topping up a cached evaluation: these need the model
+                        continue
                     clock = time.perf_counter()
                     fitted, t_val, val_history = tune_prior_temperature_nll(
                         post, model_fn, val_batches, temperature=t, progress=False
