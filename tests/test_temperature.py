@@ -18,9 +18,14 @@ from flaplace.posterior import make_posterior, with_prior_precision
 from flaplace.predictive import linearised_predictive
 from flaplace.temperature import (
     TemperedModelFunction,
-    evidence_at_temperature,
     fit_temperature,
+    maximise_on_log_grid,
     tempered_moments,
+)
+from flaplace.tempered_evidence import (
+    MappedBatches,
+    evidence_at_temperature,
+    soften_by_evidence,
     tune_evidence_temperature,
 )
 from flaplace.tempered_validation import (
@@ -299,3 +304,67 @@ def test_fit_temperature_refuses_bad_input():
         fit_temperature(torch.tensor([[float("nan"), 0.0]]), torch.tensor([0]))
     with pytest.raises(ValueError, match="at least one"):
         fit_temperature(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
+
+
+def test_climb_stops_at_the_first_fall_and_finds_the_grid_maximum():
+    calls: list[float] = []
+
+    def peaked(x: float) -> float:
+        calls.append(x)
+        return -((math.log2(x) - 2.2) ** 2)
+
+    grid = [16.0, 1.0, 4.0, 2.0, 8.0]  # any order: the climb sorts it
+    assert maximise_on_log_grid(peaked, grid, 0, climb=True) == 4.0
+    assert calls == [1.0, 2.0, 4.0, 8.0]  # 8 falls below 4: 16 is never evaluated
+    calls.clear()
+    assert maximise_on_log_grid(peaked, grid, 0) == 4.0 and len(calls) == 5
+    calls.clear()
+    assert maximise_on_log_grid(lambda x: peaked(x) - 10 * x, grid, 0, climb=True) == 1.0
+    assert calls == [1.0, 2.0]
+
+
+def untempered(f, params, batches):
+    factors, state = fit_kfac(f, params, batches, fisher="exact", progress=False)
+    return make_posterior(factors, params, 1.0), state.log_likelihood
+
+
+def test_softening_climbs_to_the_evidence_maximum_over_the_softening_grid():
+    net, params, f, batches = linear_problem()  # 15 % flipped labels: an overconfident MAP
+    posterior, log_likelihood = untempered(f, params, batches)
+    best, table = soften_by_evidence(f, params, batches, posterior, log_likelihood, fisher="exact")
+    grid = [1.0, 2.0, 4.0, 8.0, 16.0]
+    full, full_table = tune_evidence_temperature(
+        f, params, batches, temperatures=grid, refine_steps=0, fisher="exact", progress=False
+    )
+    assert best.temperature == full.temperature > 1.0
+    assert best.log_evidence == pytest.approx(full.log_evidence, rel=1e-9)
+    # the climb evaluates a prefix of the grid and stops one step past the maximum
+    seen = [r["temperature"] for r in table]
+    assert seen == grid[: len(seen)] and seen[-2:] == [best.temperature, 2 * best.temperature]
+    # and its evidence is the dense closed form's maximum over lambda at that temperature
+    assert best.log_evidence == pytest.approx(
+        profile_evidence_dense(net, batches, params, best.temperature), abs=1e-3
+    )
+    # T = 1 is the untempered fit's, tuned by the evidence, not a second K-FAC pass
+    at_one = next(r for r in table if r["temperature"] == 1.0)
+    assert at_one["log_likelihood"] == pytest.approx(float(log_likelihood), rel=1e-12)
+
+
+def test_softening_keeps_t_one_when_the_evidence_prefers_sharper_and_refuses_bad_grids():
+    net, params, f, batches = linear_problem(n_batches=20)
+    clean = [(x, net(x).detach().argmax(-1)) for x, _ in batches]  # the MAP fits all 120 labels
+    posterior, log_likelihood = untempered(f, params, clean)
+    best, table = soften_by_evidence(f, params, clean, posterior, log_likelihood, fisher="exact")
+    assert best.temperature == 1.0 and [r["temperature"] for r in table] == [1.0, 2.0]
+    tuned, _ = tune_prior_evidence(posterior, log_likelihood, progress=False)
+    assert torch.equal(best.posterior.prior_precision["weight"], tuned.prior_precision["weight"])
+    with pytest.raises(ValueError, match="starts at T = 1"):
+        soften_by_evidence(f, params, clean, posterior, log_likelihood, temperatures=[2.0, 4.0])
+
+
+def test_mapped_batches_reread_on_every_pass_and_refuse_one_shot_iterators():
+    batches = [{"x": torch.tensor([k])} for k in range(3)]
+    moved = MappedBatches(batches, lambda b: {"x": 10 * b["x"]})
+    assert [int(b["x"]) for b in moved] == [int(b["x"]) for b in moved] == [0, 10, 20]
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        MappedBatches((b for b in batches), lambda b: b)
