@@ -199,28 +199,19 @@ _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
 def maximise_on_log_grid(
-    evaluate: Callable[[float], float], grid: Sequence[float], refine_steps: int, *, climb: bool = False
+    evaluate: Callable[[float], float], grid: Sequence[float], refine_steps: int
 ) -> float:
     """The ``x`` with the highest ``evaluate(x)``: a grid search, then a golden-section search in ``log x``.
 
     The golden-section steps search the bracket between the best grid point's neighbours (for a
     function unimodal there, each step shrinks it by the golden ratio); the best point evaluated
     is returned. ``evaluate`` is called once per grid point and once per refinement step.
-    ``climb=True`` walks the grid upwards from its smallest point and stops at the first point
-    lower than the best so far (enough for a unimodal function, and cheaper when the maximum is
-    near the start).
 
     Examples:
         >>> round(maximise_on_log_grid(lambda x: -math.log(x / 3.0) ** 2, [1.0, 2.0, 4.0, 8.0], 20), 3)
         3.0
-        >>> maximise_on_log_grid(lambda x: -x, [1.0, 2.0, 4.0, 8.0], 0, climb=True)  # evaluates 1 and 2
-        1.0
     """
-    seen: dict[float, float] = {}
-    for x in sorted(grid) if climb else grid:
-        seen[x] = evaluate(x)
-        if climb and seen[x] < max(seen.values()):
-            break
+    seen = {x: evaluate(x) for x in grid}
     ordered = sorted(seen)
     best = max(range(len(ordered)), key=lambda k: seen[ordered[k]])
     if refine_steps and len(ordered) > 1:
