@@ -189,8 +189,8 @@ class LaplaceLoRA:
             method: ``"evidence"`` maximises the log marginal likelihood
                 ([`tune_prior_evidence`][flaplace.evidence.tune_prior_evidence]); ``"evidence_temperature"``
                 maximises it over ``lambda`` and a softening temperature ``T >= 1`` (`temperature`)
-                that also raises the training fit, one K-FAC pass of ``train_batches`` per
-                temperature tried
+                that also raises the training log-likelihood by more than ``log(N) / 2``, one
+                K-FAC pass of ``train_batches`` per temperature tried
                 ([`soften_by_evidence`][flaplace.tempered_evidence.soften_by_evidence]); ``"val_nll"`` minimises the
                 validation NLL of the linearised predictive by Adam on ``log lambda``
                 ([`tune_prior_nll`][flaplace.validation.tune_prior_nll]); ``"grid"`` picks the lowest

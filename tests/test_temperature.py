@@ -314,6 +314,7 @@ def untempered(f, params, batches):
 def test_softening_climbs_while_the_evidence_and_the_training_fit_both_rise():
     # 30 examples, 15 % flipped at scale 3: the MAP is overconfident on its own training data
     net, params, f, batches = linear_problem(n_batches=5, seed=4)
+    price = math.log(30) / 2  # BIC's price of T as one more fitted parameter
     posterior, log_likelihood = untempered(f, params, batches)
     best, table = soften_by_evidence(f, params, batches, posterior, log_likelihood, fisher="exact")
     grid = [1.0, 2.0, 4.0, 8.0, 16.0]
@@ -327,10 +328,14 @@ def test_softening_climbs_while_the_evidence_and_the_training_fit_both_rise():
     assert seen == grid[: len(seen)] and best.temperature in seen
     up = seen.index(best.temperature)
     for low, high in zip(table[:up], table[1 : up + 1], strict=True):
-        assert high["log_evidence"] > low["log_evidence"] and high["log_likelihood"] > low["log_likelihood"]
+        assert high["log_evidence"] > low["log_evidence"]
+        assert high["log_likelihood"] - low["log_likelihood"] > price
     if up + 1 < len(table):
         stop, last = table[up + 1], table[up]
-        assert stop["log_evidence"] <= last["log_evidence"] or stop["log_likelihood"] <= last["log_likelihood"]
+        assert (
+            stop["log_evidence"] <= last["log_evidence"]
+            or stop["log_likelihood"] - last["log_likelihood"] <= price
+        )
     # each evaluation is the full grid search's at that temperature (same factors, same tuning)
     for record in table:
         twin = next(r for r in full_table if r["temperature"] == record["temperature"])
@@ -373,6 +378,18 @@ def test_softening_refuses_a_flatter_fit_that_only_the_occam_factor_favours():
     assert best.temperature == 1.0 and [r["temperature"] for r in table] == [1.0, 2.0]
     assert table[1]["log_evidence"] > table[0]["log_evidence"]
     assert table[1]["log_likelihood"] < table[0]["log_likelihood"]
+
+
+def test_softening_needs_a_training_fit_gain_that_pays_for_the_temperature():
+    # evidence and LL_T both rise at T = 2, but LL_T by less than log(30) / 2 (BIC's price of a
+    # fitted parameter): the climb keeps T = 1
+    net, params, f, batches = linear_problem(n_batches=5, seed=3)
+    posterior, log_likelihood = untempered(f, params, batches)
+    best, table = soften_by_evidence(f, params, batches, posterior, log_likelihood, fisher="exact")
+    assert [r["temperature"] for r in table] == [1.0, 2.0] and best.temperature == 1.0
+    gain = table[1]["log_likelihood"] - table[0]["log_likelihood"]
+    assert table[1]["log_evidence"] > table[0]["log_evidence"] and 0 < gain < math.log(30) / 2
+    assert table[1]["log_evidence"] == pytest.approx(profile_evidence_dense(net, batches, params, 2.0), abs=1e-3)
 
 
 def test_mapped_batches_reread_on_every_pass_and_refuse_one_shot_iterators():

@@ -242,8 +242,8 @@ def soften_factors(
     """The prior ``"default"``: ``lambda`` and a softening temperature ``T >= 1`` by the evidence.
 
     ``posterior`` and ``log_likelihood`` are the untempered fit of `fit_factors` on ``encoded``
-    with the same options; ``T`` climbs 2, 4, 8, 16 while the evidence and the training
-    log-likelihood both rise, one K-FAC pass each
+    with the same options; ``T`` climbs 2, 4, 8, 16 while the evidence rises and the training
+    log-likelihood gains more than ``log(N) / 2``, one K-FAC pass each
     ([`soften_by_evidence`][flaplace.tempered_evidence.soften_by_evidence]). Returns the factors of
     ``f / T`` (the given ones at ``T = 1``), the prior precision and a record (``temperature``,
     the tempered ``log_likelihood``, the climb's ``table``).
