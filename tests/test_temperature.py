@@ -306,6 +306,21 @@ def test_fit_temperature_refuses_bad_input():
         fit_temperature(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
 
 
+def test_log_grid_search_refines_between_the_best_points_neighbours():
+    calls: list[float] = []
+
+    def peaked(x: float) -> float:  # maximum at x = 3 (log2 3 = 1.585), unimodal in log x
+        calls.append(x)
+        return -((math.log(x) - math.log(3.0)) ** 2)
+
+    grid = [0.5, 1.0, 2.0, 4.0, 8.0]
+    assert maximise_on_log_grid(peaked, grid, 0) == 4.0 and len(calls) == 5  # grid only
+    calls.clear()
+    best = maximise_on_log_grid(peaked, grid, 30)
+    assert best == pytest.approx(3.0, rel=1e-5) and len(calls) == 5 + 30
+    assert all(2.0 <= x <= 8.0 for x in calls[5:])  # the bracket: the neighbours of 4
+
+
 def untempered(f, params, batches):
     factors, state = fit_kfac(f, params, batches, fisher="exact", progress=False)
     return make_posterior(factors, params, 1.0), state.log_likelihood
@@ -389,7 +404,9 @@ def test_softening_needs_a_training_fit_gain_that_pays_for_the_temperature():
     assert [r["temperature"] for r in table] == [1.0, 2.0] and best.temperature == 1.0
     gain = table[1]["log_likelihood"] - table[0]["log_likelihood"]
     assert table[1]["log_evidence"] > table[0]["log_evidence"] and 0 < gain < math.log(30) / 2
-    assert table[1]["log_evidence"] == pytest.approx(profile_evidence_dense(net, batches, params, 2.0), abs=1e-3)
+    assert table[1]["log_evidence"] == pytest.approx(
+        profile_evidence_dense(net, batches, params, 2.0), abs=1e-3
+    )
 
 
 def test_mapped_batches_reread_on_every_pass_and_refuse_one_shot_iterators():
