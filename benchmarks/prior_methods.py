@@ -2,7 +2,7 @@
 refinement, online tuning, and the disk caches that make them affordable on a CPU.
 
 * `evidence_over_temperature`: the evidence maximised over the prior precision and a likelihood
-  temperature, as `flaplace.temperature.tune_evidence_temperature` does (one K-FAC pass of
+  temperature, as `flaplace.tempered_evidence.tune_evidence_temperature` does (one K-FAC pass of
   ``f / T`` per temperature, ``lambda`` tuned at each), with a bracket that starts at ``T = 1``
   and doubles or halves ``T`` until the evidence falls, then golden-section steps in ``log T``.
   Each temperature's factors are cached on disk, so an interrupted search resumes.

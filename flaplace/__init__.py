@@ -51,13 +51,8 @@ from flaplace.sampling import sampling_probs
 from flaplace.scoring import ClozeModelFunction, cloze_batch, cloze_scores, flatten_choices, pair_batch
 from flaplace.sequences import SequenceScores, linearised_decode, sequence_scores
 from flaplace.sharding import unwrap_model
-from flaplace.temperature import (
-    TemperedModelFunction,
-    evidence_at_temperature,
-    fit_temperature,
-    tempered_moments,
-    tune_evidence_temperature,
-)
+from flaplace.temperature import TemperedModelFunction, fit_temperature, tempered_moments
+from flaplace.tempered_evidence import evidence_at_temperature, soften_by_evidence, tune_evidence_temperature
 from flaplace.tempered_validation import tune_prior_temperature_grid, tune_prior_temperature_nll
 from flaplace.typing import Eigen, Factors, KronFactor, Params, Posterior
 from flaplace.validation import tune_prior_nll
@@ -146,6 +141,7 @@ __all__ = [
     "TemperedModelFunction",
     "evidence_at_temperature",
     "fit_temperature",
+    "soften_by_evidence",
     "tempered_moments",
     "tune_evidence_temperature",
     "tune_prior_temperature_grid",

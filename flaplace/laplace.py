@@ -1,11 +1,8 @@
 """One call for the common case: select the LoRA weights, fit K-FAC, tune the prior, predict.
 
 `LaplaceLoRA` (and `fit_laplace_lora`, which builds, fits and tunes one) strings together the
-pure functions of the library: [`select_params`][flaplace.params.select_params],
-[`fit`][flaplace.kfac.fit], [`make_posterior`][flaplace.posterior.make_posterior], a prior tuner
-([`tune_prior_evidence`][flaplace.evidence.tune_prior_evidence], [`tune_prior_nll`][flaplace.validation.tune_prior_nll] or
-[`tune_prior_grid`][flaplace.evidence.tune_prior_grid]) and a predictive. Those functions stay the API for
-everything this class does not cover; the class only keeps their results together.
+library's pure functions (parameter selection, K-FAC, the posterior, a prior tuner, a predictive),
+which stay the API for everything it does not cover; it only keeps their results together.
 
 Two predictives are offered:
 
@@ -20,6 +17,7 @@ Two predictives are offered:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeAlias, get_args
 
@@ -37,7 +35,6 @@ from flaplace.predictive import (
     Directions,
     PredictiveCache,
     check_directions,
-    covariance_from_features,
     linearised_predictive,
     predictive_precompute,
 )
@@ -45,13 +42,21 @@ from flaplace.sampling import batch_to as batch_to  # re-exported for existing c
 from flaplace.sampling import logits_at as logits_at
 from flaplace.sampling import sampling_probs
 from flaplace.temperature import TemperedModelFunction, tempered_moments
-from flaplace.tempered_validation import tune_prior_temperature_grid
+from flaplace.tempered_evidence import MappedBatches, soften_by_evidence
+from flaplace.tempered_validation import tempered_nll_at, tune_prior_temperature_grid
 from flaplace.typing import Batch, Likelihood, Params, Posterior
-from flaplace.validation import labels_nll, tune_prior_nll, validation_features
+from flaplace.validation import tune_prior_nll, validation_features
 
 PredType: TypeAlias = Literal["glm", "nn"]
 PriorMethod: TypeAlias = Literal[
-    "evidence", "val_nll", "val_nll_temperature", "grid", "none", "marglik", "gridsearch"
+    "evidence",
+    "evidence_temperature",
+    "val_nll",
+    "val_nll_temperature",
+    "grid",
+    "none",
+    "marglik",
+    "gridsearch",
 ]
 PRIOR_METHODS: tuple[str, ...] = get_args(PriorMethod)
 #: laplace-torch's names for the same methods.
@@ -171,6 +176,7 @@ class LaplaceLoRA:
         method: PriorMethod = "evidence",
         *,
         val_batches: Iterable[Batch] | None = None,
+        train_batches: Iterable[Batch] | None = None,
         link: Link = "probit",
         grid: Sequence[float] | None = None,
         per_block: bool | Sequence[str] = False,
@@ -181,7 +187,11 @@ class LaplaceLoRA:
 
         Args:
             method: ``"evidence"`` maximises the log marginal likelihood
-                ([`tune_prior_evidence`][flaplace.evidence.tune_prior_evidence]); ``"val_nll"`` minimises the
+                ([`tune_prior_evidence`][flaplace.evidence.tune_prior_evidence]); ``"evidence_temperature"``
+                maximises it over ``lambda`` and a softening temperature ``T >= 1`` (`temperature`)
+                that also raises the training log-likelihood by more than ``log(N) / 2``, one
+                K-FAC pass of ``train_batches`` per temperature tried
+                ([`soften_by_evidence`][flaplace.tempered_evidence.soften_by_evidence]); ``"val_nll"`` minimises the
                 validation NLL of the linearised predictive by Adam on ``log lambda``
                 ([`tune_prior_nll`][flaplace.validation.tune_prior_nll]); ``"grid"`` picks the lowest
                 validation NLL on a grid ([`tune_prior_grid`][flaplace.evidence.tune_prior_grid]);
@@ -191,6 +201,8 @@ class LaplaceLoRA:
                 ``"none"`` keeps the current value. laplace-torch's names ``"marglik"`` and
                 ``"gridsearch"`` are accepted for ``"evidence"`` and ``"grid"``.
             val_batches: validation batches with labels (``"val_nll"`` and ``"grid"``).
+            train_batches: the training batches of `fit` again (``"evidence_temperature"``; a
+                list or a DataLoader: they are read once per temperature).
             link: the link of the validation predictive (``"val_nll"``: ``"probit"`` or
                 ``"bridge"``; ``"grid"``: any).
             grid: candidate prior precisions for ``"grid"``.
@@ -207,68 +219,56 @@ class LaplaceLoRA:
         method = ALIASES.get(method, method)  # type: ignore[assignment]
         if method == "none":
             return self
-        if method == "evidence":
-            assert self.log_likelihood is not None
-            tuned, history = tune_prior_evidence(
-                posterior, self.log_likelihood, per_block=per_block, progress=progress, **options
-            )
-        else:
-            if val_batches is None:
-                raise ValueError(f"method {method!r} needs val_batches (validation batches with labels)")
-            val = [self.batch_fn(b) for b in val_batches]
-            if method == "val_nll_temperature":
-                return self._tune_prior_and_temperature(val, link, per_block, progress, **options)
-            if method == "val_nll":
-                tuned, history = tune_prior_nll(
-                    posterior,
-                    self.model_fn,
-                    val,
-                    link=link,
-                    likelihood=self.likelihood,
-                    per_block=per_block,
-                    method=self.jacobian_method,
-                    directions=self.directions,
-                    progress=progress,
-                    **options,
+        assert self.log_likelihood is not None
+        temperature, log_likelihood = self.temperature, self.log_likelihood
+        if method == "evidence_temperature":
+            if train_batches is None:
+                raise ValueError(
+                    "method 'evidence_temperature' needs train_batches (the training data of fit)"
                 )
-            else:
-                if per_block is not False:
-                    raise ValueError(
-                        "method 'grid' tunes one prior precision for all blocks (per_block=False)"
-                    )
-
-                def val_nll(candidate: Posterior) -> float:
-                    probs, labels = self._predict_all(candidate, val, link=link)
-                    return nll_metric(probs, labels)
-
-                tuned, table = tune_prior_grid(posterior, val_nll, grid, progress=progress)
-                history = [dict(row) for row in table]
-        self.posterior = tuned
-        self.history = history
-        self._cache = None
-        return self
-
-    def _tune_prior_and_temperature(
-        self, val: list[Batch], link: Link, per_block: bool | Sequence[str], progress: bool, **options: Any
-    ) -> LaplaceLoRA:
-        """``(lambda, T)`` by `tune_prior_temperature_grid` on the validation features."""
-        if per_block is not False:
-            raise ValueError("method 'val_nll_temperature' tunes one prior precision for all blocks")
-        features = validation_features(self._posterior(), self.model_fn, val, method=self.jacobian_method)
-
-        def nll_at(candidate: Posterior) -> Callable[[float], Tensor]:
-            f_var = covariance_from_features(candidate, features.covariance, self.directions)
-            f_mu = features.f_mu.to(f_var.dtype)
-            return lambda t: labels_nll(
-                *tempered_moments(f_mu, f_var, t), features.labels, link, self.likelihood
+            best, history = soften_by_evidence(
+                self.model_fn, self.params, MappedBatches(train_batches, self.batch_fn), posterior,
+                log_likelihood, per_block=per_block, tune_options=options, progress=progress,
+                likelihood=self.likelihood, **self.kfac_options,
+            )  # fmt: skip
+            tuned, temperature, log_likelihood = best.posterior, best.temperature, best.log_likelihood
+        elif method == "evidence":
+            tuned, history = tune_prior_evidence(
+                posterior, log_likelihood, per_block=per_block, progress=progress, **options
             )
-
-        with torch.no_grad():
-            tuned, temperature, table = tune_prior_temperature_grid(
-                self._posterior(), nll_at, progress=progress, **options
+        elif val_batches is None:
+            raise ValueError(f"method {method!r} needs val_batches (validation batches with labels)")
+        elif method == "val_nll_temperature":
+            if per_block is not False:
+                raise ValueError("method 'val_nll_temperature' tunes one prior precision for all blocks")
+            val = [self.batch_fn(b) for b in val_batches]
+            features = validation_features(posterior, self.model_fn, val, method=self.jacobian_method)
+            nll_at = tempered_nll_at(
+                features, link=link, likelihood=self.likelihood, directions=self.directions
             )
-        self.posterior, self.temperature, self.history = tuned, temperature, [dict(row) for row in table]
-        self._cache = None
+            with torch.no_grad():
+                tuned, temperature, table = tune_prior_temperature_grid(
+                    posterior, nll_at, progress=progress, **options
+                )
+            history = [dict(row) for row in table]
+        elif method == "val_nll":
+            tuned, history = tune_prior_nll(
+                posterior, self.model_fn, [self.batch_fn(b) for b in val_batches], link=link,
+                likelihood=self.likelihood, per_block=per_block, method=self.jacobian_method,
+                directions=self.directions, progress=progress, **options,
+            )  # fmt: skip
+        else:
+            if per_block is not False:
+                raise ValueError("method 'grid' tunes one prior precision for all blocks (per_block=False)")
+            val = [self.batch_fn(b) for b in val_batches]
+
+            def val_nll(candidate: Posterior) -> float:
+                return nll_metric(*self._predict_all(candidate, val, link=link))
+
+            tuned, table = tune_prior_grid(posterior, val_nll, grid, progress=progress)
+            history = [dict(row) for row in table]
+        self.posterior, self.temperature, self.log_likelihood = tuned, temperature, log_likelihood
+        self.history, self._cache = history, None
         return self
 
     @property
@@ -420,8 +420,10 @@ def fit_laplace_lora(
         train_batches: the training data (any iterable of batches with labels, e.g. a DataLoader).
         output_fn: see `LaplaceLoRA`.
         prior: ``None`` (default): ``"val_nll_temperature"`` (prior precision and temperature on
-            validation NLL, temperature scaling included) when ``val_batches`` are given,
-            else ``"evidence"``; or any method of `LaplaceLoRA.optimize_prior_precision`.
+            validation NLL, temperature scaling included) when ``val_batches`` are given, else
+            ``"evidence_temperature"`` (the evidence over ``lambda`` and ``T >= 1``; ``"evidence"``
+            with a warning when ``train_batches`` cannot be read twice); or any method of
+            `LaplaceLoRA.optimize_prior_precision`.
         val_batches: validation batches for the validation-NLL methods.
         link: the validation predictive's link for ``"val_nll"``/``"grid"``.
         prior_options: passed to `LaplaceLoRA.optimize_prior_precision`.
@@ -434,7 +436,13 @@ def fit_laplace_lora(
         >>> probs = la(test_batch, link="probit")
     """
     la = LaplaceLoRA(model, output_fn, **options).fit(train_batches, progress=progress)
-    prior = prior or ("evidence" if val_batches is None else "val_nll_temperature")
-    return la.optimize_prior_precision(
-        prior, val_batches=val_batches, link=link, progress=progress, **dict(prior_options or {})
+    if prior is None and val_batches is None and iter(train_batches) is train_batches:
+        warnings.warn("train_batches can be read only once: the prior is tuned at T = 1", stacklevel=2)
+    once = iter(train_batches) is train_batches
+    prior = prior or (
+        "val_nll_temperature" if val_batches else "evidence" if once else "evidence_temperature"
     )
+    return la.optimize_prior_precision(
+        prior, val_batches=val_batches, train_batches=train_batches, link=link, progress=progress,
+        **dict(prior_options or {}),
+    )  # fmt: skip

@@ -15,8 +15,7 @@ model exactly (division by 1 changes no bit).
 
 The factors depend on ``T`` (through ``Lambda(f / T)``), so each temperature needs its own K-FAC
 pass over the training data; the prior precision is then tuned at that temperature (cheap).
-[`tune_evidence_temperature`][flaplace.temperature.tune_evidence_temperature] does this on a grid of
-temperatures and refines the best one by a golden-section search in ``log T``.
+[`flaplace.tempered_evidence`][flaplace.tempered_evidence] maximises the evidence over ``T``.
 
 With validation data, [`tune_prior_temperature_nll`][flaplace.tempered_validation.tune_prior_temperature_nll]
 fits ``(lambda, T)`` jointly on the validation NLL of the linearised predictive with the logits
@@ -31,32 +30,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from flaplace.evidence import tune_prior_evidence
-from flaplace.kfac import fit as fit_kfac
-from flaplace.posterior import PriorPrecision, make_posterior
-from flaplace.typing import Batch, ModelFn, Params, Posterior
+from flaplace.typing import Batch, ModelFn, Params
 
 __all__ = [
-    "DEFAULT_TEMPERATURES",
-    "EvidenceAtTemperature",
     "TemperedModelFunction",
-    "evidence_at_temperature",
+    "check_temperature",
     "fit_temperature",
     "maximise_on_log_grid",
     "tempered_moments",
-    "check_temperature",
-    "tune_evidence_temperature",
 ]
-
-#: Default grid of temperatures for `tune_evidence_temperature`: ``2^-2 ... 2^3``, two per octave.
-DEFAULT_TEMPERATURES: tuple[float, ...] = tuple(2.0 ** (k / 2) for k in range(-4, 7))
 
 
 def check_temperature(temperature: float) -> float:
@@ -243,151 +231,3 @@ def maximise_on_log_grid(
                 inner_high = low + _GOLDEN * (high - low)
                 value_high = seen[math.exp(inner_high)] = evaluate(math.exp(inner_high))
     return max(seen, key=seen.__getitem__)
-
-
-class EvidenceAtTemperature(NamedTuple):
-    """The evidence-tuned posterior of the tempered likelihood at one temperature.
-
-    ``posterior``: built from the factors of ``f / T`` with the prior precision that maximises
-    the evidence at this temperature; ``log_likelihood``: ``LL_T`` summed over the training
-    data; ``log_evidence``: ``log Z(lambda*, T)``.
-    """
-
-    temperature: float
-    posterior: Posterior
-    log_likelihood: Tensor
-    log_evidence: float
-
-
-def evidence_at_temperature(
-    model_fn: ModelFn,
-    params: Params,
-    batches: Iterable[Batch],
-    temperature: float = 1.0,
-    *,
-    prior_precision: PriorPrecision = 1.0,
-    prior_mean: Params | None = None,
-    per_block: bool | Sequence[str] = False,
-    tune_options: dict[str, Any] | None = None,
-    progress: bool = False,
-    **kfac_options: Any,
-) -> EvidenceAtTemperature:
-    """K-FAC of the tempered likelihood, then the prior precision that maximises its evidence.
-
-    Args:
-        model_fn: ``f(params, batch) -> logits`` (untempered).
-        params: the MAP adapter weights.
-        batches: the training data (any iterable; read once).
-        temperature: ``T``; ``1.0`` gives exactly `fit_kfac` and `tune_prior_evidence` on ``f``.
-        prior_precision: where the tuning of ``lambda`` starts.
-        prior_mean: the prior's centre (see [`make_posterior`][flaplace.posterior.make_posterior]).
-        per_block: one ``lambda`` (``False``), one per block (``True``) or one per keyword group.
-        tune_options: passed to [`tune_prior_evidence`][flaplace.evidence.tune_prior_evidence]
-            (``steps``, ``lr``, ``tol``, ``method``, ...).
-        progress: show progress bars.
-        **kfac_options: passed to [`fit_kfac`][flaplace.kfac.fit] (``fisher``, ``sharing``, ...).
-
-    Returns:
-        An [`EvidenceAtTemperature`][flaplace.temperature.EvidenceAtTemperature].
-
-    Examples:
-        >>> result = evidence_at_temperature(model_fn, params, train_batches, 2.0, fisher="exact")
-        >>> result.log_evidence, result.posterior.prior_precision  # doctest: +SKIP
-    """
-    tempered = TemperedModelFunction(model_fn, temperature)
-    factors, state = fit_kfac(tempered, params, batches, progress=progress, **kfac_options)
-    posterior = make_posterior(factors, params, prior_precision, prior_mean=prior_mean)
-    tuned, history = tune_prior_evidence(
-        posterior, state.log_likelihood, per_block=per_block, progress=progress, **(tune_options or {})
-    )
-    return EvidenceAtTemperature(
-        tempered.temperature, tuned, state.log_likelihood, float(history[-1]["log_evidence"])
-    )
-
-
-def tune_evidence_temperature(
-    model_fn: ModelFn,
-    params: Params,
-    batches: Iterable[Batch],
-    *,
-    temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
-    refine_steps: int = 8,
-    prior_precision: PriorPrecision = 1.0,
-    prior_mean: Params | None = None,
-    per_block: bool | Sequence[str] = False,
-    tune_options: dict[str, Any] | None = None,
-    progress: bool = True,
-    **kfac_options: Any,
-) -> tuple[EvidenceAtTemperature, list[dict[str, Any]]]:
-    """Maximise the evidence over the prior precision and a likelihood temperature jointly.
-
-    For each temperature ``T`` of the grid the factors of ``f / T`` are fitted and ``lambda`` is
-    tuned (`evidence_at_temperature`): that gives the profile ``max_lambda log Z(lambda, T)``.
-    The best grid point is then refined by ``refine_steps`` golden-section steps in ``log T``
-    between its neighbours on the grid (assuming one maximum there). Each evaluation is one
-    K-FAC pass over ``batches``, so ``batches`` must be re-iterable (a list or a DataLoader).
-
-    Args:
-        model_fn: ``f(params, batch) -> logits`` (untempered).
-        params: the MAP adapter weights.
-        batches: the training data, read once per evaluated temperature.
-        temperatures: the grid (positive); include ``1.0`` to compare with the untempered model.
-        refine_steps: golden-section steps after the grid (0: the grid's best only); each
-            step narrows the bracket by the factor 0.618 and costs one evaluation.
-        prior_precision: where each tuning of ``lambda`` starts.
-        prior_mean: the prior's centre.
-        per_block: one ``lambda`` (``False``), one per block (``True``) or per keyword group.
-        tune_options: passed to [`tune_prior_evidence`][flaplace.evidence.tune_prior_evidence].
-        progress: show a progress bar over the evaluations.
-        **kfac_options: passed to [`fit_kfac`][flaplace.kfac.fit].
-
-    Returns:
-        ``(best, table)``: the [`EvidenceAtTemperature`][flaplace.temperature.EvidenceAtTemperature]
-        with the highest evidence, and one record per evaluation (``temperature``,
-        ``log_evidence``, ``prior_precision`` as ``{block: value}``, ``log_likelihood``).
-
-    Raises:
-        ValueError: an empty grid, a non-positive temperature, or ``refine_steps < 0``.
-
-    Examples:
-        >>> best, table = tune_evidence_temperature(model_fn, params, train_batches, fisher="exact")
-        >>> best.temperature, best.posterior  # doctest: +SKIP
-    """
-    grid = sorted(check_temperature(t) for t in temperatures)
-    if not grid:
-        raise ValueError("the grid of temperatures is empty")
-    if refine_steps < 0:
-        raise ValueError(f"refine_steps must be non-negative, got {refine_steps}")
-    table: list[dict[str, Any]] = []
-    cache: dict[float, EvidenceAtTemperature] = {}
-    bar = tqdm(total=len(grid) + refine_steps, disable=not progress, desc="evidence over temperature")
-
-    def evaluate(temperature: float) -> float:
-        if temperature not in cache:
-            result = evidence_at_temperature(
-                model_fn,
-                params,
-                batches,
-                temperature,
-                prior_precision=prior_precision,
-                prior_mean=prior_mean,
-                per_block=per_block,
-                tune_options=tune_options,
-                **kfac_options,
-            )
-            cache[temperature] = result
-            table.append(
-                {
-                    "temperature": temperature,
-                    "log_evidence": result.log_evidence,
-                    "log_likelihood": float(result.log_likelihood),
-                    "prior_precision": {n: float(v) for n, v in result.posterior.prior_precision.items()},
-                }
-            )
-            bar.update(1)
-        return cache[temperature].log_evidence
-
-    maximise_on_log_grid(evaluate, grid, refine_steps)
-    bar.close()
-    winner = max(cache.values(), key=lambda r: r.log_evidence)
-    return winner, table

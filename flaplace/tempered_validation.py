@@ -37,6 +37,7 @@ from flaplace.validation import (
 __all__ = [
     "GRID_TEMPERATURES",
     "MAP_LIMIT",
+    "tempered_nll_at",
     "tune_prior_temperature_grid",
     "tune_prior_temperature_nll",
     "validation_nll_tempered",
@@ -204,6 +205,32 @@ def tune_prior_temperature_nll(
     best_by_tensor = iter(best)
     best_log_lam, best_log_t = (next(best_by_tensor) if on else t.detach() for t, on in tunable)
     return with_prior_precision(start, per_name(best_log_lam.exp())), float(best_log_t.exp()), history
+
+
+def tempered_nll_at(
+    features: ValidationFeatures,
+    *,
+    link: str = "probit",
+    likelihood: Likelihood = "categorical",
+    directions: Directions = "all",
+) -> Callable[[Posterior], Callable[[float], Tensor]]:
+    """The ``nll_at`` of `tune_prior_temperature_grid` on precomputed validation features.
+
+    ``nll_at(candidate)`` computes the candidate's validation covariance once and returns
+    ``T -> `` the mean NLL of ``N(f_mu / T, f_var / T^2)`` through ``link`` (as
+    `validation_nll_tempered`).
+
+    Examples:
+        >>> features = validation_features(posterior, model_fn, val_batches)  # doctest: +SKIP
+        >>> tuned, T, table = tune_prior_temperature_grid(posterior, tempered_nll_at(features))  # doctest: +SKIP
+    """
+
+    def nll_at(candidate: Posterior) -> Callable[[float], Tensor]:
+        f_var = covariance_from_features(candidate, features.covariance, directions)
+        f_mu = features.f_mu.to(f_var.dtype)
+        return lambda t: labels_nll(*tempered_moments(f_mu, f_var, t), features.labels, link, likelihood)
+
+    return nll_at
 
 
 #: The temperatures `tune_prior_temperature_grid` starts from (``2^-2 ... 2^4``), refined in ``log T``.

@@ -166,6 +166,7 @@ def test_fit_laplace_takes_a_tokenised_dataset_and_a_dataset_dict():
     loader = torch.utils.data.DataLoader(examples, batch_size=8, collate_fn=collate)
     expected = fit_laplace(model, loader, answer_ids=ANSWER_IDS, fisher="exact")
     from_dataset = fit_laplace(model, tokenised(examples), answer_ids=ANSWER_IDS, fisher="exact")
+    assert from_dataset.temperature == expected.temperature  # the default climbs T on both alike
     batch = collate(examples[:4])
     torch.testing.assert_close(from_dataset(batch), expected(batch))
     assert float(from_dataset.log_likelihood) == pytest.approx(float(expected.log_likelihood), rel=1e-6)
@@ -174,7 +175,8 @@ def test_fit_laplace_takes_a_tokenised_dataset_and_a_dataset_dict():
     tuned = fit_laplace(
         model, splits, answer_ids=ANSWER_IDS, fisher="exact", prior="val_nll", prior_options={"steps": 3}
     )
-    assert float(tuned.log_likelihood) == pytest.approx(float(expected.log_likelihood), rel=1e-6)
+    at_one = fit_laplace(model, loader, answer_ids=ANSWER_IDS, fisher="exact", prior="evidence")
+    assert float(tuned.log_likelihood) == pytest.approx(float(at_one.log_likelihood), rel=1e-6)
     with pytest.raises(ValueError, match="no input_ids: tokenise it first"):
         fit_laplace(model, reviews(4), answer_ids=ANSWER_IDS)
 

@@ -26,12 +26,13 @@ from flaplace.app.trainer import (
     gaussian_prior_penalty,
     laplace_from_trainer,
 )
-from flaplace.evidence import tune_prior_evidence
 from flaplace.kfac import fit
 from flaplace.links import predictive_probs
 from flaplace.params import LastTokenLogits, ModelFunction, select_params
 from flaplace.posterior import make_posterior
 from flaplace.predictive import linearised_predictive, predictive_precompute
+from flaplace.temperature import TemperedModelFunction
+from flaplace.tempered_evidence import soften_by_evidence
 
 ANSWER_IDS = (3, 5)
 EOS = 2
@@ -135,8 +136,12 @@ def test_trainer_post_hoc_equals_the_pure_functions(tmp_path):
     params = select_params(model, "lora")
     model_fn = ModelFunction(model, params, LastTokenLogits(ANSWER_IDS))
     factors, state = fit(model_fn, params, batches, fisher="exact", progress=False)
-    tuned, _ = tune_prior_evidence(make_posterior(factors, params, 1.0), state.log_likelihood, progress=False)
-    assert float(la.log_likelihood) == pytest.approx(float(state.log_likelihood), rel=1e-5)
+    # the default without validation data: lambda and T >= 1 by the evidence
+    best, _ = soften_by_evidence(model_fn, params, batches, make_posterior(factors, params, 1.0), state.log_likelihood,
+                                 fisher="exact")  # fmt: skip
+    tuned, temperature = best.posterior, best.temperature
+    assert la.temperature == temperature
+    assert float(la.log_likelihood) == pytest.approx(float(best.log_likelihood), rel=1e-5)
     lam = float(next(iter(tuned.prior_precision.values())))
     assert next(iter(la.prior_precision.values())) == pytest.approx(lam, rel=1e-4)
     probs = la(collate(data[:4]))
@@ -145,7 +150,8 @@ def test_trainer_post_hoc_equals_the_pure_functions(tmp_path):
     # the Trainer integration's predictive keeps the informed directions by default
     assert la.directions == "informed"
     batch = answer_batch(collate(data[:4]), ANSWER_IDS)
-    f_mu, f_var = linearised_predictive(model_fn, predictive_precompute(tuned, "informed"), batch)
+    hot = TemperedModelFunction(model_fn, temperature)
+    f_mu, f_var = linearised_predictive(hot, predictive_precompute(tuned, "informed"), batch)
     torch.testing.assert_close(probs, predictive_probs(f_mu, f_var, "probit"), rtol=1e-3, atol=1e-4)
     whole = fit_laplace(
         model, trainer.get_train_dataloader(), answer_ids=ANSWER_IDS, fisher="exact", directions="all"

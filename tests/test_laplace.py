@@ -24,6 +24,7 @@ from flaplace.params import ModelFunction, select_params
 from flaplace.posterior import make_posterior, sample, with_prior_precision
 from flaplace.predictive import linearised_predictive, predictive_precompute
 from flaplace.sampling import batch_to, logits_at, sampling_probs
+from flaplace.temperature import TemperedModelFunction
 from flaplace.typing import Eigen, KronFactor
 from flaplace.validation import tune_prior_nll, validation_features, validation_nll
 
@@ -298,7 +299,7 @@ def test_the_one_call_api_the_trainer_helpers_and_the_command_line_share_their_d
     # the prior: default-val (lambda and T on validation NLL) when there is validation data, which
     # flaplace run always has, else default (the evidence); None resolves to one of the two
     assert cli.prior_tuning == "default-val"
-    assert trainer.PRIOR_NAMES == {"default": "evidence", "default-val": "val_nll_temperature"}
+    assert trainer.PRIOR_NAMES == {"default": "evidence_temperature", "default-val": "val_nll_temperature"}
     assert defaults(fit_laplace_lora)["prior"] is None
     assert defaults(fit_laplace_lora)["link"] == defaults(LaplaceLoRA.predict)["link"] == cli.link
     for helper in (trainer.fit_laplace, trainer.laplace_from_trainer, trainer.LaplaceCallback):
@@ -327,5 +328,36 @@ def test_val_nll_temperature_beats_temperature_scaling_on_validation_and_is_the_
     mu1, var1 = la_t1.predictive(val[0])
     torch.testing.assert_close(f_mu, mu1 / la.temperature)
     torch.testing.assert_close(f_var, var1 / la.temperature**2)
-    # without validation data the default is the evidence, at T = 1
-    assert fit_laplace_lora(model, train, include="fc.weight", fisher="exact").temperature == 1.0
+
+
+def test_without_validation_the_default_softens_by_the_evidence_as_the_pure_function_does():
+    """default: lambda and T >= 1 by the evidence (soften_by_evidence), from the training data alone."""
+    from flaplace.kfac import fit as fit_kfac
+    from flaplace.tempered_evidence import soften_by_evidence
+
+    model, train = overconfident_problem(n=96)
+    la = fit_laplace_lora(model, train, include="fc.weight", fisher="exact", directions="all")
+    params = select_params(model, "fc.weight")
+    f = ModelFunction(model, params)
+    factors, state = fit_kfac(f, params, train, fisher="exact", progress=False)
+    best, table = soften_by_evidence(f, params, train, make_posterior(factors, params, 1.0), state.log_likelihood,
+                                     fisher="exact")  # fmt: skip
+    assert la.temperature == best.temperature > 1.0  # a tenth of the labels flipped: overconfident
+    assert la.history == table
+    assert la.prior_precision["fc.weight"] == pytest.approx(
+        float(best.posterior.prior_precision["fc.weight"])
+    )
+    assert float(la.log_marginal_likelihood()) == pytest.approx(best.log_evidence, rel=1e-8)
+    # the predictive is the tempered posterior's, the logits over T
+    f_mu, f_var = la.predictive(train[0])
+    mu_t, var_t = linearised_predictive(TemperedModelFunction(f, la.temperature), best.posterior, train[0])
+    torch.testing.assert_close(f_mu, mu_t)
+    torch.testing.assert_close(f_var, var_t)
+    # a one-shot iterator cannot be read again: the evidence at T = 1, with a warning
+    with pytest.warns(UserWarning, match="read only once"):
+        once = fit_laplace_lora(model, iter(train), include="fc.weight", fisher="exact")
+    assert once.temperature == 1.0
+    with pytest.raises(ValueError, match="needs train_batches"):
+        LaplaceLoRA(model, include="fc.weight").fit(train).optimize_prior_precision("evidence_temperature")
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        la.optimize_prior_precision("evidence_temperature", train_batches=iter(train))

@@ -15,7 +15,7 @@ from flaplace.kfac import fit as fit_kfac
 from flaplace.online import build_online_evidence, online_posterior, prior_penalty, rescale_factors
 from flaplace.params import ModelFunction, select_params
 from flaplace.posterior import make_posterior
-from flaplace.temperature import tune_evidence_temperature
+from flaplace.tempered_evidence import tune_evidence_temperature
 
 F64 = torch.float64
 KFAC = {"fisher": "exact", "lr_threshold": None}

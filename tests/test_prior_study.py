@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from test_temperature import linear_problem, profile_evidence_dense
 
-from flaplace.temperature import evidence_at_temperature
+from flaplace.tempered_evidence import evidence_at_temperature
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from prior_methods import bars, evidence_over_temperature, online_map  # noqa: E402

@@ -18,9 +18,14 @@ from flaplace.posterior import make_posterior, with_prior_precision
 from flaplace.predictive import linearised_predictive
 from flaplace.temperature import (
     TemperedModelFunction,
-    evidence_at_temperature,
     fit_temperature,
+    maximise_on_log_grid,
     tempered_moments,
+)
+from flaplace.tempered_evidence import (
+    MappedBatches,
+    evidence_at_temperature,
+    soften_by_evidence,
     tune_evidence_temperature,
 )
 from flaplace.tempered_validation import (
@@ -299,3 +304,114 @@ def test_fit_temperature_refuses_bad_input():
         fit_temperature(torch.tensor([[float("nan"), 0.0]]), torch.tensor([0]))
     with pytest.raises(ValueError, match="at least one"):
         fit_temperature(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
+
+
+def test_log_grid_search_refines_between_the_best_points_neighbours():
+    calls: list[float] = []
+
+    def peaked(x: float) -> float:  # maximum at x = 3 (log2 3 = 1.585), unimodal in log x
+        calls.append(x)
+        return -((math.log(x) - math.log(3.0)) ** 2)
+
+    grid = [0.5, 1.0, 2.0, 4.0, 8.0]
+    assert maximise_on_log_grid(peaked, grid, 0) == 4.0 and len(calls) == 5  # grid only
+    calls.clear()
+    best = maximise_on_log_grid(peaked, grid, 30)
+    assert best == pytest.approx(3.0, rel=1e-5) and len(calls) == 5 + 30
+    assert all(2.0 <= x <= 8.0 for x in calls[5:])  # the bracket: the neighbours of 4
+
+
+def untempered(f, params, batches):
+    factors, state = fit_kfac(f, params, batches, fisher="exact", progress=False)
+    return make_posterior(factors, params, 1.0), state.log_likelihood
+
+
+def test_softening_climbs_while_the_evidence_and_the_training_fit_both_rise():
+    # 30 examples, 15 % flipped at scale 3: the MAP is overconfident on its own training data
+    net, params, f, batches = linear_problem(n_batches=5, seed=4)
+    price = math.log(30) / 2  # BIC's price of T as one more fitted parameter
+    posterior, log_likelihood = untempered(f, params, batches)
+    best, table = soften_by_evidence(f, params, batches, posterior, log_likelihood, fisher="exact")
+    grid = [1.0, 2.0, 4.0, 8.0, 16.0]
+    full, full_table = tune_evidence_temperature(
+        f, params, batches, temperatures=grid, refine_steps=0, fisher="exact", progress=False
+    )
+    assert best.temperature == 4.0
+    # the climb is a prefix of the grid, each step up raising both the evidence and LL_T, and it
+    # stops one step past its end (or at the grid's top)
+    seen = [r["temperature"] for r in table]
+    assert seen == grid[: len(seen)] and best.temperature in seen
+    up = seen.index(best.temperature)
+    for low, high in zip(table[:up], table[1 : up + 1], strict=True):
+        assert high["log_evidence"] > low["log_evidence"]
+        assert high["log_likelihood"] - low["log_likelihood"] > price
+    if up + 1 < len(table):
+        stop, last = table[up + 1], table[up]
+        assert (
+            stop["log_evidence"] <= last["log_evidence"]
+            or stop["log_likelihood"] - last["log_likelihood"] <= price
+        )
+    # each evaluation is the full grid search's at that temperature (same factors, same tuning)
+    for record in table:
+        twin = next(r for r in full_table if r["temperature"] == record["temperature"])
+        assert record["log_evidence"] == pytest.approx(twin["log_evidence"], rel=1e-6)
+    # and the evidence where it stopped is the dense closed form's maximum over lambda there
+    assert best.log_evidence == pytest.approx(
+        profile_evidence_dense(net, batches, params, best.temperature), abs=1e-3
+    )
+    # T = 1 is the untempered fit's, tuned by the evidence, not a second K-FAC pass
+    at_one = next(r for r in table if r["temperature"] == 1.0)
+    assert at_one["log_likelihood"] == pytest.approx(float(log_likelihood), rel=1e-12)
+
+
+def test_softening_keeps_t_one_when_the_evidence_prefers_sharper_and_refuses_bad_grids():
+    net, params, f, batches = linear_problem(n_batches=20)
+    clean = [(x, net(x).detach().argmax(-1)) for x, _ in batches]  # the MAP fits all 120 labels
+    posterior, log_likelihood = untempered(f, params, clean)
+    best, table = soften_by_evidence(f, params, clean, posterior, log_likelihood, fisher="exact")
+    assert best.temperature == 1.0 and [r["temperature"] for r in table] == [1.0, 2.0]
+    tuned, _ = tune_prior_evidence(posterior, log_likelihood, progress=False)
+    assert torch.equal(best.posterior.prior_precision["weight"], tuned.prior_precision["weight"])
+    with pytest.raises(ValueError, match="starts at T = 1"):
+        soften_by_evidence(f, params, clean, posterior, log_likelihood, temperatures=[2.0, 4.0])
+
+
+def test_softening_refuses_a_flatter_fit_that_only_the_occam_factor_favours():
+    # six clean labels and a large weight: the MAP is right on all of them, yet the dense evidence
+    # rises with T through the Occam factor alone (LL_T falls): the evidence-only climb would
+    # flatten a correct model, the guarded one keeps T = 1
+    net, params, f, batches = linear_problem(scale=2.0, n_batches=1, seed=1)
+    clean = [(x, net(x).detach().argmax(-1)) for x, _ in batches]
+    dense = [profile_evidence_dense(net, clean, params, t) for t in (1.0, 2.0, 4.0)]
+    assert dense[0] < dense[1] < dense[2]
+    posterior, log_likelihood = untempered(f, params, clean)
+    evidence_only, _ = tune_evidence_temperature(
+        f, params, clean, temperatures=[1.0, 2.0, 4.0], refine_steps=0, fisher="exact", progress=False
+    )
+    assert evidence_only.temperature == 4.0
+    best, table = soften_by_evidence(f, params, clean, posterior, log_likelihood, fisher="exact")
+    assert best.temperature == 1.0 and [r["temperature"] for r in table] == [1.0, 2.0]
+    assert table[1]["log_evidence"] > table[0]["log_evidence"]
+    assert table[1]["log_likelihood"] < table[0]["log_likelihood"]
+
+
+def test_softening_needs_a_training_fit_gain_that_pays_for_the_temperature():
+    # evidence and LL_T both rise at T = 2, but LL_T by less than log(30) / 2 (BIC's price of a
+    # fitted parameter): the climb keeps T = 1
+    net, params, f, batches = linear_problem(n_batches=5, seed=3)
+    posterior, log_likelihood = untempered(f, params, batches)
+    best, table = soften_by_evidence(f, params, batches, posterior, log_likelihood, fisher="exact")
+    assert [r["temperature"] for r in table] == [1.0, 2.0] and best.temperature == 1.0
+    gain = table[1]["log_likelihood"] - table[0]["log_likelihood"]
+    assert table[1]["log_evidence"] > table[0]["log_evidence"] and 0 < gain < math.log(30) / 2
+    assert table[1]["log_evidence"] == pytest.approx(
+        profile_evidence_dense(net, batches, params, 2.0), abs=1e-3
+    )
+
+
+def test_mapped_batches_reread_on_every_pass_and_refuse_one_shot_iterators():
+    batches = [{"x": torch.tensor([k])} for k in range(3)]
+    moved = MappedBatches(batches, lambda b: {"x": 10 * b["x"]})
+    assert [int(b["x"]) for b in moved] == [int(b["x"]) for b in moved] == [0, 10, 20]
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        MappedBatches((b for b in batches), lambda b: b)

@@ -406,7 +406,7 @@ def format_demo_table(evidence: dict[str, Any], validation: dict[str, Any]) -> s
         >>> first = {"metrics": {"map": m, "laplace": m, "temperature": m}, "prior_precision": 2.0,
         ...          "temperature": 1.0, "temperature_scaling": 1.5}
         >>> print(format_demo_table(first, first).splitlines()[3])
-        Laplace default (evidence: lambda 2)                0.9000   0.3000   0.0500   0.1500
+        Laplace default (evidence: lambda 2, T 1)           0.9000   0.3000   0.0500   0.1500
     """
     rows = [("MAP", evidence["metrics"]["map"])]
     if "temperature" in validation["metrics"]:
@@ -418,7 +418,7 @@ def format_demo_table(evidence: dict[str, Any], validation: dict[str, Any]) -> s
         )
     rows += [
         (
-            f"Laplace default (evidence: lambda {evidence['prior_precision']:.3g})",
+            f"Laplace default (evidence: lambda {evidence['prior_precision']:.3g}, T {evidence['temperature']:.3g})",
             evidence["metrics"]["laplace"],
         ),
         (

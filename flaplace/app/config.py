@@ -194,7 +194,8 @@ class RunConfig:
     prior_tuning: str = option(
         "default-val",
         "how the prior precision (and a likelihood temperature) is tuned: default-val (both on "
-        "validation NLL), default (the evidence only), evidence, or grid (validation NLL, T = 1)",
+        "validation NLL), default (both by the evidence; T >= 1 where it also raises the training fit), "
+        "evidence (T = 1), or grid (validation NLL, T = 1)",
         stage="prior",
         choices=PRIOR_TUNINGS,
     )

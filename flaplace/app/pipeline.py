@@ -73,6 +73,7 @@ from flaplace.app.stages import (
     link_probs,
     map_logits,
     moments,
+    soften_factors,
     train_map,
     training_batches,
     tune_prior,
@@ -260,21 +261,19 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
         # 2. training log-likelihood and K-FAC factors
         tick = time.perf_counter()
 
-        def compute_kfac() -> tuple[Any, dict[str, Any]]:
-            factors, log_likelihood = fit_factors(
-                laplace_fn, map_params, encoded("train", share=True), fisher=config.fisher,
-                sharing=config.sharing, n_kfac=config.n_kfac, lr_threshold=config.lr_threshold,
-                seed=config.seed, device=config.device, progress=progress, distributed=many,
-            )  # fmt: skip
-            return factors, {"log_likelihood": log_likelihood}
+        kfac_options: dict[str, Any] = {"fisher": config.fisher, "sharing": config.sharing, "n_kfac": config.n_kfac,
+                                        "lr_threshold": config.lr_threshold, "seed": config.seed,
+                                        "device": config.device, "progress": progress, "distributed": many}  # fmt: skip
+        factor_io: dict[str, Any] = {
+            "save": lambda path, factors: save_posterior(path, make_posterior(factors, map_params, 1.0)),
+            "load": lambda path: load_posterior(path, map_params).factors,
+        }
 
-        factors, kfac_record = cache.get(
-            "kfac",
-            stage_key(config, "kfac"),
-            compute_kfac,
-            save=lambda path, factors: save_posterior(path, make_posterior(factors, map_params, 1.0)),
-            load=lambda path: load_posterior(path, map_params).factors,
-        )
+        def compute_kfac() -> tuple[Any, dict[str, Any]]:
+            factors, ll = fit_factors(laplace_fn, map_params, encoded("train", share=True), **kfac_options)
+            return factors, {"log_likelihood": ll}
+
+        factors, kfac_record = cache.get("kfac", stage_key(config, "kfac"), compute_kfac, **factor_io)
         log_likelihood = float(kfac_record["log_likelihood"])
         posterior = make_posterior(factors, map_params, config.prior_precision, prior_mean=prior_mean)
         timings["kfac"] = time.perf_counter() - tick
@@ -315,21 +314,28 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
             val_metrics = classification_metrics(torch.softmax(val_mu.double(), -1), val_labels)
             return fit_temperature(val_mu, val_labels), val_metrics
 
-        def compute_prior() -> tuple[None, dict[str, Any]]:
-            precision, record = tune_prior(
-                posterior, log_likelihood, method=config.prior_tuning, validation=validation, probs=probs,
-                progress=progress, distributed=many, directions=directions,
-            )  # fmt: skip
-            scaling, val_metrics = temperature_scaling()
-            return None, {
-                "prior_precision": precision,
-                "tuning": record,
-                "temperature_scaling": scaling,
-                "validation_map": val_metrics,
-            }
+        softening = config.prior_tuning == "default"  # lambda and T >= 1 by the evidence: K-FAC per T
 
-        _, prior_record = cache.get("prior", stage_key(config, "prior"), compute_prior)
+        def compute_prior() -> tuple[Any, dict[str, Any]]:
+            softened = None
+            if softening:
+                train = encoded("train", share=True)
+                softened, precision, record = soften_factors(laplace_fn, map_params, train, posterior, log_likelihood, **kfac_options)  # fmt: skip
+            else:
+                precision, record = tune_prior(
+                    posterior, log_likelihood, method=config.prior_tuning, validation=validation, probs=probs,
+                    progress=progress, distributed=many, directions=directions,
+                )  # fmt: skip
+            scaling, val_metrics = temperature_scaling()
+            return softened, {"prior_precision": precision, "tuning": record, "temperature_scaling": scaling,
+                              "validation_map": val_metrics}  # fmt: skip
+
+        softened, prior_record = cache.get(
+            "prior", stage_key(config, "prior"), compute_prior, **(factor_io if softening else {})
+        )
         tuned_precision, tuning_record = float(prior_record["prior_precision"]), prior_record["tuning"]
+        if softening:  # the posterior of the tempered likelihood
+            factors, log_likelihood = softened, float(tuning_record["log_likelihood"])
         temperature = float(tuning_record.get("temperature", 1.0))  # of the posterior's likelihood
         scaling_temperature = prior_record.get("temperature_scaling")
         posterior = make_posterior(factors, map_params, tuned_precision, prior_mean=prior_mean)

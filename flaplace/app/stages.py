@@ -46,6 +46,7 @@ from flaplace.kfac import fit as fit_kfac
 from flaplace.links import predictive_probs
 from flaplace.metrics import classification_metrics
 from flaplace.predictive import Directions, JacobianMethod
+from flaplace.tempered_evidence import soften_by_evidence
 from flaplace.tempered_validation import tune_prior_temperature_grid
 from flaplace.typing import Factors, ModelFn, Params, Posterior
 
@@ -222,6 +223,48 @@ def fit_factors(
     return factors, float(state.log_likelihood)
 
 
+def soften_factors(
+    model_fn: ModelFn,
+    params: Params,
+    encoded: Sequence[dict[str, Tensor]],
+    posterior: Posterior,
+    log_likelihood: float,
+    *,
+    fisher: str,
+    sharing: str,
+    n_kfac: int,
+    lr_threshold: int | None,
+    seed: int,
+    device: str = "cpu",
+    progress: bool = True,
+    distributed: bool = False,
+) -> tuple[Factors, float, dict[str, Any]]:
+    """The prior ``"default"``: ``lambda`` and a softening temperature ``T >= 1`` by the evidence.
+
+    ``posterior`` and ``log_likelihood`` are the untempered fit of `fit_factors` on ``encoded``
+    with the same options; ``T`` climbs 2, 4, 8, 16 while the evidence rises and the training
+    log-likelihood gains more than ``log(N) / 2``, one K-FAC pass each
+    ([`soften_by_evidence`][flaplace.tempered_evidence.soften_by_evidence]). Returns the factors of
+    ``f / T`` (the given ones at ``T = 1``), the prior precision and a record (``temperature``,
+    the tempered ``log_likelihood``, the climb's ``table``).
+
+    Examples:
+        >>> factors, precision, record = soften_factors(model_fn, map_params, train_batches, posterior,
+        ...     ll, fisher="exact", sharing="expand", n_kfac=10, lr_threshold=None, seed=0)  # doctest: +SKIP
+    """
+    generator = torch.Generator(device=device).manual_seed(
+        rank_seed(seed + 1, current_ranks() if distributed else SINGLE)  # not the T = 1 pass's draws
+    )
+    best, table = soften_by_evidence(
+        model_fn, params, encoded, posterior, torch.tensor(log_likelihood, dtype=torch.float64),
+        progress=progress, fisher=cast(Any, fisher), sharing=cast(Any, sharing), n_kfac=n_kfac,
+        lr_threshold=lr_threshold, generator=generator, distributed=distributed,
+    )  # fmt: skip
+    record = {"method": "default", "temperature": best.temperature, "log_likelihood": float(best.log_likelihood),
+              "final": {"log_evidence": best.log_evidence}, "table": table}  # fmt: skip
+    return best.posterior.factors, float(next(iter(best.posterior.prior_precision.values()))), record
+
+
 #: The logits and per-batch Jacobians of a split (kept to score many priors).
 Moments: TypeAlias = JacobianCache
 
@@ -290,7 +333,8 @@ def tune_prior(
 
     ``directions``: the predictive covariance the validation NLL scores (see `covariances`).
 
-    ``method="default"`` or ``"evidence"`` maximises the Laplace evidence (temperature 1);
+    ``method="evidence"`` maximises the Laplace evidence (temperature 1; ``"default"``, the
+    evidence over a temperature too, needs K-FAC passes: `soften_factors`);
     ``"grid"`` scores the validation NLL of the predictive (``validation()`` gives its moments
     and labels, ``probs(f_mu, f_var)`` the link) on a grid of prior precisions, reusing the
     Jacobians for every prior; ``"default-val"`` scores ``(lambda, T)`` jointly, the predictive
@@ -303,7 +347,7 @@ def tune_prior(
     Examples:
         >>> precision, record = tune_prior(posterior, log_likelihood, method="evidence")  # doctest: +SKIP
     """
-    if method in ("default", "evidence"):
+    if method == "evidence":
         tuned, history = tune_prior_evidence(posterior, log_likelihood, progress=progress)
         record: dict[str, Any] = {"method": method, "steps": len(history) - 1, "final": history[-1]}
         return float(next(iter(tuned.prior_precision.values()))), {**record, "temperature": 1.0}

@@ -34,7 +34,7 @@ from flaplace.typing import Batch, Params
 #: The label value Hugging Face losses ignore.
 IGNORE_INDEX = -100
 #: The command line's names of the two default priors -> `LaplaceLoRA.optimize_prior_precision`'s methods.
-PRIOR_NAMES = {"default": "evidence", "default-val": "val_nll_temperature"}
+PRIOR_NAMES = {"default": "evidence_temperature", "default-val": "val_nll_temperature"}
 #: The methods that read validation data.
 VALIDATION_PRIORS = ("val_nll", "val_nll_temperature", "grid", "gridsearch")
 #: Where the Gaussian prior of the Trainer integration can be centred.
@@ -172,8 +172,9 @@ def fit_laplace(
         val_loader: validation batches (for the validation-NLL priors).
         prior: as in ``flaplace run``: ``"default-val"`` (prior precision and likelihood
             temperature on validation NLL; the default when ``val_loader`` is given) or
-            ``"default"`` (the evidence; the default without one, and the only choice for a
-            generatively fine-tuned causal LM); or a method of
+            ``"default"`` (the evidence over the prior precision and a softening temperature
+            ``T >= 1``; the default without one; for a generatively fine-tuned causal LM, the
+            evidence at ``T = 1``, its only choice); or a method of
             [`LaplaceLoRA.optimize_prior_precision`][flaplace.laplace.LaplaceLoRA.optimize_prior_precision].
         **options: passed to [`fit_laplace_lora`][flaplace.laplace.fit_laplace_lora] (``include``, ``fisher``,
             ``prior_options``, ``jacobian_method``, ``directions``, ...), whose defaults are
@@ -191,7 +192,8 @@ def fit_laplace(
                 f"prior={prior!r} tunes on a classification predictive, but a causal LM without answer_ids "
                 "is fitted on its token labels: use prior='default' (the evidence), or pass answer_ids to score answers"
             )
-        output_fn, val_loader, prior = SupervisedTokenLogits(), None, prior or "default"
+        output_fn, val_loader = SupervisedTokenLogits(), None
+        prior = "evidence" if prior in (None, "default") else prior  # T = 1 over the vocabulary
     batch_fn = _BatchFn(_device_of(model), answer_ids)
     return fit_laplace_lora(
         model,
