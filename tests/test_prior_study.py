@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from test_temperature import linear_problem, profile_evidence_dense
 
-from flaplace.tempered_evidence import evidence_at_temperature
+from flaplace import fit_kfac, make_posterior
+from flaplace.tempered_evidence import evidence_at_temperature, soften_by_evidence, tune_evidence_temperature
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from prior_methods import bars, evidence_over_temperature, online_map  # noqa: E402
+from prior_methods import bars, evidence_over_temperature, fit_guarded_climb, online_map  # noqa: E402
 
 
 def dict_batches(batches):
@@ -112,3 +113,21 @@ def test_bars_apply_the_acceptance_rules_cell_by_cell() -> None:
     assert "| 0.000 | FAIL |" in b and b.endswith("| pass |")
     assert "| 0.150 | FAIL |" in c and c.endswith("| FAIL |")
     assert lines[-1].endswith("on 1 cells (3 needed).")
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_the_study_climb_is_the_library_default(seed: int) -> None:
+    # the study's evidence-temp-bic row takes T from its evidence table by fit_guarded_climb; the
+    # library's default (soften_by_evidence) climbs with K-FAC passes: same T on the same data
+    # (seed 3: LL_T gains less than log(30)/2 at T = 2; seed 4: it climbs to T = 4)
+    net, params, f, batches = linear_problem(n_batches=5, seed=seed)
+    factors, state = fit_kfac(f, params, batches, fisher="exact", progress=False)
+    best, _ = soften_by_evidence(
+        f, params, batches, make_posterior(factors, params, 1.0), state.log_likelihood, fisher="exact"
+    )
+    _, full = tune_evidence_temperature(
+        f, params, batches, temperatures=[1.0, 2.0, 4.0, 8.0, 16.0], refine_steps=0, fisher="exact",
+        progress=False,
+    )  # fmt: skip
+    assert fit_guarded_climb(full, price=math.log(30) / 2) == best.temperature == {3: 1.0, 4: 4.0}[seed]
+    assert fit_guarded_climb(full) == {3: 2.0, 4: 4.0}[seed]  # without the price, seed 3 softens
