@@ -7,7 +7,8 @@ precision is tuned at that temperature by the evidence
 [`tune_evidence_temperature`][flaplace.tempered_evidence.tune_evidence_temperature] searches a grid of
 temperatures, refined by a golden-section search in ``log T``;
 [`soften_by_evidence`][flaplace.tempered_evidence.soften_by_evidence] is the library's default
-without validation data: ``T`` climbs from 1 while the evidence and the training fit both rise.
+without validation data: ``T`` climbs from 1 while the evidence rises and the training
+log-likelihood gains more than ``log(N) / 2``.
 """
 
 from __future__ import annotations
@@ -279,7 +280,7 @@ def soften_by_evidence(
         temperatures: the climb, from ``1.0`` upwards.
         per_block: one ``lambda`` (``False``), one per block (``True``) or per keyword group.
         tune_options: passed to [`tune_prior_evidence`][flaplace.evidence.tune_prior_evidence].
-        progress: show progress bars.
+        progress: show a progress bar over the temperatures.
         **kfac_options: passed to [`fit_kfac`][flaplace.kfac.fit]; they must be those of ``posterior``'s fit.
 
     Returns:

@@ -194,7 +194,7 @@ class RunConfig:
     prior_tuning: str = option(
         "default-val",
         "how the prior precision (and a likelihood temperature) is tuned: default-val (both on "
-        "validation NLL), default (both by the evidence; T >= 1 where it also raises the training fit), "
+        "validation NLL), default (both by the evidence; T >= 1 where it raises the training fit by over ln(N)/2), "
         "evidence (T = 1), or grid (validation NLL, T = 1)",
         stage="prior",
         choices=PRIOR_TUNINGS,
