@@ -53,7 +53,13 @@ from flaplace.sequences import SequenceScores, linearised_decode, sequence_score
 from flaplace.sharding import unwrap_model
 from flaplace.temperature import TemperedModelFunction, fit_temperature, tempered_moments
 from flaplace.tempered_evidence import evidence_at_temperature, soften_by_evidence, tune_evidence_temperature
-from flaplace.tempered_validation import tune_prior_temperature_grid, tune_prior_temperature_nll
+from flaplace.tempered_validation import (
+    ScalingMixture,
+    akaike_weight,
+    scaling_mixture,
+    tune_prior_temperature_grid,
+    tune_prior_temperature_nll,
+)
 from flaplace.typing import Eigen, Factors, KronFactor, Params, Posterior
 from flaplace.validation import tune_prior_nll
 from flaplace.vocabulary import (
@@ -146,4 +152,7 @@ __all__ = [
     "tune_evidence_temperature",
     "tune_prior_temperature_grid",
     "tune_prior_temperature_nll",
+    "ScalingMixture",
+    "akaike_weight",
+    "scaling_mixture",
 ]

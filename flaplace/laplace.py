@@ -4,14 +4,9 @@
 library's pure functions (parameter selection, K-FAC, the posterior, a prior tuner, a predictive),
 which stay the API for everything it does not cover; it only keeps their results together.
 
-Two predictives are offered:
-
-* ``"glm"``: the linearised predictive ``N(f_mu, J Sigma J^T)`` of the logits, squashed by a link
-  (``"probit"``, ``"bridge"`` or ``"mc"``), see [`flaplace.predictive`][flaplace.predictive];
-* ``"nn"``: the sampling predictive. Weights ``theta_s ~ N(theta*, Sigma)`` are drawn from the
-  posterior ([`sample`][flaplace.posterior.sample]), the model runs at each, and the class
-  probabilities are averaged: ``p = (1/S) sum_s softmax(f(theta_s, x))``, see
-  [`flaplace.sampling`][flaplace.sampling].
+Two predictives are offered: ``"glm"``, the linearised predictive ``N(f_mu, J Sigma J^T)`` of the
+logits through a link ([`flaplace.predictive`][flaplace.predictive]), and ``"nn"``, the class
+probabilities averaged over weights drawn from the posterior ([`flaplace.sampling`][flaplace.sampling]).
 """
 
 from __future__ import annotations
@@ -43,21 +38,20 @@ from flaplace.sampling import logits_at as logits_at
 from flaplace.sampling import sampling_probs
 from flaplace.temperature import TemperedModelFunction, tempered_moments
 from flaplace.tempered_evidence import MappedBatches, soften_by_evidence
-from flaplace.tempered_validation import tempered_nll_at, tune_prior_temperature_grid
+from flaplace.tempered_validation import (
+    ScalingMixture,
+    mix_with_scaling,
+    scaling_mixture,
+    tempered_nll_at,
+    tune_prior_temperature_grid,
+)
 from flaplace.typing import Batch, Likelihood, Params, Posterior
 from flaplace.validation import tune_prior_nll, validation_features
 
 PredType: TypeAlias = Literal["glm", "nn"]
 PriorMethod: TypeAlias = Literal[
-    "evidence",
-    "evidence_temperature",
-    "val_nll",
-    "val_nll_temperature",
-    "grid",
-    "none",
-    "marglik",
-    "gridsearch",
-]
+    "evidence", "evidence_temperature", "val_nll", "val_nll_temperature", "grid", "none", "marglik", "gridsearch"
+]  # fmt: skip
 PRIOR_METHODS: tuple[str, ...] = get_args(PriorMethod)
 #: laplace-torch's names for the same methods.
 ALIASES = {"marglik": "evidence", "gridsearch": "grid"}
@@ -140,6 +134,9 @@ class LaplaceLoRA:
         #: The likelihood temperature: the predictive is that of the logits over ``T`` (tuned
         #: with ``optimize_prior_precision("val_nll_temperature")``; 1 otherwise).
         self.temperature = 1.0
+        #: ``"val_nll_temperature"``'s average with temperature scaling of the MAP (probabilities
+        #: ``weight * p_posterior + (1 - weight) * softmax(f_mu / temperature)``); ``None`` otherwise.
+        self.scaling: ScalingMixture | None = None
         self._cache: PredictiveCache | None = None
 
     def _batches(self, batches: Iterable[Batch]) -> Iterable[Batch]:
@@ -197,7 +194,9 @@ class LaplaceLoRA:
                 validation NLL on a grid ([`tune_prior_grid`][flaplace.evidence.tune_prior_grid]);
                 ``"val_nll_temperature"`` picks ``lambda`` and the likelihood temperature ``T``
                 (`temperature`) with the lowest validation NLL, temperature scaling of the MAP
-                included ([`tune_prior_temperature_grid`][flaplace.tempered_validation.tune_prior_temperature_grid]);
+                included ([`tune_prior_temperature_grid`][flaplace.tempered_validation.tune_prior_temperature_grid]),
+                then averages that posterior's probabilities with temperature scaling's by their
+                Akaike weights (`scaling`, [`scaling_mixture`][flaplace.tempered_validation.scaling_mixture]);
                 ``"none"`` keeps the current value. laplace-torch's names ``"marglik"`` and
                 ``"gridsearch"`` are accepted for ``"evidence"`` and ``"grid"``.
             val_batches: validation batches with labels (``"val_nll"`` and ``"grid"``).
@@ -220,12 +219,10 @@ class LaplaceLoRA:
         if method == "none":
             return self
         assert self.log_likelihood is not None
-        temperature, log_likelihood = self.temperature, self.log_likelihood
+        temperature, log_likelihood, scaling = self.temperature, self.log_likelihood, None
         if method == "evidence_temperature":
             if train_batches is None:
-                raise ValueError(
-                    "method 'evidence_temperature' needs train_batches (the training data of fit)"
-                )
+                raise ValueError("method 'evidence_temperature' needs train_batches (fit's training data)")
             best, history = soften_by_evidence(
                 self.model_fn, self.params, MappedBatches(train_batches, self.batch_fn), posterior,
                 log_likelihood, per_block=per_block, tune_options=options, progress=progress,
@@ -243,13 +240,10 @@ class LaplaceLoRA:
                 raise ValueError("method 'val_nll_temperature' tunes one prior precision for all blocks")
             val = [self.batch_fn(b) for b in val_batches]
             features = validation_features(posterior, self.model_fn, val, method=self.jacobian_method)
-            nll_at = tempered_nll_at(
-                features, link=link, likelihood=self.likelihood, directions=self.directions
-            )
+            nll_at = tempered_nll_at(features, link=link, likelihood=self.likelihood, directions=self.directions)  # fmt: skip
             with torch.no_grad():
-                tuned, temperature, table = tune_prior_temperature_grid(
-                    posterior, nll_at, progress=progress, **options
-                )
+                tuned, temperature, table = tune_prior_temperature_grid(posterior, nll_at, progress=progress, **options)  # fmt: skip
+            scaling = scaling_mixture(table, len(features.labels))
             history = [dict(row) for row in table]
         elif method == "val_nll":
             tuned, history = tune_prior_nll(
@@ -268,7 +262,7 @@ class LaplaceLoRA:
             tuned, table = tune_prior_grid(posterior, val_nll, grid, progress=progress)
             history = [dict(row) for row in table]
         self.posterior, self.temperature, self.log_likelihood = tuned, temperature, log_likelihood
-        self.history, self._cache = history, None
+        self.history, self.scaling, self._cache = history, scaling, None
         return self
 
     @property
@@ -355,20 +349,16 @@ class LaplaceLoRA:
     ) -> Tensor:
         if pred_type == "glm":
             f_mu, f_var = self._moments(batch)
-            return predictive_probs(
+            probs = predictive_probs(
                 f_mu, f_var, link, self.likelihood, n_samples=n_samples, generator=generator
-            ).detach()
-        if pred_type == "nn":
-            return sampling_probs(
-                self.model_fn
-                if self.temperature == 1.0
-                else TemperedModelFunction(self.model_fn, self.temperature),
-                self._posterior(),
-                batch,
-                n_samples,
-                generator=generator,
-                likelihood=self.likelihood,
             )
+            return mix_with_scaling(probs.detach(), f_mu * self.temperature, self.scaling, self.likelihood)
+        if pred_type == "nn":
+            tempered = self.model_fn if self.temperature == 1.0 else TemperedModelFunction(self.model_fn, self.temperature)  # fmt: skip
+            probs = sampling_probs(tempered, self._posterior(), batch, n_samples, generator=generator, likelihood=self.likelihood)  # fmt: skip
+            if self.scaling is None:
+                return probs
+            return mix_with_scaling(probs, self.model_fn(self.params, batch).detach(), self.scaling, self.likelihood)  # fmt: skip
         raise ValueError(f"pred_type must be 'glm' or 'nn', got {pred_type!r}")
 
     def _predict_all(
@@ -397,8 +387,7 @@ class LaplaceLoRA:
             probs.append(self._predict(moved, pred_type, link, **options))
             with contextlib.suppress(KeyError):
                 labels.append(batch_targets(moved))
-        out = torch.cat(probs)
-        return out, (torch.cat(labels) if len(labels) == len(probs) else None)
+        return torch.cat(probs), (torch.cat(labels) if len(labels) == len(probs) else None)
 
 
 def fit_laplace_lora(
@@ -436,9 +425,9 @@ def fit_laplace_lora(
         >>> probs = la(test_batch, link="probit")
     """
     la = LaplaceLoRA(model, output_fn, **options).fit(train_batches, progress=progress)
-    if prior is None and val_batches is None and iter(train_batches) is train_batches:
-        warnings.warn("train_batches can be read only once: the prior is tuned at T = 1", stacklevel=2)
     once = iter(train_batches) is train_batches
+    if prior is None and val_batches is None and once:
+        warnings.warn("train_batches can be read only once: the prior is tuned at T = 1", stacklevel=2)
     prior = prior or (
         "val_nll_temperature" if val_batches else "evidence" if once else "evidence_temperature"
     )

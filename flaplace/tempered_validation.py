@@ -7,13 +7,18 @@ posterior's factors are kept as given, so the validation Jacobians are computed 
 re-weights them. As ``lambda -> infinity`` the covariance vanishes and the family is temperature
 scaling of the MAP; at ``T = 1`` it is the validation NLL of
 [`tune_prior_nll`][flaplace.validation.tune_prior_nll].
+
+The default with validation data does not pick one member of the family: it averages the best
+posterior and temperature scaling of the MAP with Akaike weights
+([`scaling_mixture`][flaplace.tempered_validation.scaling_mixture]), so a posterior that wins
+on the validation data by less than its extra fitted parameter is worth shares only.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -37,6 +42,10 @@ from flaplace.validation import (
 __all__ = [
     "GRID_TEMPERATURES",
     "MAP_LIMIT",
+    "ScalingMixture",
+    "akaike_weight",
+    "mix_with_scaling",
+    "scaling_mixture",
     "tempered_nll_at",
     "tune_prior_temperature_grid",
     "tune_prior_temperature_nll",
@@ -301,3 +310,104 @@ def tune_prior_temperature_grid(
     if best is None:
         raise ValueError("no prior precision and temperature on the grid gave a finite NLL")
     return with_prior_precision(posterior, best["prior_precision"]), best["temperature"], table
+
+
+class ScalingMixture(NamedTuple):
+    """A posterior's predictive averaged with temperature scaling of the MAP.
+
+    The probabilities are ``weight * p_posterior + (1 - weight) * softmax(f_mu / temperature)``:
+    ``weight`` is the posterior's Akaike weight and ``temperature`` that of temperature scaling
+    (not the posterior's own likelihood temperature).
+    """
+
+    weight: float
+    temperature: float
+
+
+def akaike_weight(log_likelihood_gain: float, extra_parameters: int = 1) -> float:
+    """The Akaike weight of the richer of two fitted models: ``1 / (1 + exp(k - gain))``.
+
+    Akaike weights are ``exp(-AIC / 2) = exp(log L - k)`` normalised over the models; for two
+    models whose summed log-likelihoods differ by ``gain`` and whose numbers of fitted parameters
+    differ by ``k = extra_parameters`` this is the richer model's share.
+
+    Raises:
+        ValueError: a non-finite gain or a negative ``extra_parameters``.
+
+    Examples:
+        >>> akaike_weight(1.0)  # a gain of exactly the price of one more parameter: even odds
+        0.5
+        >>> round(akaike_weight(0.0), 3)  # no gain: the simpler model carries most of the weight
+        0.269
+    """
+    if not math.isfinite(log_likelihood_gain) or extra_parameters < 0:
+        raise ValueError(
+            f"need a finite gain and extra_parameters >= 0, got {log_likelihood_gain} and {extra_parameters}"
+        )
+    exponent = extra_parameters - log_likelihood_gain
+    if exponent > 0:  # written so that exp cannot overflow
+        odds = math.exp(-exponent)
+        return odds / (1.0 + odds)
+    return 1.0 / (1.0 + math.exp(exponent))
+
+
+def scaling_mixture(table: Sequence[dict[str, float]], n_examples: int) -> ScalingMixture:
+    """The Akaike-weighted average of `tune_prior_temperature_grid`'s winner and temperature scaling.
+
+    The winner (the lowest mean NLL of ``table``) fitted two hyperparameters, ``lambda`` and
+    ``T``, on the ``n_examples`` validation examples; temperature scaling (the ``MAP_LIMIT``
+    row) fitted one. The winner's weight is `akaike_weight` of its summed validation
+    log-likelihood gain, ``n_examples * (nll_scaling - nll_winner)``, at the price of one
+    parameter: a posterior that wins by less than one nat is worth less than half. Where the
+    winner is temperature scaling itself, its weight is 0.
+
+    Averaging cannot lose much to either member: per example, the mixture's NLL is at most
+    the weighted average of the two NLLs (the logarithm is concave). On validation data it is
+    therefore never worse than temperature scaling, and on test data its NLL minus temperature
+    scaling's is at most ``weight`` times the winner's.
+
+    Raises:
+        ValueError: ``table`` has no ``MAP_LIMIT`` row or no finite NLL, or ``n_examples < 1``.
+
+    Examples:
+        >>> table = [{"prior_precision": 1.0, "temperature": 2.0, "nll": 0.50},
+        ...          {"prior_precision": MAP_LIMIT, "temperature": 1.5, "nll": 0.515625}]
+        >>> scaling_mixture(table, 64)  # a gain of 1 nat over 64 examples: even odds
+        ScalingMixture(weight=0.5, temperature=1.5)
+    """
+    if n_examples < 1:
+        raise ValueError(f"need at least one validation example, got {n_examples}")
+    scaling = next((row for row in table if row["prior_precision"] >= MAP_LIMIT), None)
+    finite = [row for row in table if math.isfinite(row["nll"])]
+    if scaling is None or not finite or not math.isfinite(scaling["nll"]):
+        raise ValueError("the table needs a finite temperature-scaling row (prior precision MAP_LIMIT)")
+    best = min(finite, key=lambda row: row["nll"])
+    if best is scaling:
+        return ScalingMixture(0.0, float(scaling["temperature"]))
+    gain = n_examples * (float(scaling["nll"]) - float(best["nll"]))
+    return ScalingMixture(akaike_weight(gain), float(scaling["temperature"]))
+
+
+def mix_with_scaling(
+    probs: Float[Tensor, "batch outcomes"],
+    map_logits: Float[Tensor, "batch classes"],
+    mixture: ScalingMixture | None,
+    likelihood: Likelihood = "categorical",
+) -> Float[Tensor, "batch outcomes"]:
+    """``weight * probs + (1 - weight) * p(map_logits / temperature)``; ``probs`` without a mixture.
+
+    ``p`` is the softmax (the sigmoid as ``[1 - p, p]`` for the bernoulli likelihood's one logit).
+
+    Examples:
+        >>> mix_with_scaling(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.0, 2.0]]), ScalingMixture(0.5, 2.0))
+        tensor([[0.3845, 0.6155]])
+    """
+    if mixture is None or mixture.weight == 1.0:
+        return probs
+    scaled = (map_logits / mixture.temperature).to(probs.dtype)
+    if likelihood == "bernoulli":
+        positive = torch.sigmoid(scaled.reshape(-1))
+        point = torch.stack([1.0 - positive, positive], dim=-1)
+    else:
+        point = torch.softmax(scaled, dim=-1)
+    return mixture.weight * probs + (1.0 - mixture.weight) * point

@@ -21,6 +21,7 @@ from tiny_hf import save_tiny_model, write_demo_files
 
 from flaplace.app import cli, hf, lora, models
 from flaplace.app.config import RunConfig
+from flaplace.tempered_validation import scaling_mixture
 
 GGUF_NAME = models.PACKAGED["smollm2"][1]
 
@@ -163,6 +164,14 @@ def test_demo_runs_both_priors_on_the_same_map(tiny_llama, tmp_path, capsys):
         "predictive": "computed",
     }
     assert first["metrics"]["map"] == second["metrics"]["map"]
+    # default-val averages its posterior with temperature scaling by Akaike weights (its record)
+    tuning = second["prior_tuning"]
+    n_val = second["task"]["n_examples"]["validation"]
+    assert scaling_mixture(tuning["table"], n_val) == (
+        tuning["scaling_weight"],
+        tuning["scaling_temperature"],
+    )
+    assert f"weight {tuning['scaling_weight']:.2f}) [validation]" in printed
     table = cli.format_demo_table(first, second).splitlines()
     assert [line.split()[0] for line in table] == ["method", "MAP", "temperature", "Laplace", "Laplace"]
 

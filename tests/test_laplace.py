@@ -25,6 +25,7 @@ from flaplace.posterior import make_posterior, sample, with_prior_precision
 from flaplace.predictive import linearised_predictive, predictive_precompute
 from flaplace.sampling import batch_to, logits_at, sampling_probs
 from flaplace.temperature import TemperedModelFunction
+from flaplace.tempered_validation import MAP_LIMIT
 from flaplace.typing import Eigen, KronFactor
 from flaplace.validation import tune_prior_nll, validation_features, validation_nll
 
@@ -328,6 +329,26 @@ def test_val_nll_temperature_beats_temperature_scaling_on_validation_and_is_the_
     mu1, var1 = la_t1.predictive(val[0])
     torch.testing.assert_close(f_mu, mu1 / la.temperature)
     torch.testing.assert_close(f_var, var1 / la.temperature**2)
+    # the probabilities average that posterior with temperature scaling by Akaike weights: the
+    # grid's winner fitted one hyperparameter more, so it pays one nat of summed log-likelihood
+    rows = la.history
+    scaling_row = next(r for r in rows if r["prior_precision"] >= MAP_LIMIT)
+    best = min(rows, key=lambda r: r["nll"])
+    assert best is not scaling_row
+    gain = len(y) * (scaling_row["nll"] - best["nll"])
+    weight = math.exp(gain) / (math.exp(gain) + math.exp(1.0))
+    assert la.scaling is not None and la.scaling.weight == pytest.approx(weight, rel=1e-12)
+    assert la.scaling.temperature == pytest.approx(scaling, rel=1e-2)  # the grid's scaling = LBFGS's
+    expected = weight * predictive_probs(f_mu, f_var) + (1 - weight) * torch.softmax(
+        model(val[0][0]).detach() / la.scaling.temperature, -1
+    )
+    torch.testing.assert_close(la(val[0]), expected)
+    # "nn" mixes the same way (its posterior part is a sampling predictive)
+    gen = torch.Generator().manual_seed(0)
+    sampled = la.predict(val[0], pred_type="nn", n_samples=8, generator=gen)
+    la.scaling = None
+    plain = la.predict(val[0], pred_type="nn", n_samples=8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sampled, weight * plain + (expected - weight * predictive_probs(f_mu, f_var)))
 
 
 def test_without_validation_the_default_softens_by_the_evidence_as_the_pure_function_does():

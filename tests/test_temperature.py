@@ -30,6 +30,9 @@ from flaplace.tempered_evidence import (
 )
 from flaplace.tempered_validation import (
     MAP_LIMIT,
+    ScalingMixture,
+    akaike_weight,
+    scaling_mixture,
     tune_prior_temperature_grid,
     tune_prior_temperature_nll,
     validation_nll_tempered,
@@ -246,6 +249,32 @@ def test_grid_search_of_prior_and_temperature_matches_a_dense_grid_and_includes_
     assert table[-1]["nll"] == pytest.approx(scaled, abs=1e-6)
     with pytest.raises(ValueError, match="positive, finite"):
         tune_prior_temperature_grid(posterior, lambda p: lambda t: 0.0, [-1.0], progress=False)
+
+
+def test_akaike_weights_and_the_mixture_with_temperature_scaling():
+    # exp(-AIC / 2) = exp(LL - k) normalised over two models, written out
+    for gain, k in ((0.0, 1), (1.0, 1), (3.7, 1), (-2.0, 1), (0.5, 0), (4.0, 3)):
+        richer, simpler = math.exp(gain - k), math.exp(0.0)
+        assert akaike_weight(gain, k) == pytest.approx(richer / (richer + simpler), rel=1e-12)
+    assert akaike_weight(1e4) == 1.0 and akaike_weight(-1e4) == 0.0  # no overflow either way
+    for bad in ((math.nan, 1), (math.inf, 1), (0.0, -1)):
+        with pytest.raises(ValueError, match="finite gain"):
+            akaike_weight(*bad)
+    # the grid's table: the winner's summed gain over temperature scaling, at the price of lambda
+    table = [
+        {"prior_precision": 0.1, "temperature": 0.5, "nll": 0.60},
+        {"prior_precision": 3.0, "temperature": 2.0, "nll": 0.48},
+        {"prior_precision": MAP_LIMIT, "temperature": 1.7, "nll": 0.50},
+    ]
+    mixture = scaling_mixture(table, 40)
+    assert mixture.temperature == 1.7
+    assert mixture.weight == pytest.approx(1 / (1 + math.exp(1 - 40 * 0.02)), rel=1e-12)
+    table[-1]["nll"] = 0.40  # temperature scaling wins: it is the whole predictive
+    assert scaling_mixture(table, 40) == ScalingMixture(0.0, 1.7)
+    with pytest.raises(ValueError, match="temperature-scaling row"):
+        scaling_mixture(table[:2], 40)
+    with pytest.raises(ValueError, match="at least one"):
+        scaling_mixture(table, 0)
 
 
 def test_huge_prior_precision_recovers_temperature_scaling():

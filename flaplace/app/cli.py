@@ -416,14 +416,16 @@ def format_demo_table(evidence: dict[str, Any], validation: dict[str, Any]) -> s
                 validation["metrics"]["temperature"],
             )
         )
+    weight = validation.get("prior_tuning", {}).get("scaling_weight")  # of the posterior against scaling
     rows += [
         (
             f"Laplace default (evidence: lambda {evidence['prior_precision']:.3g}, T {evidence['temperature']:.3g})",
             evidence["metrics"]["laplace"],
         ),
         (
-            f"Laplace default-val (lambda {validation['prior_precision']:.3g}, T {validation['temperature']:.3g})"
-            " [validation]",
+            f"Laplace default-val (lambda {validation['prior_precision']:.3g}, T {validation['temperature']:.3g}"
+            + ("" if weight is None else f", weight {weight:.2f}")
+            + ") [validation]",
             validation["metrics"]["laplace"],
         ),
     ]

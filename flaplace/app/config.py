@@ -194,7 +194,7 @@ class RunConfig:
     prior_tuning: str = option(
         "default-val",
         "how the prior precision (and a likelihood temperature) is tuned: default-val (both on "
-        "validation NLL), default (both by the evidence; T >= 1 where it raises the training fit by over ln(N)/2), "
+        "validation NLL, averaged with temperature scaling by Akaike weights), default (both by the evidence; T >= 1 where it raises the training fit by over ln(N)/2), "
         "evidence (T = 1), or grid (validation NLL, T = 1)",
         stage="prior",
         choices=PRIOR_TUNINGS,
@@ -382,6 +382,8 @@ def stage_key(config: RunConfig, stage: str) -> str:
         fields.update({key: getattr(config, key) for key in STAGE_FIELDS[name]})
     if stage in ("prior", "predictive") and config.prior_tuning in ("grid", "default-val"):
         fields["link"] = config.link
+    if stage in ("prior", "predictive") and config.prior_tuning == "default-val":
+        fields["rule"] = "akaike-mixture"  # since 2026-12-06: a prior stored before holds no weight
     text = json.dumps(fields, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -84,6 +84,7 @@ from flaplace.metrics import classification_metrics
 from flaplace.posterior import load_posterior, make_posterior, save_posterior
 from flaplace.predictive import Directions, informed_directions
 from flaplace.temperature import fit_temperature
+from flaplace.tempered_validation import ScalingMixture, mix_with_scaling
 
 
 def _log(message: str, progress: bool) -> None:
@@ -377,14 +378,14 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
     # outputs: metrics; then posterior and results.json; then the optional reliability diagram
     map_probs = torch.softmax(f_mu.double(), dim=-1)
     laplace_probs = probs(f_mu / temperature, f_var / temperature**2)
+    if "scaling_weight" in tuning_record:  # default-val: averaged with temperature scaling of the MAP
+        laplace_probs = mix_with_scaling(laplace_probs, f_mu.double(), ScalingMixture(tuning_record["scaling_weight"], tuning_record["scaling_temperature"]))  # fmt: skip
     metrics = {
         "map": classification_metrics(map_probs, labels),
         "laplace": classification_metrics(laplace_probs, labels),
     }
     if scaling_temperature is not None:  # the MAP's logits over T fitted on validation: a baseline
-        metrics["temperature"] = classification_metrics(
-            torch.softmax(f_mu.double() / scaling_temperature, -1), labels
-        )
+        metrics["temperature"] = classification_metrics(torch.softmax(f_mu.double() / scaling_temperature, -1), labels)  # fmt: skip
     timings["total"] = time.perf_counter() - started
     results = {
         "config": dataclasses.asdict(config),

@@ -47,7 +47,7 @@ from flaplace.links import predictive_probs
 from flaplace.metrics import classification_metrics
 from flaplace.predictive import Directions, JacobianMethod
 from flaplace.tempered_evidence import soften_by_evidence
-from flaplace.tempered_validation import tune_prior_temperature_grid
+from flaplace.tempered_validation import scaling_mixture, tune_prior_temperature_grid
 from flaplace.typing import Factors, ModelFn, Params, Posterior
 
 #: How per-example Jacobians of token-level weights are computed (see flaplace.predictive).
@@ -339,7 +339,10 @@ def tune_prior(
     and labels, ``probs(f_mu, f_var)`` the link) on a grid of prior precisions, reusing the
     Jacobians for every prior; ``"default-val"`` scores ``(lambda, T)`` jointly, the predictive
     ``N(f_mu / T, f_var / T^2)``, temperature scaling of the MAP included
-    ([`tune_prior_temperature_grid`][flaplace.tempered_validation.tune_prior_temperature_grid]).
+    ([`tune_prior_temperature_grid`][flaplace.tempered_validation.tune_prior_temperature_grid]);
+    its record adds the Akaike weight of that posterior against temperature scaling
+    (``scaling_weight``, ``scaling_temperature``: see
+    [`scaling_mixture`][flaplace.tempered_validation.scaling_mixture]).
     ``distributed=True``: ``validation()`` gives this rank's share of the validation set, and
     each candidate's NLL is averaged over all ranks' examples (the evidence needs nothing:
     every rank holds the summed factors).
@@ -379,8 +382,11 @@ def tune_prior(
         return lambda temperature: nll_of(f_var, temperature)
 
     tuned, temperature, table = tune_prior_temperature_grid(posterior, nll_at, progress=progress)
+    n_examples = int(all_sum(torch.tensor(float(len(labels))))) if distributed else len(labels)
+    scaling = scaling_mixture(table, n_examples)
     precision = float(next(iter(tuned.prior_precision.values())))
-    return precision, {"method": method, "table": table, "temperature": temperature}
+    return precision, {"method": method, "table": table, "temperature": temperature,
+                       "scaling_weight": scaling.weight, "scaling_temperature": scaling.temperature}  # fmt: skip
 
 
 def map_logits(model_fn: ModelFn, params: Params, encoded: Sequence[dict[str, Tensor]]) -> Tensor:
