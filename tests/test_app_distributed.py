@@ -54,7 +54,7 @@ def options(setup, out: Path, **overrides) -> dict:
         "max_length": 48,
         "fisher": "exact",
         "lr_threshold": None,
-        "prior_tuning": "grid",
+        "prior_tuning": "default-val",
         "dtype": "float64",
         "output_dir": str(out),
     }
@@ -63,7 +63,7 @@ def options(setup, out: Path, **overrides) -> dict:
 
 
 def test_two_processes_give_the_single_process_run(setup, tmp_path):
-    """MAP (data parallel), K-FAC (sharded, all-reduced), grid prior (sharded validation) and
+    """MAP (data parallel), K-FAC (sharded, all-reduced), default-val prior (sharded validation) and
     predictive (sharded test set, gathered) equal one process's run to round-off; a resumed
     run gives every rank the stored stages."""
     alone = run(RunConfig(**options(setup, tmp_path / "alone")), progress=False)
@@ -92,6 +92,9 @@ def test_two_processes_give_the_single_process_run(setup, tmp_path):
     assert math.isclose(together["final_train_nll"], alone["final_train_nll"], rel_tol=1e-6)
     for a, b in zip(alone["prior_tuning"]["table"], together["prior_tuning"]["table"], strict=True):
         assert math.isclose(a["nll"], b["nll"], rel_tol=1e-9), (a, b)
+    # the Akaike weight counts every rank's validation examples
+    weight = alone["prior_tuning"]["scaling_weight"]
+    assert 0 < weight < 1 and math.isclose(together["prior_tuning"]["scaling_weight"], weight, rel_tol=1e-9)
     for method in ("map", "laplace"):
         for metric, value in alone["metrics"][method].items():
             assert math.isclose(together["metrics"][method][metric], value, rel_tol=1e-9, abs_tol=1e-12)
