@@ -43,11 +43,13 @@ Jacobians with the moments ``(f_mu / T, f_var / T^2)`` (`tempered_moments`):
 * ``validation-temp``: ``tune_prior_temperature_nll`` started at the evidence's ``(lambda, T)``:
   lambda and ``T`` jointly on the validation NLL of the whole predictive (its family holds
   temperature scaling, lambda -> infinity); ``validation-temp-t1``: the same on the ``T = 1``
-  factors, started at the ``T = 1`` evidence's lambda; ``validation-temp-grid``: what the library
-  ships for validation data (`tune_prior_temperature_grid` on the ``T = 1`` factors: lambda on a
-  grid plus the MAP limit, the best ``T`` for each, informed directions);
+  factors, started at the ``T = 1`` evidence's lambda; ``validation-temp-grid``:
+  `tune_prior_temperature_grid` on the ``T = 1`` factors (lambda on a grid plus the MAP limit,
+  the best ``T`` for each, informed directions); ``validation-temp-akaike``: what the library
+  ships for validation data, the grid's posterior averaged with temperature scaling by Akaike
+  weights (`scaling_mixture`: one nat of validation log-likelihood is the price of lambda);
 * ``default`` (no validation data) and ``default-val`` (validation data): copies of the rows named
-  by ``--default`` (``evidence-temp-bic-informed``) and ``--default-val`` (``validation-temp-grid``);
+  by ``--default`` (``evidence-temp-bic-informed``) and ``--default-val`` (``validation-temp-akaike``);
 * ``online-map``: a second MAP trained with the prior tuned online (`build_online_evidence`,
   refreshed every epoch on that epoch's batches, the loss ``mean NLL + prior_penalty``; same
   steps, learning rate and keeping rule as the MAP); ``online``: its ``online_posterior`` after a
@@ -99,11 +101,24 @@ from flaplace.jacobian_cache import JacobianCache, cache_jacobians, cached_covar
 sys.path.append(str(Path(__file__).resolve().parent))
 from llm_tasks import DATA, Scorer  # noqa: E402  (../shared/data or $FLAPLACE_DATA_DIR; the scoring)
 from llm_tasks import TASKS as LLM_TASKS  # noqa: E402
-from prior_methods import bars, cached, evidence_over_temperature, fit_guarded_climb, online_map  # noqa: E402
+from prior_methods import (  # noqa: E402
+    bars,
+    cached,
+    evidence_over_temperature,
+    fit_guarded_climb,
+    linearised_evidence,
+    online_map,
+    summed_nll_gradient,
+)
 
 from flaplace.online import online_posterior  # noqa: E402
 from flaplace.temperature import tempered_moments  # noqa: E402
-from flaplace.tempered_validation import tune_prior_temperature_grid, tune_prior_temperature_nll  # noqa: E402
+from flaplace.tempered_validation import (  # noqa: E402
+    mix_with_scaling,
+    scaling_mixture,
+    tune_prior_temperature_grid,
+    tune_prior_temperature_nll,
+)
 
 RESULTS = ROOT / "benchmarks" / "results" / "prior_study.json"
 GRID = [10.0 ** (k / 2) for k in range(-4, 11)]  # 1e-2 ... 1e5, two per decade
@@ -246,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     # (lambda, T) on validation by the grid (temperature scaling included), informed predictive
     parser.add_argument("--default", default="evidence-temp-bic-informed", help="the row copied as `default`")
     parser.add_argument(
-        "--default-val", default="validation-temp-grid", help="the row copied as `default-val`"
+        "--default-val", default="validation-temp-akaike", help="the row copied as `default-val`"
     )
     parser.add_argument("--no-online", action="store_true", help="skip the online-tuned MAP")
     args = parser.parse_args(argv)
@@ -349,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
                 ):
                     store.update(part)
                 log(f"{regime}/{prior}: evaluation from {eval_file}")
-                if prior != "zero" or "evidence-temp-bic" in probs_by:
+                if prior != "zero" or {"validation-temp-akaike", "linearised-evidence"} <= set(probs_by):
                     continue  # else: top up the rows added since (cheap from the caches)
             clock = time.perf_counter()
             if map_file is not None and map_file.exists():
@@ -385,20 +400,12 @@ def main(argv: list[str] | None = None) -> None:
             jac_file = None if cache_dir is None else cache_dir / f"{tag}_n{len(test_labels)}_jac.pt"
             val_cache, test_cache = cached(jac_file, jacobians_of, params)
             t_jac = time.perf_counter() - clock
-            distance = {
-                part: math.sqrt(
-                    sum(
-                        float((params[n] - (0 if centre is None else centre[n])).square().sum())
-                        for n in names
-                        if part in n
-                    )
-                )
-                for part in ("lora_A", "lora_B")
-            }
-            norm_a = math.sqrt(sum(float(params[n].square().sum()) for n in names if "lora_A" in n))
-            move_a = math.sqrt(
-                sum(float((params[n] - theta0[n]).square().sum()) for n in names if "lora_A" in n)
-            )
+
+            def norm(part, minus=None, params=params):  # || params - minus || over the weights named part
+                return math.sqrt(sum(float((params[n] - (0 if minus is None else minus[n])).square().sum()) for n in names if part in n))  # fmt: skip
+
+            distance = {part: norm(part, centre) for part in ("lora_A", "lora_B")}
+            norm_a, move_a = norm("lora_A"), norm("lora_A", theta0)
             info = {
                 "map_steps": steps, "best_step": best_step, "history": history, "train_log_likelihood": log_likelihood,
                 "n_train": n_train, "lora_A_norm_init": norm_a0, "lora_A_norm_map": norm_a, "lora_A_moved": move_a,
@@ -430,6 +437,9 @@ def main(argv: list[str] | None = None) -> None:
                 )]
             )  # fmt: skip
             info_by[f"evidence-{prior}"] = {**info, "log_evidence": hist[-1]["log_evidence"], "gamma": gamma}
+            if prior == "zero":  # one lambda for lora_A and one for lora_B, by the evidence
+                grouped, _ = flaplace.tune_prior_evidence(posterior, log_likelihood, per_block=["lora_A", "lora_B"], progress=False)  # fmt: skip
+                variants["evidence-zero-groups"] = variants["informed-zero-groups"] = (grouped, names)
             if prior == "init":
                 lora_names = [n for n in names if "lora_" in n]
                 grouped, _ = flaplace.tune_prior_evidence(
@@ -458,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
             variants[informed] = (tuned, names)
             for method, (post, subset) in variants.items():
                 cache = test_cache if subset is names else restrict(test_cache, subset)
-                directions = "informed" if method == informed else "all"
+                directions = "informed" if method.startswith("informed-") else "all"
                 f_var = cached_covariance(post, cache, directions)
                 probs_by[method] = probs(f_mu, f_var).double()
                 lam_by[method] = lam_of(post)
@@ -541,6 +551,29 @@ def main(argv: list[str] | None = None) -> None:
                 f_var, val_var = (cached_covariance(fitted, c, "informed") for c in (test_cache, val_cache))
                 grid_extra = {"grid": grid_table, "fit_s": time.perf_counter() - clock}
                 add("validation-temp-grid", f_mu, f_var, t_val, fitted, val_cache.logits, val_var, grid_extra)
+                # what ships as default-val: that posterior averaged with temperature scaling by Akaike weights
+                mixture = scaling_mixture(grid_table, len(val_labels))
+                val_p = probs(*tempered_moments(val_cache.logits, val_var, t_val))
+                method = "validation-temp-akaike"
+                probs_by[method] = mix_with_scaling(probs_by["validation-temp-grid"], f_mu.double(), mixture)
+                lam_by[method], base_of[method], temperature_of[method] = lam_of(fitted), "map", t_val
+                info_by[method] = {
+                    **info_by["validation-temp-grid"], "scaling_weight": mixture.weight, "scaling_temperature": mixture.temperature,
+                    "validation_nll": flaplace.nll(mix_with_scaling(val_p.double(), val_cache.logits.double(), mixture), val_labels),
+                }  # fmt: skip
+                log(f"{regime}/{method}: weight {mixture.weight:.3f}, scaling T {mixture.temperature:.4g}")
+                # the linearised model's evidence at its own mode, one Newton step from the MAP (Antoran et al.)
+                grad_file = None if cache_dir is None else cache_dir / f"{tag}_grad.pt"
+                gradient = cached(grad_file, summed_nll_gradient, model_fn, params, kfac_batches)
+                lam_lin, step, lin_table = linearised_evidence(by_temperature[1.0], gradient)
+                post_lin = flaplace.with_prior_precision(by_temperature[1.0], lam_lin)
+
+                def moved(cache, step=step):  # the logits at the linear model's mode: f* + J step
+                    return cache.logits + torch.cat([sum(torch.einsum("bc...,...->bc", jac[n], step[n]) for n in step) for jac in cache.jacobians])  # fmt: skip
+
+                for method, directions in (("linearised-evidence", "all"), ("linearised-evidence-informed", "informed")):  # fmt: skip
+                    f_var, val_var = (cached_covariance(post_lin, c, directions) for c in (test_cache, val_cache))  # fmt: skip
+                    add(method, moved(test_cache), f_var, 1.0, post_lin, moved(val_cache), val_var, {"evidence_table": lin_table})  # fmt: skip
             del val_cache, test_cache
             if prior == "zero" and not args.no_online and set(trainable) == set(names):
                 clock = time.perf_counter()

@@ -15,7 +15,14 @@ from flaplace import fit_kfac, make_posterior
 from flaplace.tempered_evidence import evidence_at_temperature, soften_by_evidence, tune_evidence_temperature
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from prior_methods import bars, evidence_over_temperature, fit_guarded_climb, online_map  # noqa: E402
+from prior_methods import (  # noqa: E402
+    bars,
+    evidence_over_temperature,
+    fit_guarded_climb,
+    linearised_evidence,
+    online_map,
+    summed_nll_gradient,
+)
 
 
 def dict_batches(batches):
@@ -62,6 +69,39 @@ def test_bracketed_search_finds_the_dense_profile_maximum(tmp_path: Path) -> Non
     assert again[1] == best_t and float(again[0].prior_precision["weight"]) == pytest.approx(
         float(posterior.prior_precision["weight"])
     )
+
+
+def test_linearised_evidence_is_the_gaussian_integral_at_the_linear_models_mode() -> None:
+    """Antoran et al.'s evidence: the quadratic model's Gaussian integral, written out densely."""
+    _, params, f, batches = linear_problem()
+    factors, _ = fit_kfac(f, params, batches, fisher="exact", progress=False)
+    posterior = make_posterior(factors, params, 1.0)
+    ((name, weight),) = params.items()
+    # the gradient of the summed NLL, against autograd on the whole data set at once
+    gradient = summed_nll_gradient(dict_model(f), params, dict_batches(batches))
+    leaf = weight.detach().clone().requires_grad_(True)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    (reference,) = torch.autograd.grad(F.cross_entropy(x @ leaf.T, y, reduction="sum"), [leaf])
+    torch.testing.assert_close(gradient[name], reference)
+    gradient = {name: gradient[name] + 0.01}  # not a stationary point: the Newton step matters
+    G = torch.kron(factors[name].S.dense(), factors[name].A.dense()).double()  # row-major vec(W)
+    theta, g = weight.reshape(-1).double(), gradient[name].reshape(-1).double()
+
+    def integral(lam: float) -> tuple[float, torch.Tensor]:  # log of int exp(-q) N(0, 1/lam)
+        precision = G + lam * torch.eye(len(theta), dtype=G.dtype)
+        mode = torch.linalg.solve(precision, G @ theta - g)
+        step = mode - theta
+        q = g @ step + 0.5 * step @ G @ step + 0.5 * lam * mode @ mode
+        return float(-q + 0.5 * len(theta) * math.log(lam) - 0.5 * torch.logdet(precision)), mode
+
+    grid = [1e-3, 0.01, 0.1, 1.0, 10.0, 100.0]
+    lam, shift, table = linearised_evidence(posterior, gradient, grid)
+    dense = [integral(v) for v in grid]
+    offsets = [row["log_evidence"] - value for row, (value, _) in zip(table, dense, strict=True)]
+    assert max(offsets) - min(offsets) < 1e-8  # the same function of lambda up to a constant
+    best = max(range(len(grid)), key=lambda i: dense[i][0])
+    assert lam == grid[best] and 0 < best < len(grid) - 1
+    torch.testing.assert_close(shift[name].reshape(-1).double(), dense[best][1] - theta)
 
 
 def test_online_map_trains_under_the_tuned_prior_and_refreshes_at_the_end() -> None:
