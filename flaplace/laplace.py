@@ -297,6 +297,9 @@ class LaplaceLoRA:
     def predictive(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """The linearised predictive ``(f_mu (B, C), f_var (B, C, C))`` of one batch.
 
+        These are the posterior's moments; `predict` also averages in temperature scaling of
+        the MAP where `scaling` is set (``"val_nll_temperature"``).
+
         Examples:
             >>> f_mu, f_var = la.predictive(batch)
         """
