@@ -28,23 +28,17 @@ if str(ROOT) not in sys.path:
 
 from flaplace.app import stats  # noqa: E402
 from flaplace.app.cli import VALIDATION_PRIOR_DIR  # noqa: E402
-from flaplace.app.stages import link_probs  # noqa: E402
-from flaplace.tempered_validation import ScalingMixture, mix_with_scaling  # noqa: E402
+from flaplace.app.stages import run_probs  # noqa: E402
 
 
 def laplace_probs(run: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """``(probs, f_mu, labels, results)`` of one run's Laplace row, as the pipeline computes them."""
     results = json.loads((run / "results.json").read_text())
     saved = load_file(str(run / "checkpoints" / "predictive.safetensors"))
-    f_mu, f_var, labels, t = saved["f_mu"], saved["f_var"], saved["labels"], results["temperature"]
-    config = results["config"]
-    probs = link_probs(
-        f_mu / t, f_var / t**2, link=config["link"], n_samples=config["n_samples"], seed=config["seed"]
+    f_mu, f_var, labels, config = saved["f_mu"], saved["f_var"], saved["labels"], results["config"]
+    probs = run_probs(
+        f_mu, f_var, results, link=config["link"], n_samples=config["n_samples"], seed=config["seed"]
     )
-    tuning = results["prior_tuning"]
-    if "scaling_weight" in tuning:  # default-val: averaged with temperature scaling
-        mixture = ScalingMixture(tuning["scaling_weight"], tuning["scaling_temperature"])
-        probs = mix_with_scaling(probs, f_mu.double(), mixture)
     nll = float(-probs[torch.arange(len(labels)), labels].log().mean())
     assert abs(nll - results["metrics"]["laplace"]["nll"]) < 1e-9, "not the run's own predictive"
     return probs, f_mu, labels, results

@@ -63,9 +63,15 @@ def test_predict_on_the_test_file_reproduces_the_runs_predictive(finished_run, t
     assert cli.main(["predict", str(out), str(finished_run["test"]), "--output", str(target), "--quiet"]) == 0
     rows = [json.loads(line) for line in target.read_text().splitlines()]
     assert len(rows) == 6 and all(r["label"] in ("negative", "positive") for r in rows)
-    # the run stored the test split's logit moments: the same inputs must give the same probabilities
+    # the run stored the test split's logit moments: the same inputs must give the same probabilities,
+    # those of the logits over the run's T, averaged with temperature scaling (default-val's weight)
     saved = load_file(str(out / "checkpoints" / "predictive.safetensors"))
-    expected = link_probs(saved["f_mu"], saved["f_var"], link="probit", n_samples=1, seed=0)
+    results = json.loads((out / "results.json").read_text())
+    t, tuning = results["temperature"], results["prior_tuning"]
+    assert tuning["method"] == "default-val" and 0 < tuning["scaling_weight"] < 1
+    posterior_part = link_probs(saved["f_mu"] / t, saved["f_var"] / t**2, link="probit", n_samples=1, seed=0)
+    scaled = torch.softmax(saved["f_mu"].double() / tuning["scaling_temperature"], -1)
+    expected = tuning["scaling_weight"] * posterior_part + (1 - tuning["scaling_weight"]) * scaled
     got = torch.tensor([[r["probs"]["negative"], r["probs"]["positive"]] for r in rows], dtype=torch.float64)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     map_probs = torch.tensor([[r["map_probs"]["negative"], r["map_probs"]["positive"]] for r in rows])
@@ -74,11 +80,12 @@ def test_predict_on_the_test_file_reproduces_the_runs_predictive(finished_run, t
     )
     std = torch.tensor([[r["logit_std"]["negative"], r["logit_std"]["positive"]] for r in rows])
     torch.testing.assert_close(
-        std.double(), saved["f_var"].diagonal(dim1=-2, dim2=-1).sqrt().double(), atol=1e-5, rtol=1e-4
+        std.double(), saved["f_var"].diagonal(dim1=-2, dim2=-1).sqrt().double() / t, atol=1e-5, rtol=1e-4
     )
     assert bool((std > 0).all())  # the test compares a real variance, not the MAP alone
     metrics = json.loads(target.with_suffix(".metrics.json").read_text())
     assert set(metrics) == {"map", "laplace"}
+    assert metrics["laplace"]["nll"] == pytest.approx(results["metrics"]["laplace"]["nll"], abs=1e-5)
 
 
 def test_predict_run_takes_plain_texts_without_labels(finished_run):

@@ -73,6 +73,7 @@ from flaplace.app.stages import (
     link_probs,
     map_logits,
     moments,
+    run_probs,
     soften_factors,
     train_map,
     training_batches,
@@ -84,7 +85,6 @@ from flaplace.metrics import classification_metrics
 from flaplace.posterior import load_posterior, make_posterior, save_posterior
 from flaplace.predictive import Directions, informed_directions
 from flaplace.temperature import fit_temperature
-from flaplace.tempered_validation import ScalingMixture, mix_with_scaling
 
 
 def _log(message: str, progress: bool) -> None:
@@ -377,9 +377,8 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
 
     # outputs: metrics; then posterior and results.json; then the optional reliability diagram
     map_probs = torch.softmax(f_mu.double(), dim=-1)
-    laplace_probs = probs(f_mu / temperature, f_var / temperature**2)
-    if "scaling_weight" in tuning_record:  # default-val: averaged with temperature scaling of the MAP
-        laplace_probs = mix_with_scaling(laplace_probs, f_mu.double(), ScalingMixture(tuning_record["scaling_weight"], tuning_record["scaling_temperature"]))  # fmt: skip
+    laplace_probs = run_probs(f_mu, f_var, {"temperature": temperature, "prior_tuning": tuning_record},
+                              link=config.link, n_samples=config.n_samples, seed=config.seed)  # fmt: skip
     metrics = {
         "map": classification_metrics(map_probs, labels),
         "laplace": classification_metrics(laplace_probs, labels),

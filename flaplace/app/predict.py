@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from flaplace.app import hf, lora
 from flaplace.app.checkpoints import write_json
 from flaplace.app.config import RunConfig
-from flaplace.app.stages import covariances, link_probs, moments
+from flaplace.app.stages import covariances, moments, run_probs
 from flaplace.app.tasks.examples import Example, Task
 from flaplace.app.tasks.prompts import multiple_choice_prompt
 from flaplace.app.userdata import read_rows
@@ -127,9 +127,11 @@ def predict_run(
 
     Returns:
         One dict per input: ``prediction`` (the most probable class), ``confidence`` (its
-        probability), ``probs`` (class -> Laplace predictive probability), ``map_probs``
+        probability), ``probs`` (class -> Laplace predictive probability, as the run's
+        ``laplace`` metrics computed it: `flaplace.app.stages.run_probs`), ``map_probs``
         (the MAP's), ``entropy`` (of ``probs``, in nats), ``logit_std`` (the predictive
-        standard deviation of each class's logit) and ``label`` when the input had one.
+        standard deviation of each class's logit over the run's temperature) and ``label``
+        when the input had one.
 
     Raises:
         FileNotFoundError: the folder is not a finished run. ValueError: an input without the
@@ -177,9 +179,12 @@ def predict_run(
     f_mu, jacobians = moments(laplace_fn, posterior, encoded, progress=progress, desc="predict")
     directions = cast(Directions, results.get("predictive_directions", config.predictive_directions))
     f_var = covariances(posterior, jacobians, directions)
-    probs = link_probs(f_mu, f_var, link=config.link, n_samples=config.n_samples, seed=config.seed).cpu()
+    probs = run_probs(
+        f_mu, f_var, results, link=config.link, n_samples=config.n_samples, seed=config.seed
+    ).cpu()
     map_probs = torch.softmax(f_mu.double(), dim=-1).cpu()
-    std = f_var.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt().cpu()
+    t = float(results.get("temperature", 1.0))  # the std of the predictive's logits, f / T
+    std = (f_var.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt() / t).cpu()
     rows = []
     for i, example in enumerate(examples):
         p = probs[i]

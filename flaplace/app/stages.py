@@ -47,7 +47,12 @@ from flaplace.links import predictive_probs
 from flaplace.metrics import classification_metrics
 from flaplace.predictive import Directions, JacobianMethod
 from flaplace.tempered_evidence import soften_by_evidence
-from flaplace.tempered_validation import scaling_mixture, tune_prior_temperature_grid
+from flaplace.tempered_validation import (
+    ScalingMixture,
+    mix_with_scaling,
+    scaling_mixture,
+    tune_prior_temperature_grid,
+)
 from flaplace.typing import Factors, ModelFn, Params, Posterior
 
 #: How per-example Jacobians of token-level weights are computed (see flaplace.predictive).
@@ -316,6 +321,28 @@ def link_probs(f_mu: Tensor, f_var: Tensor, *, link: str, n_samples: int, seed: 
         f_mu.double(), f_var.double(), link=cast(Any, link), n_samples=n_samples, generator=generator
     )
     return probs.detach()
+
+
+def run_probs(
+    f_mu: Tensor, f_var: Tensor, results: dict[str, Any], *, link: str, n_samples: int, seed: int
+) -> Tensor:
+    """A run's Laplace probabilities from its logit moments and its record (``results.json``).
+
+    The predictive of the logits over the run's temperature, ``N(f_mu / T, f_var / T^2)``,
+    through ``link``; for ``default-val`` averaged with temperature scaling of the MAP by the
+    record's Akaike weight (``prior_tuning.scaling_weight``).
+
+    Examples:
+        >>> run_probs(torch.zeros(1, 2), torch.zeros(1, 2, 2), {"temperature": 1.0, "prior_tuning": {}},
+        ...           link="probit", n_samples=1, seed=0)
+        tensor([[0.5000, 0.5000]], dtype=torch.float64)
+    """
+    t, tuning = float(results.get("temperature", 1.0)), results.get("prior_tuning", {})
+    probs = link_probs(f_mu / t, f_var / t**2, link=link, n_samples=n_samples, seed=seed)
+    if "scaling_weight" not in tuning:
+        return probs
+    mixture = ScalingMixture(tuning["scaling_weight"], tuning["scaling_temperature"])
+    return mix_with_scaling(probs, f_mu.double().to(probs.device), mixture)
 
 
 def tune_prior(
