@@ -56,6 +56,7 @@ from flaplace.tempered_evidence import evidence_at_temperature, soften_by_eviden
 from flaplace.tempered_validation import (
     ScalingMixture,
     akaike_weight,
+    mix_with_scaling,
     scaling_mixture,
     tune_prior_temperature_grid,
     tune_prior_temperature_nll,
@@ -154,5 +155,6 @@ __all__ = [
     "tune_prior_temperature_nll",
     "ScalingMixture",
     "akaike_weight",
+    "mix_with_scaling",
     "scaling_mixture",
 ]
