@@ -32,6 +32,7 @@ from flaplace.tempered_validation import (
     MAP_LIMIT,
     ScalingMixture,
     akaike_weight,
+    mix_with_scaling,
     scaling_mixture,
     tune_prior_temperature_grid,
     tune_prior_temperature_nll,
@@ -275,6 +276,25 @@ def test_akaike_weights_and_the_mixture_with_temperature_scaling():
         scaling_mixture(table[:2], 40)
     with pytest.raises(ValueError, match="at least one"):
         scaling_mixture(table, 0)
+
+
+def test_mixing_with_temperature_scaling_for_both_likelihoods():
+    probs = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]], dtype=torch.float64)
+    logits = torch.tensor([[1.0, -1.0, 0.5], [0.0, 2.0, -3.0]], dtype=torch.float64)
+    mixed = mix_with_scaling(probs, logits, ScalingMixture(0.25, 2.0))
+    for row in range(2):
+        e = [math.exp(v / 2.0) for v in logits[row].tolist()]
+        expected = [0.25 * p + 0.75 * v / sum(e) for p, v in zip(probs[row].tolist(), e, strict=True)]
+        assert mixed[row].tolist() == pytest.approx(expected, rel=1e-12)
+    # bernoulli: one logit f, probabilities [1 - sigmoid(f / T), sigmoid(f / T)]
+    two = torch.tensor([[0.9, 0.1], [0.4, 0.6]], dtype=torch.float64)
+    one = torch.tensor([[3.0], [-1.0]], dtype=torch.float64)
+    mixed = mix_with_scaling(two, one, ScalingMixture(0.5, 4.0), likelihood="bernoulli")
+    for row, (f, (q0, q1)) in enumerate(zip((3.0, -1.0), ((0.9, 0.1), (0.4, 0.6)), strict=True)):
+        s = 1 / (1 + math.exp(-f / 4.0))
+        assert mixed[row].tolist() == pytest.approx([0.5 * q0 + 0.5 * (1 - s), 0.5 * q1 + 0.5 * s], rel=1e-12)
+    assert mix_with_scaling(two, one, None, likelihood="bernoulli") is two  # no mixture: the posterior's own
+    assert mix_with_scaling(two, one, ScalingMixture(1.0, 4.0), likelihood="bernoulli") is two
 
 
 def test_huge_prior_precision_recovers_temperature_scaling():
