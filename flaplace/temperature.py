@@ -39,6 +39,7 @@ from torch import Tensor
 from flaplace.typing import Batch, ModelFn, Params
 
 __all__ = [
+    "TEMPERATURE_LIMITS",
     "TemperedModelFunction",
     "check_temperature",
     "fit_temperature",
@@ -119,11 +120,16 @@ def tempered_moments(
     return f_mu / temperature, f_var / temperature**2
 
 
+#: The temperatures considered when fitting one (``2^-8 ... 2^12``): temperature scaling of a summed
+#: cloze score can need ``T`` in the hundreds.
+TEMPERATURE_LIMITS: tuple[float, float] = (2.0**-8, 2.0**12)
+
+
 def fit_temperature(
     logits: Float[Tensor, "n classes"] | Iterable[Tensor],
     labels: Int[Tensor, " n"] | Iterable[Tensor],
     *,
-    bounds: tuple[float, float] = (1e-2, 1e2),
+    bounds: tuple[float, float] = TEMPERATURE_LIMITS,
     tol: float = 1e-6,
 ) -> float:
     """Temperature scaling: the ``T`` that minimises the mean NLL of ``softmax(logits / T)``.
@@ -199,21 +205,37 @@ _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
 def maximise_on_log_grid(
-    evaluate: Callable[[float], float], grid: Sequence[float], refine_steps: int
+    evaluate: Callable[[float], float],
+    grid: Sequence[float],
+    refine_steps: int,
+    limits: tuple[float, float] | None = None,
 ) -> float:
     """The ``x`` with the highest ``evaluate(x)``: a grid search, then a golden-section search in ``log x``.
 
-    The golden-section steps search the bracket between the best grid point's neighbours (for a
-    function unimodal there, each step shrinks it by the golden ratio); the best point evaluated
-    is returned. ``evaluate`` is called once per grid point and once per refinement step.
+    With ``limits = (low, high)``, a best point at an end of the grid is not taken as the
+    maximum: the grid is extended past that end, one step of its end spacing at a time, while
+    the new end is the best and stays within the limits. The golden-section steps then search
+    the bracket between the best grid point's neighbours (for a function unimodal there, each
+    step shrinks it by the golden ratio); the best point evaluated is returned. ``evaluate`` is
+    called once per grid point, once per extension and once per refinement step.
 
     Examples:
         >>> round(maximise_on_log_grid(lambda x: -math.log(x / 3.0) ** 2, [1.0, 2.0, 4.0, 8.0], 20), 3)
         3.0
+        >>> round(maximise_on_log_grid(lambda x: -math.log(x / 300.0) ** 2, [1.0, 2.0, 4.0], 20, (0.1, 1e4)), 1)
+        300.0
     """
     seen = {x: evaluate(x) for x in grid}
     ordered = sorted(seen)
     best = max(range(len(ordered)), key=lambda k: seen[ordered[k]])
+    while limits is not None and len(ordered) > 1 and best in (0, len(ordered) - 1):
+        edge, inner = (ordered[0], ordered[1]) if best == 0 else (ordered[-1], ordered[-2])
+        beyond = edge * edge / inner  # one more step of the end spacing, in log x
+        if not limits[0] <= beyond <= limits[1] or beyond in seen:
+            break
+        seen[beyond] = evaluate(beyond)
+        ordered = sorted(seen)
+        best = max(range(len(ordered)), key=lambda k: seen[ordered[k]])
     if refine_steps and len(ordered) > 1:
         low = math.log(ordered[max(best - 1, 0)])
         high = math.log(ordered[min(best + 1, len(ordered) - 1)])

@@ -29,7 +29,7 @@ from flaplace.evidence import DEFAULT_GRID, free_parameter_groups
 from flaplace.jacobians import JacobianMethod
 from flaplace.posterior import PriorPrecision, with_prior_precision
 from flaplace.predictive import Directions, check_directions, covariance_from_features
-from flaplace.temperature import check_temperature, maximise_on_log_grid, tempered_moments
+from flaplace.temperature import TEMPERATURE_LIMITS, check_temperature, maximise_on_log_grid, tempered_moments
 from flaplace.typing import Batch, Likelihood, ModelFn, Posterior
 from flaplace.validation import (
     ValidationFeatures,
@@ -255,13 +255,15 @@ def tune_prior_temperature_grid(
     *,
     temperatures: Sequence[float] = GRID_TEMPERATURES,
     refine_steps: int = 16,
+    limits: tuple[float, float] = TEMPERATURE_LIMITS,
     progress: bool = True,
 ) -> tuple[Posterior, float, list[dict[str, float]]]:
     """Prior precision and temperature jointly by the lowest validation NLL, temperature scaling included.
 
     For every prior precision of ``grid`` and for ``lambda -> infinity`` (`MAP_LIMIT`: no
     posterior variance, i.e. temperature scaling of the MAP), the best temperature is found by
-    a grid over ``temperatures`` refined by ``refine_steps`` golden-section steps in ``log T``
+    a grid over ``temperatures``, extended past an end where the best ``T`` lies there (within
+    ``limits``), and refined by ``refine_steps`` golden-section steps in ``log T``
     ([`maximise_on_log_grid`][flaplace.temperature.maximise_on_log_grid]); the pair with the
     lowest NLL wins. Because temperature scaling is one of the candidates, the result is never
     worse on the validation data than temperature scaling (up to the temperature search's
@@ -277,6 +279,7 @@ def tune_prior_temperature_grid(
             there once (e.g. `covariance_from_features` on precomputed validation features).
         grid: candidate prior precisions; default `flaplace.evidence.DEFAULT_GRID` (10^-4 ... 10^4).
         temperatures: the temperature grid each search starts from.
+        limits: how far the grid may be extended past its ends.
         refine_steps: golden-section steps after the temperature grid.
         progress: show a tqdm progress bar.
 
@@ -304,7 +307,7 @@ def tune_prior_temperature_grid(
             nll = float(nll_of_temperature(temperature))
             return -nll if math.isfinite(nll) else -math.inf
 
-        temperature = maximise_on_log_grid(score, temperatures, refine_steps)
+        temperature = maximise_on_log_grid(score, temperatures, refine_steps, limits)
         table.append({"prior_precision": value, "temperature": temperature, "nll": -score(temperature)})
     best = min((row for row in table if math.isfinite(row["nll"])), key=lambda row: row["nll"], default=None)
     if best is None:

@@ -17,6 +17,7 @@ from flaplace.params import ModelFunction, select_params
 from flaplace.posterior import make_posterior, with_prior_precision
 from flaplace.predictive import linearised_predictive
 from flaplace.temperature import (
+    TEMPERATURE_LIMITS,
     TemperedModelFunction,
     fit_temperature,
     maximise_on_log_grid,
@@ -252,6 +253,35 @@ def test_grid_search_of_prior_and_temperature_matches_a_dense_grid_and_includes_
         tune_prior_temperature_grid(posterior, lambda p: lambda t: 0.0, [-1.0], progress=False)
 
 
+def test_grid_search_follows_temperature_scaling_past_the_end_of_its_grid():
+    # logits 200 times too large and labels half noise (as a summed cloze score of a MAP that
+    # knows little): temperature scaling needs T in the hundreds, far past the grid's 16
+    _, params, f, batches = mlp_problem(scale=2.0, flip=0.6)
+    scaled_f = lambda p, b: 200.0 * f(p, b)  # noqa: E731
+    train, val = batches[:2], batches[2:]
+    factors, _ = fit_kfac(scaled_f, params, train, fisher="exact", progress=False)
+    posterior = make_posterior(factors, params, 1.0)
+    features = validation_features(posterior, scaled_f, val)
+    logits = torch.cat([scaled_f(params, b).detach() for b in val])
+    labels = torch.cat([b[1] for b in val])
+    t_scaling = fit_temperature(logits, labels)
+    assert t_scaling > 64.0
+    nll_at = lambda p: lambda t: validation_nll_tempered(p, features, t)  # noqa: E731
+    _, _, table = tune_prior_temperature_grid(posterior, nll_at, [1.0], progress=False)
+    assert table[-1]["temperature"] == pytest.approx(t_scaling, rel=0.02)
+    assert table[-1]["nll"] == pytest.approx(float(F.cross_entropy(logits / t_scaling, labels)), abs=1e-6)
+    capped = tune_prior_temperature_grid(posterior, nll_at, [1.0], limits=(0.25, 16.0), progress=False)[2]
+    assert capped[-1]["temperature"] <= 16.0 and capped[-1]["nll"] > table[-1]["nll"] + 1e-3
+    # extending stops at the limits, and a grid whose best point is inside is searched as before
+    calls: list[float] = []
+
+    def rising(x: float) -> float:
+        calls.append(x)
+        return math.log(x)
+
+    assert maximise_on_log_grid(rising, [1.0, 2.0, 4.0], 0, (0.5, 40.0)) == 32.0 and calls[-1] == 32.0
+
+
 def test_akaike_weights_and_the_mixture_with_temperature_scaling():
     # exp(-AIC / 2) = exp(LL - k) normalised over two models, written out
     for gain, k in ((0.0, 1), (1.0, 1), (3.7, 1), (-2.0, 1), (0.5, 0), (4.0, 3)):
@@ -343,7 +373,7 @@ def test_fit_temperature_is_the_minimum_of_a_dense_grid_and_chunks_change_nothin
     assert fit_temperature(logits.split(37), labels.split(37)) == pytest.approx(T, rel=1e-9)
     # overconfident logits are cooled, uninformative ones go to the upper bound
     assert T > 1.0
-    assert fit_temperature(torch.zeros(4, 3), torch.tensor([0, 1, 2, 0])) == 100.0
+    assert fit_temperature(torch.zeros(4, 3), torch.tensor([0, 1, 2, 0])) == TEMPERATURE_LIMITS[1] == 4096.0
 
 
 def test_fit_temperature_refuses_bad_input():
