@@ -1,4 +1,4 @@
-"""Readers of ARC-Easy, OpenBookQA and BoolQ (read by path, never copied) and their `Scorer`, for
+"""Readers of ARC-Easy, ARC-Challenge, OpenBookQA and BoolQ (read by path, never copied) and their `Scorer`, for
 benchmarks/llm_quality.py and benchmarks/prior_study.py.
 
 The data folder is ``../shared/data`` beside the repository, or ``$FLAPLACE_DATA_DIR``.
@@ -29,11 +29,11 @@ def _arc_prompt(stem: str) -> str:
     return f"Question: {stem.strip()}\nAnswer:"
 
 
-def arc_easy(split: str) -> list[Example]:
+def arc_easy(split: str, folder: str = "arc_easy", name: str = "ARC-Easy") -> list[Example]:
     """ARC-Easy: train from the instruction-format ``train.json``; dev and test from the raw jsonl."""
     out: list[Example] = []
     if split == "train":
-        for item in json.loads((DATA / "arc_easy" / "train.json").read_text()):
+        for item in json.loads((DATA / folder / "train.json").read_text()):
             text = item["instruction"].split("Please choose the correct answer to the question: ", 1)[1]
             stem, rest = text.split("\n\nAnswer1: ", 1)
             listed = rest.split("\n\nAnswer format")[0]
@@ -42,8 +42,8 @@ def arc_easy(split: str) -> list[Example]:
             if len(options) == 4 and 0 <= label < 4:
                 out.append((_arc_prompt(stem), [o.strip() for o in options], label))
         return out
-    name = {"validation": "Dev", "test": "Test"}[split]
-    for line in (DATA / "arc_easy" / f"ARC-Easy-{name}.jsonl").read_text().splitlines():
+    part = {"validation": "Dev", "test": "Test"}[split]
+    for line in (DATA / folder / f"{name}-{part}.jsonl").read_text().splitlines():
         item = json.loads(line)
         choices = item["question"]["choices"]
         labels = [c["label"] for c in choices]
@@ -56,6 +56,11 @@ def arc_easy(split: str) -> list[Example]:
                 )
             )
     return out
+
+
+def arc_challenge(split: str) -> list[Example]:
+    """ARC-Challenge, read as ARC-Easy (the held-out task of the prior study: no recipe is chosen on it)."""
+    return arc_easy(split, "arc_challenge", "ARC-Challenge")
 
 
 def openbookqa(split: str) -> list[Example]:
@@ -88,7 +93,7 @@ def boolq(split: str, seed: int = 0) -> list[Example]:
     return out
 
 
-TASKS = {"arc_easy": arc_easy, "openbookqa": openbookqa, "boolq": boolq}
+TASKS = {"arc_easy": arc_easy, "arc_challenge": arc_challenge, "openbookqa": openbookqa, "boolq": boolq}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -120,7 +121,7 @@ from flaplace.tempered_validation import (  # noqa: E402
     tune_prior_temperature_nll,
 )
 
-RESULTS = ROOT / "benchmarks" / "results" / "prior_study.json"
+RESULTS = Path(os.environ.get("PRIOR_STUDY_RESULTS", ROOT / "benchmarks" / "results" / "prior_study.json"))
 GRID = [10.0 ** (k / 2) for k in range(-4, 11)]  # 1e-2 ... 1e5, two per decade
 
 
