@@ -31,6 +31,7 @@ from flaplace.app.hf import MODEL_KINDS
 from flaplace.app.tasks import KNOWN_TASKS, USER_TASK, UserSpec
 from flaplace.links import Link
 from flaplace.predictive import DIRECTIONS
+from flaplace.temperature import TEMPERATURE_LIMITS
 from flaplace.typing import FisherType, Sharing
 
 #: The stages of a run, in order; each is stored in its own checkpoint.
@@ -384,6 +385,8 @@ def stage_key(config: RunConfig, stage: str) -> str:
         fields["link"] = config.link
     if stage in ("prior", "predictive") and config.prior_tuning == "default-val":
         fields["rule"] = "akaike-mixture"  # since 2026-12-06: a prior stored before holds no weight
+    if stage in ("prior", "predictive"):  # since 2026-12-06: temperatures searched past 16 (and 100)
+        fields["temperature_limits"] = list(TEMPERATURE_LIMITS)
     text = json.dumps(fields, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
