@@ -30,7 +30,8 @@ def _arc_prompt(stem: str) -> str:
 
 
 def arc_easy(split: str, folder: str = "arc_easy", name: str = "ARC-Easy") -> list[Example]:
-    """ARC-Easy: train from the instruction-format ``train.json``; dev and test from the raw jsonl."""
+    """ARC-Easy (or the ARC set in ``folder`` whose jsonl files start with ``name``): train from the
+    instruction-format ``train.json``; dev and test from the raw jsonl."""
     out: list[Example] = []
     if split == "train":
         for item in json.loads((DATA / folder / "train.json").read_text()):

@@ -242,7 +242,8 @@ def tempered_nll_at(
     return nll_at
 
 
-#: The temperatures `tune_prior_temperature_grid` starts from (``2^-2 ... 2^4``), refined in ``log T``.
+#: The temperatures `tune_prior_temperature_grid` starts from (``2^-2 ... 2^4``): extended past an end
+#: where the best ``T`` lies (up to `TEMPERATURE_LIMITS`), then refined in ``log T``.
 GRID_TEMPERATURES: tuple[float, ...] = tuple(2.0 ** (k / 2) for k in range(-4, 9))
 #: The prior precision that stands for ``lambda -> infinity``: no posterior variance, the MAP.
 MAP_LIMIT = 1e12
