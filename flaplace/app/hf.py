@@ -265,7 +265,7 @@ def output_function(loaded: LoadedModel, task: Task):
         >>> f = ModelFunction(peft_model, params, output_function(loaded, task))
     """
     if loaded.kind == "causal":
-        return LastTokenLogits(answer_token_ids(loaded.tokenizer, task.choices))
+        return LastTokenLogits(answer_token_ids(loaded.tokenizer, task.answer_words))
     return classifier_logits
 
 

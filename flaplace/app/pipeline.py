@@ -178,7 +178,7 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
             device=config.device,
         )
         if loaded.kind == "causal":
-            hf.answer_token_ids(loaded.tokenizer, task.choices)  # fails early, naming the answer
+            hf.answer_token_ids(loaded.tokenizer, task.answer_words)  # fails early, naming the answer
         model = lora.attach_lora(
             loaded, rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets,
             last_layers=config.lora_layers,
@@ -392,6 +392,7 @@ def run(config: RunConfig, *, progress: bool = True, task: Task | None = None) -
             "name": task.name,
             "kind": task.kind,
             "choices": list(task.choices),
+            "answers": list(task.answers),
             "n_examples": {split: len(task.split(split)) for split in ("train", "validation", "test")},
             "source": task.source,
         },

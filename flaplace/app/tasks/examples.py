@@ -50,7 +50,9 @@ class Task:
     """A named task with its examples per split.
 
     ``choices`` are the answer strings shared by all examples and ``n_classes``
-    their number; ``n_dropped`` counts, per split (``"all"`` when the items
+    their number; ``answers``, where given, are the words a causal LM answers with
+    instead (one token each: RTE's class names ``entailment`` and ``not_entailment`` are not,
+    so it answers ``yes`` and ``no``), see `answer_words`; ``n_dropped`` counts, per split (``"all"`` when the items
     were dropped before a single file was divided into splits), the items left
     out because their number of options differed from ``n_classes``; ``source`` says where
     the data was read from.
@@ -69,6 +71,18 @@ class Task:
     choices: tuple[str, ...] = ()
     n_dropped: dict[str, int] = field(default_factory=dict)
     source: str = ""
+    answers: tuple[str, ...] = ()
+
+    @property
+    def answer_words(self) -> tuple[str, ...]:
+        """The words a causal LM scores, one per class: ``answers`` if given, else ``choices``.
+
+        Examples:
+            >>> Task("pairs", "classification", 2, {}, ("entailment", "not_entailment"),
+            ...      answers=("yes", "no")).answer_words
+            ('yes', 'no')
+        """
+        return self.answers or self.choices
 
     def __post_init__(self) -> None:
         if self.kind not in ("multiple_choice", "binary", "classification"):
@@ -79,6 +93,10 @@ class Task:
             raise ValueError(
                 f"task {self.name!r}: {len(self.choices)} choices {self.choices} "
                 f"but n_classes={self.n_classes}"
+            )
+        if self.answers and len(self.answers) != self.n_classes:
+            raise ValueError(
+                f"task {self.name!r}: {len(self.answers)} answers {self.answers} but n_classes={self.n_classes}"
             )
         for split, examples in self.splits.items():
             for i, ex in enumerate(examples):

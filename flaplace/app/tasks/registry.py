@@ -38,6 +38,7 @@ class _Spec:
     read_local: Callable[[Path, int, dict[str, int]], Splits]
     read_hf: Callable[[Callable[..., Any], int, dict[str, int]], Splits] | None
     marker: str  # a file whose presence identifies the task's folder
+    answers: tuple[str, ...] = ()  # a causal LM's answer words, where the choices are not single tokens
 
 
 _TASKS: dict[str, _Spec] = {
@@ -67,6 +68,7 @@ _TASKS: dict[str, _Spec] = {
         rte_local,
         hf_glue("rte", RTE_CHOICES, ("sentence1", "sentence2")),
         "train.tsv",
+        answers=("yes", "no"),
     ),
     "demo": _Spec("classification", SST2_CHOICES, demo_local, None, "demo_train.jsonl"),
 }
@@ -214,4 +216,4 @@ def load_task(
         if not splits.get(split):
             raise TaskDataError(f"task {name!r}: split {split!r} has no examples (source: {source})")
         splits[split] = _subsample(splits[split], limits[split], seed, split)
-    return Task(name, spec.kind, len(spec.choices), splits, spec.choices, dropped, source)
+    return Task(name, spec.kind, len(spec.choices), splits, spec.choices, dropped, source, spec.answers)
