@@ -150,17 +150,9 @@ def predict_run(
     records = _records(data, config)
     examples = [_example(r, config, choices, f"input {i}") for i, r in enumerate(records)]
     labelled = all(r.get(config.label_column) is not None for r in records)
-    answers = tuple(
-        results["task"].get("answers", ())
-    )  # a causal LM's words where they differ from the classes
-    task = Task(
-        config.task,
-        results["task"]["kind"],
-        len(choices),
-        {"test": examples},
-        choices=choices,
-        answers=answers,
-    )
+    answers = tuple(results["task"].get("answers", ()))  # a causal LM's words, where not the classes
+    kind = results["task"]["kind"]
+    task = Task(config.task, kind, len(choices), {"test": examples}, choices=choices, answers=answers)
     loaded = hf.load_model(
         config.model, n_classes=len(choices), kind=results["model_kind"], dtype=config.dtype, device=device
     )
